@@ -1,0 +1,102 @@
+"""``memwarden check``: what the warden sees here, and what is wrong with it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from memwarden import reclaim
+from memwarden.config import Config
+from memwarden.gauges import choose_gauge
+from memwarden.gauges.cgroup import Cgroup
+from memwarden.gauges.quota import detect_quota
+from memwarden.units import format_size
+from memwarden.warden import resolve_limits
+
+#: Extra checks (platform, framework): each gets (config, env) and returns warning strings.
+EXTRA_CHECKS: list[Callable[[Config, Mapping[str, str]], list[str]]] = []
+
+
+def inspect(env: Mapping[str, str] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Everything ``check`` reports, as one dict (sizes in bytes). Raises SettingError."""
+    env = os.environ if env is None else env
+    config = Config.from_env(env, **overrides)
+    cgroup = Cgroup.of_self()
+    quota = detect_quota(env, cgroup)
+    gauge = choose_gauge(config.measure, quota, cgroup)
+    limits = resolve_limits(config, quota)
+    reading = gauge.read()
+    warnings: list[str] = []
+    if not limits.enabled:
+        warnings.append("no quota and no limit: the guard is off (set MEMWARDEN_SOFT_LIMIT)")
+    if limits.soft is not None and reading.total >= limits.soft:
+        warnings.append(
+            f"already over the soft limit ({format_size(reading.total)} >= "
+            f"{format_size(limits.soft)}): a restart cannot help"
+        )
+    alloc = reclaim.allocator()
+    if alloc["name"] == "glibc" and not alloc["malloc_arena_max"]:
+        warnings.append("MALLOC_ARENA_MAX is not set: threaded workers fragment more (try 2)")
+    for extra in EXTRA_CHECKS:
+        warnings.extend(extra(config, env))
+    report: dict[str, Any] = {
+        "platform": quota.platform,
+        "quota": quota.limit,
+        "quota_source": quota.source,
+        "gauge": gauge.source,
+        "reading": reading.total,
+        "rss": reading.rss,
+        "allocator": alloc,
+        "soft_limit": limits.soft,
+        "hard_limit": limits.hard,
+        "grace_s": limits.grace,
+        "shutdown_timeout_s": config.shutdown_timeout,
+        "interval_s": config.interval,
+        "reclaim": limits.reclaim,
+        "restart": config.restart,
+        "dry_run": config.dry_run,
+        "journal": config.journal,
+        "warnings": warnings,
+    }
+    if cgroup is not None:
+        mem = cgroup.read()
+        report["cgroup"] = {
+            "version": mem.version,
+            "path": cgroup.path,
+            "usage": mem.usage,
+            "working_set": mem.working_set,
+            "anon": mem.anon,
+            "inactive_file": mem.inactive_file,
+            "limit": mem.limit,
+            "oom_kills": mem.oom_kills,
+        }
+    return report
+
+
+def render(report: Mapping[str, Any]) -> str:
+    """The human form of :func:`inspect`."""
+    alloc = report["allocator"]
+    lines = [
+        f"platform      {report['platform']}",
+        f"quota         {format_size(report['quota'])}  ({report['quota_source']})",
+        f"gauge         {report['gauge']}: {format_size(report['reading'])} now",
+        f"soft limit    {format_size(report['soft_limit'])}  (grace {report['grace_s']:g}s)",
+        f"hard limit    {format_size(report['hard_limit'])}",
+        f"reclaim       {'on' if report['reclaim'] else 'off'}",
+        f"restart       {report['restart']}  (shutdown timeout {report['shutdown_timeout_s']:g}s)"
+        + ("  DRY RUN" if report["dry_run"] else ""),
+        f"allocator     {alloc['name']}"
+        + (f" {alloc['glibc']}" if alloc["glibc"] else "")
+        + f", MALLOC_ARENA_MAX={alloc['malloc_arena_max'] or 'unset'}",
+        f"journal       {report['journal'] or 'off'}",
+    ]
+    if "cgroup" in report:
+        cg = report["cgroup"]
+        lines.append(
+            f"cgroup        v{cg['version']} {cg['path']}: working set "
+            f"{format_size(cg['working_set'])}, usage {format_size(cg['usage'])}, "
+            f"limit {format_size(cg['limit'])}, oom kills {cg['oom_kills']}"
+        )
+    lines += [f"warning       {w}" for w in report["warnings"]]
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""When to act: a pure state machine over (memory, time). No I/O, no clock of its own.
+
+Cheapest remedy first. Over the soft limit: reclaim (gc + malloc_trim), then recycle one pool
+child where the framework has one, then — if memory stays over for ``grace`` seconds —
+restart the worker. At the hard limit: reclaim once more if it has not just been tried, then
+kill at once (the kernel or platform would do worse a moment later).
+
+Restarts are held back by a minimum uptime that doubles with each restart in the window
+(back-off), and by a cap on restarts per window. A process whose very first reading is
+already over the soft limit gets no soft restarts at all: restarting it cannot help (the
+Celery #4125 loop), so the warden says so loudly and only the hard limit still acts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from memwarden.units import format_duration, format_size
+
+
+class Action(str, Enum):
+    OK = "ok"
+    WAIT = "wait"  # over the soft limit, holding back (grace, uptime, cap, restart under way)
+    RECLAIM = "reclaim"
+    RECYCLE_CHILD = "recycle_child"
+    RESTART = "restart"
+    KILL = "kill"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resolved limits (bytes, seconds). ``soft``/``hard`` None: that layer is off."""
+
+    soft: int | None
+    hard: int | None
+    grace: float = 120.0
+    min_uptime: float = 30.0
+    max_restarts: int = 3
+    restart_window: float = 3600.0
+    reclaim: bool = True
+    reclaim_cooldown: float = 30.0
+    can_recycle: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.soft is not None or self.hard is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: str
+    total: int
+    limit: int | None = None
+    #: True once per lifetime, on the reading that found the process over its soft limit at
+    #: start: the caller logs it as an error.
+    alarm: bool = False
+
+
+@dataclass
+class Policy:
+    """Feed it readings with ``observe(total, now)``; tell it what was done."""
+
+    limits: Limits
+    started_at: float
+    past_restarts: Sequence[float] = ()
+    over_since: float | None = None
+    reclaimed_at: float | None = None
+    recycled_in_episode: bool = False
+    restarting: bool = False
+    killed: bool = False
+    starts_above: bool = False
+    _first: bool = field(default=True, repr=False)
+    _restarts: list[float] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._restarts = sorted(self.past_restarts)
+
+    def restarts_in_window(self, now: float) -> int:
+        window = self.limits.restart_window
+        return sum(1 for t in self._restarts if now - t < window)
+
+    def required_uptime(self, now: float) -> float:
+        """Minimum uptime, doubled for each restart already in the window (back-off)."""
+        return self.limits.min_uptime * (2 ** self.restarts_in_window(now))
+
+    def observe(self, total: int, now: float) -> Decision:
+        lim = self.limits
+        first, self._first = self._first, False
+        if self.killed:
+            return Decision(Action.WAIT, "kill under way", total, lim.hard)
+        if lim.hard is not None and total >= lim.hard:
+            if self.over_since is None:
+                self.over_since = now
+            if lim.reclaim and not self._reclaimed_recently(now):
+                return Decision(Action.RECLAIM, "over hard limit", total, lim.hard)
+            return Decision(
+                Action.KILL,
+                f"{format_size(total)} over hard limit {format_size(lim.hard)}",
+                total,
+                lim.hard,
+            )
+        if lim.soft is None or total < lim.soft:
+            self.over_since = None
+            self.recycled_in_episode = False
+            return Decision(Action.OK, "under soft limit", total, lim.soft)
+        alarm = False
+        if first:
+            self.starts_above = alarm = True
+        if self.over_since is None:
+            self.over_since = now
+        over = f"{format_size(total)} over soft limit {format_size(lim.soft)}"
+        if lim.reclaim and not self._reclaimed_recently(now):
+            return Decision(Action.RECLAIM, over, total, lim.soft, alarm)
+        if lim.can_recycle and not self.recycled_in_episode:
+            return Decision(Action.RECYCLE_CHILD, over, total, lim.soft, alarm)
+        if self.starts_above:
+            why = f"{over} since start: a restart cannot help, soft restarts are off"
+            return Decision(Action.WAIT, why, total, lim.soft, alarm)
+        if self.restarting:
+            return Decision(Action.WAIT, "restart under way", total, lim.soft)
+        waited = now - self.over_since
+        if waited < lim.grace:
+            left = format_duration(lim.grace - waited)
+            return Decision(Action.WAIT, f"{over}, grace {left} left", total, lim.soft)
+        uptime, need = now - self.started_at, self.required_uptime(now)
+        if uptime < need:
+            why = f"{over}, uptime {format_duration(uptime)} < {format_duration(need)}"
+            return Decision(Action.WAIT, why, total, lim.soft)
+        if self.restarts_in_window(now) >= lim.max_restarts:
+            why = (
+                f"{over}, but {lim.max_restarts} restarts in the last "
+                f"{format_duration(lim.restart_window)} already: raise the limit or fix the job"
+            )
+            return Decision(Action.WAIT, why, total, lim.soft)
+        return Decision(Action.RESTART, f"{over} for {format_duration(waited)}", total, lim.soft)
+
+    def _reclaimed_recently(self, now: float) -> bool:
+        return (
+            self.reclaimed_at is not None and now - self.reclaimed_at < self.limits.reclaim_cooldown
+        )
+
+    # What the caller did, so the next decision knows.
+    def did_reclaim(self, now: float) -> None:
+        self.reclaimed_at = now
+
+    def did_recycle(self) -> None:
+        self.recycled_in_episode = True
+
+    def did_restart(self, now: float) -> None:
+        self.restarting = True
+        self._restarts.append(now)
+
+    def did_kill(self) -> None:
+        self.killed = True
+
+    def did_dry_run(self, now: float) -> None:
+        """A dry-run restart: start a fresh grace period so it is not decided every reading."""
+        self.over_since = now

@@ -1,0 +1,463 @@
+"""The engine: gauge → policy → response, from job hooks and a watchdog thread.
+
+Integrations call ``job_started``/``job_finished`` (or ``with warden.job(...)``) and pass
+:class:`Hooks` for what only the framework can do (stop fetching, recycle a pool child,
+count a poison job before a kill). Everything here is guarded: an exception inside the
+warden is logged and swallowed at the hook boundary, never raised into a job.
+
+The after-job check is the fast path: own RSS by ``statm`` (about a microsecond) moves the
+last full reading by our own growth since then; only when that estimate crosses a limit is
+the full gauge (cgroup working set, tree PSS) read again. The watchdog reads the full gauge
+every ``interval`` and catches a breach in the middle of a long job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from memwarden import reclaim as reclaim_mod
+from memwarden.config import Config
+from memwarden.coordination import HostLock, Once, RestartLock
+from memwarden.gauges import Gauge, ProcessGauge, Quota, Sample, choose_gauge
+from memwarden.gauges.cgroup import Cgroup
+from memwarden.gauges.proc import children_of, self_rss
+from memwarden.gauges.quota import detect_quota
+from memwarden.journal import Journal
+from memwarden.policy import Action, Decision, Limits, Policy
+from memwarden.restart import Restarter, make_restarter
+from memwarden.units import SettingError, format_size
+
+log = logging.getLogger("memwarden")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def swallow(fn: F) -> F:
+    """The hook boundary: log any exception from inside the warden, never raise it."""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            log.exception("memwarden: internal error in %s (job unaffected)", fn.__name__)
+            return None
+
+    return guarded  # type: ignore[return-value]
+
+
+@dataclass
+class Hooks:
+    """What an integration can do that the core cannot. Every hook is optional."""
+
+    #: Stop taking new jobs (do not exit): the first step of a graceful restart.
+    drain: Callable[[], None] | None = None
+    #: Jobs running now, when the framework knows better than our own hook records.
+    in_flight: Callable[[], list[dict[str, Any]]] | None = None
+    #: Recycle one pool child; True if it will happen.
+    recycle: Callable[[str], bool] | None = None
+    #: Called with the jobs in flight just before a hard kill (poison counting, re-enqueue).
+    before_kill: Callable[[list[dict[str, Any]]], None] | None = None
+    #: The hard kill itself; default SIGKILL to our children, then ourselves.
+    kill: Callable[[], None] | None = None
+
+
+def resolve_limits(config: Config, quota: Quota, can_recycle: bool = False) -> Limits:
+    """Bytes for the soft/hard limits: explicit settings, else defaults by platform."""
+    q = quota.limit
+    soft, hard = config.size("soft_limit", q), config.size("hard_limit", q)
+    if q is not None:
+        soft_share, hard_share = (0.85, 0.95) if quota.kernel_enforced else (0.90, 1.00)
+        if soft is None and config.hard_limit is None:
+            soft = int(q * soft_share)
+        if hard is None:
+            hard = int(q * hard_share)
+    if soft is not None and hard is not None and hard < soft:
+        raise SettingError(
+            "MEMWARDEN_HARD_LIMIT",
+            config.hard_limit or format_size(hard),
+            f"the hard limit must not be below the soft limit ({format_size(soft)})",
+            "1GB",
+        )
+    return Limits(
+        soft=soft,
+        hard=hard,
+        grace=config.grace,
+        min_uptime=config.min_uptime,
+        max_restarts=config.max_restarts,
+        restart_window=config.restart_window,
+        reclaim=config.reclaim,
+        can_recycle=can_recycle,
+    )
+
+
+class RestartHistory:
+    """Restart times on this host (a small JSON file), for the per-window cap."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> list[float]:
+        try:
+            with open(self.path) as f:
+                return [float(t) for t in json.load(f)]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def add(self, t: float, keep: float) -> None:
+        times = [x for x in self.load() if t - x < keep] + [t]
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(times, f)
+        os.replace(tmp, self.path)
+
+
+class Warden:
+    """Keeps this worker inside its quota. ``Warden.from_env()`` reads ``MEMWARDEN_*``."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        hooks: Hooks | None = None,
+        gauge: Gauge | None = None,
+        quota: Quota | None = None,
+        restarter: Restarter | None = None,
+        journal: Journal | None = None,
+        locks: list[RestartLock] | None = None,
+        env: Mapping[str, str] | None = None,
+        framework: str | None = None,
+        **options: Any,
+    ) -> None:
+        env = os.environ if env is None else env
+        self.config = (
+            Config.from_env(env, **options) if config is None else config.replace(**options)
+        )
+        self.hooks = hooks or Hooks()
+        self.framework = framework
+        cgroup = Cgroup.of_self()
+        self.quota = quota or detect_quota(env, cgroup)
+        self.gauge = gauge or choose_gauge(self.config.measure, self.quota, cgroup)
+        self.limits = resolve_limits(self.config, self.quota, self.hooks.recycle is not None)
+        self.restarter = restarter or make_restarter(self.config)
+        self.journal = journal or Journal(
+            self.config.journal, max_bytes=self.config.size("journal_max_bytes") or 20 * 10**6
+        )
+        state = self.config.state_path
+        self.history = RestartHistory(os.path.join(state, "restarts.json"))
+        self.once = Once(*(locks if locks is not None else [HostLock(os.path.join(state, "lock"))]))
+        self.policy = Policy(self.limits, started_at=time.time(), past_restarts=self.history.load())
+        self._in_flight: dict[Any, dict[str, Any]] = {}
+        self._mutex = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._base: Sample | None = None  # last full reading, for the fast estimate
+        self.last_sample: Sample | None = None
+        self.last_culprit: str | None = None
+        self.counts = {"jobs": 0, "reclaims": 0, "freed": 0, "restarts": 0, "kills": 0}
+        self._said_off = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Warden:
+        return cls(env=env, **overrides)
+
+    def __repr__(self) -> str:
+        return (
+            f"Warden(gauge={self.gauge.source}, soft={format_size(self.limits.soft)}, "
+            f"hard={format_size(self.limits.hard)}, restart={self.restarter.name})"
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.limits.enabled
+
+    # ----------------------------------------------------------------- job hooks
+    @swallow
+    def job_started(self, job: str, job_id: Any = None, **extra: Any) -> None:
+        key = job_id if job_id is not None else threading.get_ident()
+        with self._mutex:
+            self._in_flight[key] = {
+                "job": job,
+                "job_id": job_id,
+                "t0": time.perf_counter(),
+                "rss_before": self_rss(),
+                **extra,
+            }
+
+    @swallow
+    def job_finished(self, job_id: Any = None, **extra: Any) -> Decision | None:
+        key = job_id if job_id is not None else threading.get_ident()
+        with self._mutex:
+            started = self._in_flight.pop(key, None)
+        rss_after = self_rss()
+        if started is not None:
+            record = {
+                "job": started.pop("job"),
+                "job_id": started.pop("job_id"),
+                "rss_before": started.pop("rss_before"),
+                "rss_after": rss_after,
+                "duration_s": round(time.perf_counter() - started.pop("t0"), 6),
+            }
+            if self.framework:
+                record["framework"] = self.framework
+            record.update(started)
+            record.update(extra)
+            self.counts["jobs"] += 1
+            if rss_after - record["rss_before"] > 0:
+                self.last_culprit = record["job"]
+            self.journal.write("job", **record)
+        return self._check(fast_rss=rss_after)
+
+    @contextlib.contextmanager
+    def job(self, name: str, job_id: Any = None, **extra: Any) -> Iterator[None]:
+        """``with warden.job("send_email", job_id):`` around one job."""
+        self.job_started(name, job_id, **extra)
+        try:
+            yield
+        finally:
+            self.job_finished(job_id)
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        if self.hooks.in_flight is not None:
+            with contextlib.suppress(Exception):
+                return list(self.hooks.in_flight())
+        with self._mutex:
+            return [{"job": v["job"], "job_id": v["job_id"]} for v in self._in_flight.values()]
+
+    # ----------------------------------------------------------------- checking
+    def read(self) -> Sample:
+        """A full reading from the configured gauge (also resets the fast estimate)."""
+        sample = self.gauge.read()
+        self._base = sample
+        self.last_sample = sample
+        return sample
+
+    def estimate(self, rss_now: int) -> int | None:
+        """The gauge's figure moved by our own RSS change since the last full reading."""
+        if isinstance(self.gauge, ProcessGauge):
+            return rss_now
+        base = self._base
+        return None if base is None else base.total + (rss_now - base.rss)
+
+    @swallow
+    def check(self) -> Decision | None:
+        """Read the gauge, decide and respond. Returns the decision (None when off)."""
+        return self._check(fast_rss=None)
+
+    def _check(self, fast_rss: int | None) -> Decision | None:
+        if not self.enabled:
+            if not self._said_off:
+                self._said_off = True
+                log.warning(
+                    "memwarden: no quota and no limit found: the guard is off "
+                    "(set MEMWARDEN_SOFT_LIMIT or MEMWARDEN_QUOTA)"
+                )
+            return None
+        now = time.time()
+        total = None if fast_rss is None else self.estimate(fast_rss)
+        first = self.limits.soft if self.limits.soft is not None else self.limits.hard
+        if total is not None and first is not None and total < first:
+            return self.policy.observe(total, now)
+        total = self.read().total
+        return self._respond(self.policy.observe(total, now))
+
+    def _respond(self, decision: Decision) -> Decision:
+        if decision.alarm:
+            log.error(
+                "memwarden: this process starts at %s, over its soft limit %s: restarts "
+                "cannot bring it under. Raise the limit or cut start-up memory.",
+                format_size(decision.total),
+                format_size(decision.limit),
+            )
+        action = decision.action
+        if action is Action.RECLAIM:
+            return self._reclaim(decision)
+        if action is Action.RECYCLE_CHILD:
+            self.policy.did_recycle()
+            if self.config.dry_run:
+                self._record("restart", decision, action="recycle", dry_run=True)
+            elif self.hooks.recycle is not None and self.hooks.recycle(decision.reason):
+                self._record("restart", decision, action="recycle")
+        elif action is Action.RESTART:
+            self._restart(decision)
+        elif action is Action.KILL:
+            self._kill(decision)
+        elif action is Action.WAIT and "restarts in the last" in decision.reason:
+            log.error("memwarden: %s", decision.reason)
+        return decision
+
+    def _reclaim(self, decision: Decision) -> Decision:
+        now = time.time()
+        self.policy.did_reclaim(now)
+        if self.config.dry_run:
+            self._record("reclaim", decision, freed=0, rss_after=self_rss(), dry_run=True)
+            return decision
+        got = reclaim_mod.reclaim(self_rss)
+        after = self.read()
+        self.counts["reclaims"] += 1
+        self.counts["freed"] += got.freed
+        self.journal.write(
+            "reclaim",
+            freed=got.freed,
+            rss_before=got.before,
+            rss_after=got.after,
+            total_before=decision.total,
+            total_after=after.total,
+            trimmed=got.trimmed,
+            seconds=round(got.seconds, 6),
+            reason=decision.reason,
+        )
+        log.info(
+            "memwarden: reclaimed %s (%s -> %s)",
+            format_size(got.freed),
+            format_size(decision.total),
+            format_size(after.total),
+        )
+        return self._respond(self.policy.observe(after.total, time.time()))
+
+    def _record(self, event: str, decision: Decision, **fields: Any) -> None:
+        in_flight = self.in_flight()
+        self.journal.write(
+            event,
+            reason=decision.reason,
+            total=decision.total,
+            limit=decision.limit,
+            gauge=self.gauge.source,
+            in_flight=in_flight,
+            **fields,
+        )
+        kinds = ", ".join(f"{j.get('job')}[{j.get('job_id')}]" for j in in_flight) or "none"
+        log.warning(
+            "memwarden: %s (%s): %s; in flight: %s",
+            event,
+            fields.get("action", event),
+            decision.reason,
+            kinds,
+        )
+
+    # ----------------------------------------------------------------- acting
+    def _restart(self, decision: Decision) -> None:
+        now = time.time()
+        if self.config.dry_run:
+            self.policy.did_dry_run(now)
+            self._record("restart", decision, action=self.restarter.name, dry_run=True)
+            return
+        if not self.once.try_take():
+            log.info("memwarden: restart wanted but another is under way; still serving")
+            return
+        self.policy.did_restart(now)
+        self.counts["restarts"] += 1
+        with contextlib.suppress(OSError):
+            self.history.add(now, self.limits.restart_window)
+        self._record("restart", decision, action=self.restarter.name)
+        threading.Thread(
+            target=self._restart_sequence, args=(decision,), name="memwarden-restart", daemon=True
+        ).start()
+
+    @swallow
+    def _restart_sequence(self, decision: Decision) -> None:
+        timeout = self.config.shutdown_timeout
+        if self.hooks.drain is not None:
+            self.hooks.drain()
+            deadline = time.monotonic() + timeout
+            while self.in_flight() and time.monotonic() < deadline and not self.policy.killed:
+                time.sleep(0.05)
+        if self.policy.killed:
+            return
+        self.restarter.restart(decision.reason)
+        # Still here after the shutdown timeout: the graceful way did not end us.
+        if not self._stop.wait(timeout) and not self.policy.killed:
+            self._kill(
+                Decision(
+                    Action.KILL,
+                    f"still running {timeout:g}s after restart",
+                    decision.total,
+                    decision.limit,
+                )
+            )
+
+    def _kill(self, decision: Decision) -> None:
+        if self.policy.killed:
+            return
+        if self.config.dry_run:
+            self.policy.did_kill()
+            self._record("kill", decision, dry_run=True)
+            return
+        self.policy.did_kill()
+        self.counts["kills"] += 1
+        in_flight = self.in_flight()
+        self._record("kill", decision)
+        if self.hooks.before_kill is not None:
+            try:
+                self.hooks.before_kill(in_flight)
+            except Exception:
+                log.exception("memwarden: before_kill hook failed; killing anyway")
+        self.journal.close()
+        if self.hooks.kill is not None:
+            self.hooks.kill()
+            return
+        kill_tree_and_self()
+
+    # ----------------------------------------------------------------- watchdog
+    def start(self) -> Warden:
+        """Start the watchdog thread (idempotent). Returns self."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._watch, name="memwarden", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.watch_once()
+            self._stop.wait(self.config.interval)
+
+    @swallow
+    def watch_once(self) -> Decision | None:
+        """One watchdog tick: a full reading, a ``sample`` record, a decision."""
+        if not self.enabled:
+            return self._check(fast_rss=None)
+        sample = self.read()
+        self.journal.write(
+            "sample",
+            rss=sample.rss,
+            total=sample.total,
+            limit=self.limits.soft,
+            hard=self.limits.hard,
+            gauge=sample.source,
+        )
+        return self._respond(self.policy.observe(sample.total, time.time()))
+
+
+def kill_tree_and_self() -> None:
+    """SIGKILL our descendants, then ourselves (never the process group: it may hold our
+    parent's shell or test runner)."""
+    me = os.getpid()
+    stack, seen = [me], []
+    while stack:
+        pid = stack.pop()
+        for kid in children_of(pid):
+            if kid not in seen:
+                seen.append(kid)
+                stack.append(kid)
+    for pid in seen:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    sys.stderr.flush()
+    os.kill(me, signal.SIGKILL)

@@ -1,0 +1,86 @@
+"""Real memory behaviour for demos, tests and benchmarks (no framework needed).
+
+- :func:`fragment`: several threads allocate mixed-size buffers (1–64 KiB, served by malloc
+  from per-thread arenas), then free all but a sliver. RSS steps up and stays up: the
+  glibc stair-step of the seed. ``malloc_trim(0)`` gets most of it back.
+- :func:`leak`: memory kept for good, a real leak.
+- :func:`spike`: a big transient allocation, freed before returning.
+- :func:`cache_fill`: a bounded cache that fills and stops growing (a high-water mark).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+MB = 1024 * 1024
+
+#: What the workloads keep, module-wide, so it outlives the job (as real bloat does).
+KEPT: list[bytes] = []
+LEAKED: list[bytes] = []
+CACHE: dict[int, bytes] = {}
+
+
+def fragment(mb: int = 32, threads: int = 4, keep_every: int = 20, seed: int = 0) -> int:
+    """Allocate about ``mb`` MiB across ``threads`` threads, keep 1 in ``keep_every``.
+
+    Returns the bytes kept. The rest is freed but mostly stays in the process's RSS.
+    """
+    per_thread = mb * MB // max(1, threads)
+    kept_total = [0]
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        rnd = random.Random(seed * 1000 + i)
+        live: list[bytes] = []
+        mine: list[bytes] = []
+        used = 0
+        while used < per_thread:
+            size = rnd.randint(1024, 64 * 1024)
+            buf = b"\x01" * size  # filled, so every page is really touched
+            used += size
+            if rnd.randrange(keep_every) == 0:
+                mine.append(buf)
+            else:
+                live.append(buf)
+        del live
+        with lock:
+            KEPT.extend(mine)
+            kept_total[0] += sum(len(b) for b in mine)
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return kept_total[0]
+
+
+def leak(mb: float = 1.0, chunk: int = 64 * 1024) -> int:
+    """Keep ``mb`` MiB forever, in ``chunk``-sized pieces. Returns bytes leaked."""
+    total = int(mb * MB)
+    n = max(1, total // chunk)
+    LEAKED.extend(b"\x02" * chunk for _ in range(n))
+    return n * chunk
+
+
+def spike(mb: int = 64) -> int:
+    """Allocate ``mb`` MiB, touch it, free it. Returns bytes allocated."""
+    buf = bytearray(b"\x03") * (mb * MB)
+    size = len(buf)
+    del buf
+    return size
+
+
+def cache_fill(key: int, size: int = 256 * 1024, capacity: int = 64) -> int:
+    """A bounded cache: grows until ``capacity`` entries, then stays. Returns its size."""
+    if len(CACHE) < capacity or key in CACHE:
+        CACHE[key % capacity] = b"\x04" * size
+    return sum(len(v) for v in CACHE.values())
+
+
+def forget() -> None:
+    """Drop everything the workloads kept."""
+    KEPT.clear()
+    LEAKED.clear()
+    CACHE.clear()

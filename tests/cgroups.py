@@ -59,6 +59,15 @@ def _skip(reason: str) -> None:
     pytest.skip(f"memory cgroups are not writable here: {reason}")
 
 
+def _write(path: str, name: str, value: int, optional: bool = False) -> None:
+    try:
+        with open(os.path.join(path, name), "w") as f:
+            f.write(str(value))
+    except OSError:
+        if not optional:
+            raise
+
+
 @contextlib.contextmanager
 def memory_cgroup(limit: int) -> Iterator[TestCgroup]:
     own = Cgroup.of_self()
@@ -73,20 +82,12 @@ def memory_cgroup(limit: int) -> Iterator[TestCgroup]:
     cg = TestCgroup(path, own.version)
     try:
         if own.version == 1:
-            with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
-                f.write(str(limit))
-            with contextlib.suppress(OSError):  # no swap: the limit is the limit
-                with open(os.path.join(path, "memory.memsw.limit_in_bytes"), "w") as f:
-                    f.write(str(limit))
-            with contextlib.suppress(OSError):
-                with open(os.path.join(path, "memory.swappiness"), "w") as f:
-                    f.write("0")
+            _write(path, "memory.limit_in_bytes", limit)
+            _write(path, "memory.memsw.limit_in_bytes", limit, optional=True)  # no swap
+            _write(path, "memory.swappiness", 0, optional=True)
         else:
-            with open(os.path.join(path, "memory.max"), "w") as f:
-                f.write(str(limit))
-            with contextlib.suppress(OSError):
-                with open(os.path.join(path, "memory.swap.max"), "w") as f:
-                    f.write("0")
+            _write(path, "memory.max", limit)
+            _write(path, "memory.swap.max", 0, optional=True)
         yield cg
     finally:
         cg.kill_all()

@@ -1,0 +1,162 @@
+"""The policy is pure: every transition, with a fake clock (plain numbers)."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memwarden.policy import Action, Limits, Policy
+
+MB = 1024 * 1024
+
+
+def policy(**kw):
+    limits = dict(soft=800 * MB, hard=950 * MB, grace=60, min_uptime=10, max_restarts=3,
+                  restart_window=3600, reclaim=True, reclaim_cooldown=30)
+    past = kw.pop("past", ())
+    limits.update(kw)
+    p = Policy(Limits(**limits), started_at=0.0, past_restarts=past)
+    p.observe(100 * MB, 0.0)  # a first reading under the limit: no start-up alarm
+    return p
+
+
+def test_under_soft_is_ok():
+    assert policy().observe(500 * MB, 100).action is Action.OK
+
+
+def test_soft_breach_reclaims_first_then_waits_grace_then_restarts():
+    p = policy()
+    d = p.observe(850 * MB, 100)
+    assert d.action is Action.RECLAIM
+    p.did_reclaim(100)
+    assert p.observe(850 * MB, 101).action is Action.WAIT
+    assert "grace" in p.observe(850 * MB, 120).reason
+    # reclaim again once the cooldown has passed, before giving up
+    assert p.observe(850 * MB, 131).action is Action.RECLAIM
+    p.did_reclaim(131)
+    assert "grace" in p.observe(850 * MB, 159).reason
+    assert p.observe(850 * MB, 160).action is Action.RESTART
+
+
+def test_restart_abandoned_when_memory_falls_back_within_grace():
+    p = policy(reclaim=False)
+    assert p.observe(850 * MB, 100).action is Action.WAIT
+    assert p.observe(700 * MB, 130).action is Action.OK
+    # a new breach starts a fresh grace period
+    assert p.observe(850 * MB, 140).action is Action.WAIT
+    assert p.observe(850 * MB, 199).action is Action.WAIT
+    assert p.observe(850 * MB, 200).action is Action.RESTART
+
+
+def test_hard_limit_reclaims_once_then_kills_at_once():
+    p = policy()
+    assert p.observe(960 * MB, 100).action is Action.RECLAIM
+    p.did_reclaim(100)
+    d = p.observe(960 * MB, 100.01)
+    assert d.action is Action.KILL and d.limit == 950 * MB
+
+
+def test_hard_limit_ignores_uptime_and_restart_cap():
+    p = policy(reclaim=False, past=[1.0, 2.0, 3.0], min_uptime=1000)
+    assert p.observe(960 * MB, 5).action is Action.KILL
+    p.did_kill()
+    assert p.observe(990 * MB, 6).action is Action.WAIT  # kill under way: once only
+
+
+def test_recycle_child_comes_before_restart():
+    p = policy(reclaim=False, can_recycle=True)
+    assert p.observe(850 * MB, 100).action is Action.RECYCLE_CHILD
+    p.did_recycle()
+    assert p.observe(850 * MB, 101).action is Action.WAIT
+    assert p.observe(850 * MB, 160).action is Action.RESTART
+    # a new episode may recycle again
+    p2 = policy(reclaim=False, can_recycle=True)
+    p2.observe(850 * MB, 1)
+    p2.did_recycle()
+    p2.observe(100 * MB, 2)
+    assert p2.observe(850 * MB, 3).action is Action.RECYCLE_CHILD
+
+
+def test_min_uptime_holds_restart_back():
+    p = policy(reclaim=False, grace=0, min_uptime=300)
+    d = p.observe(850 * MB, 100)
+    assert d.action is Action.WAIT and "uptime" in d.reason
+    assert p.observe(850 * MB, 300).action is Action.RESTART
+
+
+def test_back_off_doubles_required_uptime_per_recent_restart():
+    p = policy(reclaim=False, grace=0, min_uptime=100, past=[-500.0, -400.0])
+    assert p.required_uptime(0) == 400
+    assert p.observe(850 * MB, 399).action is Action.WAIT
+    assert p.observe(850 * MB, 400).action is Action.RESTART
+
+
+def test_restart_cap_per_window_is_loud_and_holds():
+    p = policy(reclaim=False, grace=0, min_uptime=0, max_restarts=2, past=[-100.0, -50.0])
+    d = p.observe(850 * MB, 10)
+    assert d.action is Action.WAIT and "restarts in the last" in d.reason
+    # once the window has moved past them, restarts are allowed again
+    assert p.observe(850 * MB, 3600).action is Action.RESTART
+
+
+def test_restart_decided_once():
+    p = policy(reclaim=False, grace=0, min_uptime=0)
+    assert p.observe(850 * MB, 10).action is Action.RESTART
+    p.did_restart(10)
+    assert p.observe(850 * MB, 11).action is Action.WAIT
+    assert p.observe(960 * MB, 12).action is Action.KILL  # the hard limit still acts
+
+
+def test_starting_above_the_limit_raises_the_alarm_and_disables_soft_restarts():
+    p = Policy(Limits(soft=800 * MB, hard=950 * MB, grace=0, min_uptime=0, reclaim=False), 0.0)
+    d = p.observe(850 * MB, 0)
+    assert d.alarm and "since start" in d.reason and d.action is Action.WAIT
+    assert p.observe(850 * MB, 5000).action is Action.WAIT
+    assert not p.observe(850 * MB, 5001).alarm  # said once
+    assert p.observe(951 * MB, 5002).action is Action.KILL
+
+
+def test_dry_run_restart_restarts_grace():
+    p = policy(reclaim=False, grace=60, min_uptime=0)
+    p.observe(850 * MB, 0)
+    assert p.observe(850 * MB, 60).action is Action.RESTART
+    p.did_dry_run(60)
+    assert p.observe(850 * MB, 61).action is Action.WAIT
+    assert p.observe(850 * MB, 120).action is Action.RESTART
+
+
+def test_only_a_hard_limit():
+    p = Policy(Limits(soft=None, hard=950 * MB, reclaim=False), 0.0)
+    assert p.observe(900 * MB, 1).action is Action.OK
+    assert p.observe(950 * MB, 2).action is Action.KILL
+
+
+def test_no_limits_is_off():
+    assert not Limits(soft=None, hard=None).enabled
+
+
+@given(st.lists(st.tuples(st.integers(0, 2000), st.floats(0, 10)), min_size=1, max_size=60))
+def test_invariants(readings):
+    """Whatever the readings: never kill under the hard limit, never restart under the soft
+    one, restart at most once per lifetime, never restart within grace of the first breach."""
+    p = policy(grace=30, min_uptime=0)
+    now = 0.0
+    restarts = 0
+    breach_start = None
+    for mb, dt in readings:
+        now += dt
+        total = mb * MB
+        d = p.observe(total, now)
+        if total < 800 * MB:
+            breach_start = None
+        elif breach_start is None:
+            breach_start = now
+        if d.action is Action.KILL:
+            assert total >= 950 * MB
+            p.did_kill()
+        if d.action is Action.RESTART:
+            assert 800 * MB <= total < 950 * MB
+            assert breach_start is not None and now - breach_start >= 30
+            restarts += 1
+            p.did_restart(now)
+        if d.action is Action.RECLAIM:
+            p.did_reclaim(now)
+    assert restarts <= 1

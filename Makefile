@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/check_overhead.py
+
+readme: $(STAMP)
+	$(BIN)/python scripts/readme_settings.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

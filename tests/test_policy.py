@@ -9,8 +9,16 @@ MB = 1024 * 1024
 
 
 def policy(**kw):
-    limits = dict(soft=800 * MB, hard=950 * MB, grace=60, min_uptime=10, max_restarts=3,
-                  restart_window=3600, reclaim=True, reclaim_cooldown=30)
+    limits = dict(
+        soft=800 * MB,
+        hard=950 * MB,
+        grace=60,
+        min_uptime=10,
+        max_restarts=3,
+        restart_window=3600,
+        reclaim=True,
+        reclaim_cooldown=30,
+    )
     past = kw.pop("past", ())
     limits.update(kw)
     p = Policy(Limits(**limits), started_at=0.0, past_restarts=past)

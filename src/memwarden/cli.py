@@ -59,3 +59,7 @@ def check(as_json: bool) -> None:
         fail_on_setting(exc)
         return
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m memwarden.cli`
+    main()

@@ -41,6 +41,11 @@ class Config:
     quota: str | int | None = _setting(
         None, "size", "The memory quota, when it cannot be detected (cgroup, Heroku dyno size)"
     )
+    dyno_size: str | None = _setting(
+        None,
+        "text",
+        "Heroku dyno size for the quota table when the cgroup shows no limit (e.g. standard-2x)",
+    )
     grace: float = _setting(120.0, "duration", "How long memory may stay over the soft limit")
     shutdown_timeout: float = _setting(
         25.0, "duration", "Drain time before the hard kill (inside Heroku's 30 s)"
@@ -179,3 +184,11 @@ def _validators() -> dict[str, Any]:
         "choice": choice,
         "signal": sig,
     }
+
+
+def settings_markdown() -> str:
+    """The README's settings table, made from :class:`Config` (``make readme`` writes it)."""
+    lines = ["| env var | unit | default | what it does |", "|---|---|---|---|"]
+    for env, kind, default, text in settings_table():
+        lines.append(f"| `{env}` | {kind} | {default} | {text} |")
+    return "\n".join(lines)

@@ -147,7 +147,7 @@ class Warden:
         self.hooks = hooks or Hooks()
         self.framework = framework
         cgroup = Cgroup.of_self()
-        self.quota = quota or detect_quota(env, cgroup)
+        self.quota = quota or detect_quota(env, cgroup, self.config.quota, self.config.dyno_size)
         self.gauge = gauge or choose_gauge(self.config.measure, self.quota, cgroup)
         self.limits = resolve_limits(self.config, self.quota, self.hooks.recycle is not None)
         self.restarter = restarter or make_restarter(self.config)

@@ -61,11 +61,19 @@ def detect_platform(env: Mapping[str, str]) -> str:
     return "bare"
 
 
-def detect_quota(env: Mapping[str, str], cgroup: Cgroup | None = None) -> Quota:
-    """The quota by the documented order; a bad ``MEMWARDEN_QUOTA`` raises SettingError."""
+def detect_quota(
+    env: Mapping[str, str],
+    cgroup: Cgroup | None = None,
+    quota: str | int | None = None,
+    dyno_size: str | None = None,
+) -> Quota:
+    """The quota by the documented order; ``quota``/``dyno_size`` override their env vars.
+
+    A bad ``MEMWARDEN_QUOTA`` or ``MEMWARDEN_DYNO_SIZE`` raises SettingError.
+    """
     platform = detect_platform(env)
-    raw = env.get("MEMWARDEN_QUOTA", "").strip()
-    if raw:
+    raw = quota if quota is not None else env.get("MEMWARDEN_QUOTA", "").strip()
+    if raw not in (None, ""):
         return Quota(parse_size(raw, "MEMWARDEN_QUOTA"), "MEMWARDEN_QUOTA", platform)
     if cgroup is not None:
         try:
@@ -76,7 +84,7 @@ def detect_quota(env: Mapping[str, str], cgroup: Cgroup | None = None) -> Quota:
             where = f"cgroup v{cgroup.version} {cgroup.path}"
             return Quota(limit, where, platform if platform != "bare" else "cgroup")
     if platform == "heroku":
-        size = env.get("MEMWARDEN_DYNO_SIZE", "").strip().lower()
+        size = (dyno_size or env.get("MEMWARDEN_DYNO_SIZE", "")).strip().lower()
         if size:
             if size not in HEROKU_DYNO_SIZES:
                 raise SettingError("MEMWARDEN_DYNO_SIZE", size, "unknown dyno size", "standard-2x")

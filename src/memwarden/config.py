@@ -21,8 +21,13 @@ from memwarden.units import SettingError, parse_bool, parse_duration, parse_size
 RESTARTS = ("signal", "exit", "none", "heroku", "kubernetes", "systemd")
 
 
-def _setting(default: Any, kind: str, help: str, env: str | None = None) -> Any:
-    return field(default=default, metadata={"kind": kind, "help": help, "env": env})
+def _setting(
+    default: Any, kind: str, help: str, env: str | None = None, secret: bool = False
+) -> Any:
+    """A setting; ``secret`` ones (URLs that may hold a password) stay out of the repr."""
+    return field(
+        default=default, repr=not secret, metadata={"kind": kind, "help": help, "env": env}
+    )
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,42 @@ class Config:
     poison_kills: int = _setting(3, "int", "Hard kills a job may cause before quarantine")
     state_dir: str | None = _setting(
         None, "path", "Host lock and restart history (default: the temp dir)"
+    )
+    heroku_api_url: str = _setting(
+        "https://api.heroku.com", "url", "Heroku Platform API base URL (heroku restart)"
+    )
+    api_timeout: float = _setting(
+        5.0, "duration", "Timeout of one platform API call (Heroku, Kubernetes)"
+    )
+    api_retries: int = _setting(
+        3, "int", "Retries of a platform API call on 429, 5xx or timeout (with back-off)"
+    )
+    kubernetes_delete_pod: bool = _setting(
+        False, "bool", "kubernetes restart: delete the pod through the API instead of exiting"
+    )
+    kubernetes_grace: float = _setting(30.0, "duration", "gracePeriodSeconds of the pod deletion")
+    kubernetes_api_url: str | None = _setting(
+        None, "url", "Kubernetes API URL (default: https://$KUBERNETES_SERVICE_HOST:PORT)"
+    )
+    kubernetes_sa_dir: str = _setting(
+        "/var/run/secrets/kubernetes.io/serviceaccount",
+        "path",
+        "Service-account token, ca.crt and namespace for the pod deletion",
+    )
+    redis_url: str | None = _setting(
+        None, "url", "Redis for fleet coordination and heartbeats (none: host only)", secret=True
+    )
+    fleet: str | None = _setting(
+        None, "text", "Fleet name for the restart lock and status (default: $HEROKU_APP_NAME)"
+    )
+    fleet_max_restarting: int = _setting(
+        1, "int", "At most this many workers of the fleet restart at once"
+    )
+    fleet_lock_ttl: float = _setting(
+        30.0, "duration", "A restart holds its fleet place until this long after its warden died"
+    )
+    heartbeat_interval: float = _setting(
+        10.0, "duration", "Heartbeat period (a warden silent for 3 periods drops from status)"
     )
 
     def __post_init__(self) -> None:

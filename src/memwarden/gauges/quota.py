@@ -19,7 +19,8 @@ MB = 1024 * 1024
 
 #: Dyno memory quotas (Heroku "Dyno Types") and the R15 factor: how far over its quota a
 #: dyno may go (swapping, logging R14) before the platform kills it. Private and Shield
-#: dynos do not swap, so they are killed at the quota itself.
+#: dynos do not swap, so they are killed at the quota itself. Source: Heroku Dev Center, "Dyno
+#: Memory Behavior" (Cedar generation; Fir-generation dynos restart at 100%).
 HEROKU_DYNO_SIZES: dict[str, tuple[int, float]] = {
     "eco": (512 * MB, 2.0),
     "basic": (512 * MB, 2.0),
@@ -27,15 +28,21 @@ HEROKU_DYNO_SIZES: dict[str, tuple[int, float]] = {
     "standard-2x": (1024 * MB, 2.0),
     "performance-m": (2560 * MB, 2.0),
     "performance-l": (14336 * MB, 2.0),
-    "performance-l-ram": (30720 * MB, 2.0),
-    "performance-xl": (63488 * MB, 2.0),
-    "performance-2xl": (129024 * MB, 2.0),
+    "performance-l-ram": (30720 * MB, 1.2),
+    "performance-xl": (63488 * MB, 1.2),
+    "performance-2xl": (129024 * MB, 1.2),
     "private-s": (1024 * MB, 1.0),
     "private-m": (2560 * MB, 1.0),
     "private-l": (14336 * MB, 1.0),
+    "private-l-ram": (30720 * MB, 1.0),
+    "private-xl": (63488 * MB, 1.0),
+    "private-2xl": (129024 * MB, 1.0),
     "shield-s": (1024 * MB, 1.0),
     "shield-m": (2560 * MB, 1.0),
     "shield-l": (14336 * MB, 1.0),
+    "shield-l-ram": (30720 * MB, 1.0),
+    "shield-xl": (63488 * MB, 1.0),
+    "shield-2xl": (129024 * MB, 1.0),
 }
 
 

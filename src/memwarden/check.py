@@ -11,11 +11,15 @@ from memwarden.config import Config
 from memwarden.gauges import choose_gauge
 from memwarden.gauges.cgroup import Cgroup
 from memwarden.gauges.quota import detect_quota
+from memwarden.restart import heroku, kubernetes
 from memwarden.units import format_size
 from memwarden.warden import resolve_limits
 
 #: Extra checks (platform, framework): each gets (config, env) and returns warning strings.
-EXTRA_CHECKS: list[Callable[[Config, Mapping[str, str]], list[str]]] = []
+EXTRA_CHECKS: list[Callable[[Config, Mapping[str, str]], list[str]]] = [
+    heroku.checks,
+    kubernetes.checks,
+]
 
 
 def inspect(env: Mapping[str, str] | None = None, **overrides: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from memwarden import reclaim as reclaim_mod
 from memwarden.config import Config
 from memwarden.coordination import HostLock, Once, RestartLock
+from memwarden.fleet import Fleet
 from memwarden.gauges import Gauge, ProcessGauge, Quota, Sample, choose_gauge
 from memwarden.gauges.cgroup import Cgroup
 from memwarden.gauges.proc import children_of, self_rss
@@ -156,7 +157,13 @@ class Warden:
         )
         state = self.config.state_path
         self.history = RestartHistory(os.path.join(state, "restarts.json"))
-        self.once = Once(*(locks if locks is not None else [HostLock(os.path.join(state, "lock"))]))
+        #: Redis restart lock and heartbeats, when MEMWARDEN_REDIS_URL is set.
+        self.fleet = Fleet.from_config(self.config, env)
+        if locks is None:
+            locks = [HostLock(os.path.join(state, "lock"))]
+            if self.fleet is not None:
+                locks.append(self.fleet.lock)
+        self.once = Once(*locks)
         self.policy = Policy(self.limits, started_at=time.time(), past_restarts=self.history.load())
         self._in_flight: dict[Any, dict[str, Any]] = {}
         self._mutex = threading.RLock()
@@ -416,10 +423,14 @@ class Warden:
             self._stop.clear()
             self._thread = threading.Thread(target=self._watch, name="memwarden", daemon=True)
             self._thread.start()
+        if self.fleet is not None:
+            self.fleet.start(self)
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self.fleet is not None:
+            self.fleet.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 

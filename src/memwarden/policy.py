@@ -156,6 +156,11 @@ class Policy:
     def did_kill(self) -> None:
         self.killed = True
 
+    def did_recover(self) -> None:
+        """The kill took only a child (an RQ work horse) and we live on: watch afresh."""
+        self.killed = False
+        self.over_since = None
+
     def did_dry_run(self, now: float) -> None:
         """A dry-run restart: start a fresh grace period so it is not decided every reading."""
         self.over_since = now

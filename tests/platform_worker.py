@@ -14,13 +14,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 from memwarden import workload
 from memwarden.gauges.proc import self_rss
-from memwarden.journal import Journal
+from memwarden.journal import Journal, read_records
 from memwarden.warden import Hooks, Warden
 
 MB = 1024 * 1024
@@ -71,6 +74,29 @@ def main(journal: str) -> int:
     while time.monotonic() < deadline:
         time.sleep(0.05)
     return 4  # nobody ended us: the restart did not happen
+
+
+def run_worker(
+    tmp_path: Path, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """Run this worker with ``env``; returns the finished process and its journal records."""
+    journal = tmp_path / "journal.jsonl"
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MEMWARDEN_", "HEROKU_"))},
+        "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
+        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
+        "MEMWARDEN_SHUTDOWN_TIMEOUT": "30",
+        **env,
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, str(journal)],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    records, _ = read_records(journal.read_text().splitlines() if journal.exists() else [])
+    return proc, records
 
 
 if __name__ == "__main__":

@@ -5,10 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 import traceback
-from pathlib import Path
 
 import pytest
 
@@ -16,11 +13,10 @@ from fakeapi import FakeAPI, Hook, Reply, Request, Stall
 from memwarden.check import inspect
 from memwarden.config import Config
 from memwarden.gauges.quota import HEROKU_DYNO_SIZES
-from memwarden.journal import read_records
 from memwarden.restart.api import ApiError, Secret, call
 from memwarden.restart.heroku import ACCEPT, HerokuRestarter, checks
+from platform_worker import run_worker
 
-HERE = Path(__file__).resolve().parent
 TOKEN = "hrku-CANARY-7f3a9c1e-do-not-leak"
 
 
@@ -201,28 +197,6 @@ def test_the_token_never_leaks_in_process(api, caplog, tmp_path):
         import pickle
 
         pickle.dumps(Secret(TOKEN))
-
-
-def run_worker(
-    tmp_path: Path, env: dict[str, str]
-) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
-    journal = tmp_path / "journal.jsonl"
-    full = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MEMWARDEN_", "HEROKU_"))},
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-        "MEMWARDEN_SHUTDOWN_TIMEOUT": "30",
-        **env,
-    }
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "platform_worker.py"), str(journal)],
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    records, _ = read_records(journal.read_text().splitlines() if journal.exists() else [])
-    return proc, records
 
 
 def heroku_env(api: FakeAPI) -> dict[str, str]:

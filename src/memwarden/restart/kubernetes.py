@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -147,7 +148,7 @@ class PodDeleter:
                 },
                 timeout=self.timeout,
                 retries=self.retries,
-                verify=ca if os.path.exists(ca) else True,
+                verify=ssl.create_default_context(cafile=ca) if os.path.exists(ca) else True,
             )
         except ApiError as exc:
             log.error("memwarden: %s", exc)

@@ -1,0 +1,61 @@
+"""A Dramatiq app for memwarden's end-to-end tests, run by the real ``dramatiq`` CLI.
+
+Configured by env: ``MWT_BROKER`` (``redis`` or ``rabbitmq``), ``MWT_BROKER_URL``,
+``MWT_QUEUE``, ``MWT_NAMESPACE`` (Redis broker keys), ``MWT_HEARTBEAT_MS`` (Redis broker
+heartbeat timeout), ``MWT_REDIS_URL`` (completions and poison counts), ``MWT_PREFIX``
+(completion keys). memwarden's own settings come from ``MEMWARDEN_*``.
+
+One actor, ``mw_job(job_id, kind, mb)``; every run counts ``{prefix}:runs[job_id]`` and every
+completion adds ``job_id`` to ``{prefix}:done``. Kinds: ``light``; ``leak`` (keeps ``mb``
+MiB for good); ``fragment`` (glibc fragmentation of ``mb`` MiB); ``hog`` (keeps ``mb`` MiB,
+then waits to be killed, up to a minute); ``hog_once`` (a hog on its first run only).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import dramatiq
+import redis
+
+from memwarden import workload
+from memwarden.dramatiq import MemoryWarden
+
+QUEUE = os.environ["MWT_QUEUE"]
+PREFIX = os.environ["MWT_PREFIX"]
+REDIS_URL = os.environ["MWT_REDIS_URL"]
+store = redis.Redis.from_url(REDIS_URL)
+
+if os.environ["MWT_BROKER"] == "redis":
+    from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
+
+    broker: dramatiq.Broker = RedisBroker(
+        url=os.environ["MWT_BROKER_URL"],
+        namespace=os.environ["MWT_NAMESPACE"],
+        # Quick redelivery after a hard kill (the defaults are 60 s and 0.1% of commands).
+        heartbeat_timeout=int(os.environ["MWT_HEARTBEAT_MS"]),
+        maintenance_chance=MAINTENANCE_SCALE,
+    )
+    broker.add_middleware(MemoryWarden())
+else:
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker = RabbitmqBroker(url=os.environ["MWT_BROKER_URL"])
+    broker.add_middleware(MemoryWarden(poison_redis=REDIS_URL))
+dramatiq.set_broker(broker)
+
+
+@dramatiq.actor(queue_name=QUEUE, actor_name="mw_job", max_retries=0)
+def mw_job(job_id: str, kind: str = "light", mb: int = 0) -> None:
+    run = store.hincrby(f"{PREFIX}:runs", job_id, 1)
+    if kind == "leak":
+        workload.leak(mb)
+    elif kind == "fragment":
+        workload.fragment(mb, threads=2)
+    elif kind == "hog" or (kind == "hog_once" and run == 1):
+        workload.leak(mb)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the watchdog should kill us long before
+            time.sleep(0.05)
+    store.sadd(f"{PREFIX}:done", job_id)

@@ -60,6 +60,17 @@ def poison_reason(kills: int, limit: int) -> str:
     )
 
 
+def _fail(job: Job, reason: str, pipe: Any) -> None:
+    """Status FAILED, the failed registry and a failure result (what ``rq info`` shows)."""
+    try:
+        from rq.job_lifecycle import record_job_failure  # rq >= 3
+    except ImportError:
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        job.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
+    else:
+        record_job_failure(job, reason, pipe)
+
+
 class WardenMixin:
     """The warden's side of an RQ worker; mixed into ``rq.Worker`` and ``rq.SimpleWorker``."""
 
@@ -195,11 +206,7 @@ class WardenMixin:
             if execution is not None:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)  # type: ignore[attr-defined]
             if kills >= limit:
-                reason = poison_reason(kills, limit)
-                job.set_status(JobStatus.FAILED, pipeline=pipe)
-                job.failed_job_registry.add(
-                    job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe
-                )
+                _fail(job, poison_reason(kills, limit), pipe)
             else:
                 job.started_at = None
                 job.ended_at = None

@@ -111,6 +111,17 @@ class Config:
     heartbeat_interval: float = _setting(
         10.0, "duration", "Heartbeat period (a warden silent for 3 periods drops from status)"
     )
+    live_memory: bool = _setting(
+        True, "bool", "Add live-memory figures (blocks, heap_in_use) to job records"
+    )
+    trace: str | None = _setting(
+        None, "text", "tracemalloc around the next runs of this job kind (or auto), one worker"
+    )
+    trace_runs: int = _setting(5, "int", "How many runs MEMWARDEN_TRACE traces")
+    metrics_port: int | None = _setting(
+        None, "int", "Serve Prometheus metrics on this port (extra metrics)"
+    )
+    metrics_addr: str = _setting("127.0.0.1", "text", "Address the metrics port binds to")
 
     def __post_init__(self) -> None:
         check = _validators()

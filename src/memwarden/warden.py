@@ -37,6 +37,7 @@ from memwarden.gauges.quota import detect_quota
 from memwarden.journal import Journal
 from memwarden.policy import Action, Decision, Limits, Policy
 from memwarden.restart import Restarter, make_restarter
+from memwarden.trace import Tracer, live_figures
 from memwarden.units import SettingError, format_size
 
 log = logging.getLogger("memwarden")
@@ -174,6 +175,13 @@ class Warden:
         self.last_culprit: str | None = None
         self.counts = {"jobs": 0, "reclaims": 0, "freed": 0, "restarts": 0, "kills": 0}
         self._said_off = False
+        #: tracemalloc around a few runs of one kind (MEMWARDEN_TRACE), and the metrics.
+        self.tracer = (
+            Tracer(self.config.trace, self.config.trace_runs, state, self.journal.write)
+            if self.config.trace
+            else None
+        )
+        self.metrics: Any = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Warden:
@@ -193,12 +201,16 @@ class Warden:
     @swallow
     def job_started(self, job: str, job_id: Any = None, **extra: Any) -> None:
         key = job_id if job_id is not None else threading.get_ident()
+        if self.tracer is not None:
+            self._trace_started(job, key)
+        live = self._live("_before")
         with self._mutex:
             self._in_flight[key] = {
                 "job": job,
                 "job_id": job_id,
                 "t0": time.perf_counter(),
                 "rss_before": self_rss(),
+                **live,
                 **extra,
             }
 
@@ -215,6 +227,7 @@ class Warden:
                 "rss_before": started.pop("rss_before"),
                 "rss_after": rss_after,
                 "duration_s": round(time.perf_counter() - started.pop("t0"), 6),
+                **self._live(""),
             }
             if self.framework:
                 record["framework"] = self.framework
@@ -224,7 +237,25 @@ class Warden:
             if rss_after - record["rss_before"] > 0:
                 self.last_culprit = record["job"]
             self.journal.write("job", **record)
+            if self.tracer is not None:
+                self._trace_finished(record, key)
         return self._check(fast_rss=rss_after)
+
+    def _live(self, suffix: str) -> dict[str, int]:
+        """Live-memory figures for a job record (MEMWARDEN_LIVE_MEMORY; a few µs)."""
+        if not self.config.live_memory:
+            return {}
+        return {k + suffix: v for k, v in live_figures().items()}
+
+    @swallow
+    def _trace_started(self, job: str, key: Any) -> None:
+        assert self.tracer is not None
+        self.tracer.job_started(job, key)
+
+    @swallow
+    def _trace_finished(self, record: dict[str, Any], key: Any) -> None:
+        assert self.tracer is not None
+        self.tracer.job_finished(record, key)
 
     @contextlib.contextmanager
     def job(self, name: str, job_id: Any = None, **extra: Any) -> Iterator[None]:
@@ -423,6 +454,10 @@ class Warden:
             self._stop.clear()
             self._thread = threading.Thread(target=self._watch, name="memwarden", daemon=True)
             self._thread.start()
+        if self.config.metrics_port is not None and self.metrics is None:
+            from memwarden.metrics import serve
+
+            self.metrics = serve(self, self.config.metrics_port, self.config.metrics_addr)
         if self.fleet is not None:
             self.fleet.start(self)
         return self

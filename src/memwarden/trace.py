@@ -1,0 +1,252 @@
+"""Where in the code: opt-in ``tracemalloc`` around a few runs of one job kind.
+
+``MEMWARDEN_TRACE=<job kind>`` (or ``auto``: the kind this process's own job records blame
+most, decided after :data:`AUTO_AFTER` jobs) traces the next ``MEMWARDEN_TRACE_RUNS`` runs
+of that kind in one worker per host (a claim file in the state dir), then writes one
+``trace`` record: the allocation sites that grew over those runs (``file:line``, bytes,
+blocks, the source line). tracemalloc slows allocation-heavy code about 10×, so it is off
+by default, bounded, and stopped afterwards (unless someone else had started it).
+
+Also here: :func:`live_figures`, the live-memory figures the warden adds to ``job``
+records (``blocks``: ``sys.getallocatedblocks()``; ``heap_in_use``: glibc's
+``mallinfo2().uordblks``), a few microseconds each (``bench/live_figures.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import linecache
+import logging
+import os
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+from memwarden import reclaim
+
+log = logging.getLogger("memwarden")
+
+AUTO_AFTER = 200  # jobs seen before ``auto`` picks a kind (and again every as many)
+TOP = 10
+_IGNORE = (tracemalloc.__file__, __file__, linecache.__file__, "<frozen importlib._bootstrap")
+
+
+@cache
+def _mallinfo2() -> Callable[[], Any] | None:
+    libc = reclaim._libc()
+    fn = getattr(libc, "mallinfo2", None) if libc else None
+    if fn is None or reclaim.jemalloc_active():
+        return None
+    fn.restype = reclaim._Mallinfo2
+    fn.argtypes = []
+    return fn  # type: ignore[no-any-return]
+
+
+def live_figures() -> dict[str, int]:
+    """``blocks`` (Python's allocated blocks) and, on glibc, ``heap_in_use`` (malloc bytes)."""
+    out = {"blocks": sys.getallocatedblocks()}
+    fn = _mallinfo2()
+    if fn is not None:
+        out["heap_in_use"] = int(fn().uordblks)
+    return out
+
+
+class Claim:
+    """One worker per host traces a kind: ``O_EXCL`` file holding the tracer's pid, then
+    ``done`` so no other worker traces that kind again. A dead holder's claim is taken over."""
+
+    def __init__(self, state_dir: str, kind: str) -> None:
+        digest = hashlib.sha1(kind.encode()).hexdigest()[:12]
+        self.path = os.path.join(state_dir, f"trace-{digest}")
+
+    def take(self) -> bool:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    return False
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def _stale(self) -> bool:
+        try:
+            with open(self.path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return True
+        if text == "done":
+            return False
+        try:
+            pid = int(text)
+        except ValueError:
+            return False  # being written right now
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def done(self) -> None:
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("done")
+        os.replace(tmp, self.path)
+
+
+class Tracer:
+    """Called by the warden around every job; traces only the chosen kind's next runs."""
+
+    def __init__(
+        self,
+        target: str,
+        runs: int,
+        state_dir: str,
+        write: Callable[..., Any],
+    ) -> None:
+        self.target = target.strip()
+        self.auto = self.target == "auto"
+        self.kind: str | None = None if self.auto else self.target
+        self.runs = max(1, runs)
+        self.state_dir = state_dir
+        self.write = write
+        self.finished = False
+        self._claim: Claim | None = None
+        self._lock = threading.Lock()
+        self._current: Any = None  # key of the run being traced
+        self._before: tracemalloc.Snapshot | None = None
+        self._grown: dict[tuple[str, int], list[int]] = {}
+        self._done_runs = 0
+        self._started_tracing = False
+        self._seconds = 0.0
+        self._history: list[dict[str, Any]] = []  # for auto: this process's job records
+
+    # -- the warden's hooks
+    def job_started(self, job: str, key: Any) -> None:
+        if self.finished or job != self.kind or not self._ready():
+            return
+        with self._lock:
+            if self._current is not None:
+                return  # one traced run at a time
+            self._current = key
+        t0 = time.perf_counter()
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(1)
+            self._started_tracing = True
+        self._before = self._snapshot()
+        self._seconds += time.perf_counter() - t0
+
+    def job_finished(self, record: dict[str, Any], key: Any) -> None:
+        if self.finished:
+            return
+        if self.auto and self.kind is None:
+            self._history.append(record)
+            if len(self._history) % AUTO_AFTER == 0:
+                self.kind = self._blame()
+            return
+        if self._current is None or key != self._current or self._before is None:
+            return
+        t0 = time.perf_counter()
+        after = self._snapshot()
+        for stat in after.compare_to(self._before, "lineno"):
+            frame = stat.traceback[0]
+            acc = self._grown.setdefault((frame.filename, frame.lineno), [0, 0])
+            acc[0] += stat.size_diff
+            acc[1] += stat.count_diff
+        self._before = None
+        self._done_runs += 1
+        self._seconds += time.perf_counter() - t0
+        with self._lock:
+            self._current = None
+        if self._done_runs >= self.runs:
+            self._finish()
+
+    # -- internals
+    def _ready(self) -> bool:
+        if self._claim is None:
+            assert self.kind is not None
+            claim = Claim(self.state_dir, self.kind)
+            if not claim.take():
+                log.info("memwarden: %s is traced by another worker; not here", self.kind)
+                self.finished = True
+                return False
+            self._claim = claim
+            log.warning(
+                "memwarden: tracing %d runs of %s with tracemalloc (slower)", self.runs, self.kind
+            )
+        return True
+
+    def _blame(self) -> str | None:
+        from memwarden.diagnose import Lifetime, attribute_leak, rank
+
+        life = Lifetime(os.getpid(), jobs=list(self._history))
+        live = life.live() is not None
+        suspects = rank(attribute_leak([life], live=live))
+        if not suspects:
+            if len(self._history) >= 10 * AUTO_AFTER:
+                self._history = self._history[-5 * AUTO_AFTER :]
+            return None
+        log.info("memwarden: MEMWARDEN_TRACE=auto picked %s", suspects[0]["job"])
+        self._history = []
+        return str(suspects[0]["job"])
+
+    @staticmethod
+    def _snapshot() -> tracemalloc.Snapshot:
+        return tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, pattern) for pattern in _IGNORE]
+        )
+
+    def _finish(self) -> None:
+        self.finished = True
+        if self._started_tracing:
+            tracemalloc.stop()
+        grown = sorted(self._grown.items(), key=lambda kv: -kv[1][0])
+        top = [
+            {
+                "where": f"{_short(filename)}:{lineno}",
+                "bytes": size,
+                "count": count,
+                "code": linecache.getline(filename, lineno).strip(),
+            }
+            for (filename, lineno), (size, count) in grown[:TOP]
+            if size > 0
+        ]
+        self.write(
+            "trace",
+            job=self.kind,
+            runs=self._done_runs,
+            top=top,
+            overhead_s=round(self._seconds, 6),
+        )
+        if self._claim is not None:
+            with contextlib.suppress(OSError):
+                self._claim.done()
+        self._grown = {}
+
+
+def _short(filename: str) -> str:
+    """A path people can read: relative to the working directory or site-packages."""
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    with contextlib.suppress(ValueError):
+        rel = os.path.relpath(filename)
+        if not rel.startswith(".."):
+            return rel
+    return filename
+

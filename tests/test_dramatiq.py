@@ -255,7 +255,7 @@ def test_no_message_lost_through_reloads_kills_and_a_poison_message(
 
 
 def test_in_process_worker_records_messages_and_survives_a_broken_poison_store(
-    tmp_path: Path, store: redis.Redis
+    tmp_path: Path, store: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A Worker embedded in this process: per-message records; an unreachable poison store
     is logged and swallowed, never failing a message."""
@@ -296,6 +296,8 @@ def test_in_process_worker_records_messages_and_survives_a_broken_poison_store(
     assert {(r["job"], r["queue"], r["framework"]) for r in jobs} == {
         ("mw_inproc", tag, "dramatiq")
     }
+    broken = [r for r in caplog.records if "internal error in _poison_kills" in r.getMessage()]
+    assert len(broken) == 5  # one per message, each logged and swallowed
 
 
 def test_bad_setting_names_the_env_var() -> None:

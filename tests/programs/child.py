@@ -1,0 +1,74 @@
+"""A worker stand-in for ``memwarden run`` tests: grows, ignores signals, spawns, records.
+
+Every event goes to ``--record`` as one JSON line (``start``, ``signal``, ``spawned``), so a
+test can count lifetimes and signals by pid. Memory growth is real (``workload.leak``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from memwarden import workload
+
+SLEEPER = "import time\nwhile True: time.sleep(1)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--record", required=True)
+    p.add_argument("--grow", type=float, default=0.0, help="MiB per second")
+    p.add_argument("--upto", type=float, default=4096.0, help="stop growing at this many MiB")
+    p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--term-exit", type=int, default=None, help="exit status on SIGTERM")
+    p.add_argument("--term-delay", type=float, default=0.0, help="wait this long before it")
+    p.add_argument("--exit", type=int, default=None, help="exit at once with this status")
+    p.add_argument("--grandchildren", type=int, default=0)
+    p.add_argument("--escaped", type=int, default=0, help="grandchildren in their own session")
+    args = p.parse_args()
+
+    def record(event: str, **fields: object) -> None:
+        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields})
+        with open(args.record, "a") as f:
+            f.write(line + "\n")
+
+    stopping = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        record("signal", signal=signal.Signals(signum).name)
+        if signum == signal.SIGTERM and not args.ignore_term:
+            stopping.append(time.monotonic() + args.term_delay)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, on_signal)
+    record("start", pgid=os.getpgid(0), sid=os.getsid(0))  # handlers are in place
+    if args.exit is not None:
+        sys.exit(args.exit)
+
+    kids = [
+        subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=i < args.escaped)
+        for i in range(args.grandchildren)
+    ]
+    for kid in kids:
+        record("spawned", child=kid.pid)
+
+    grown, t0 = 0.0, time.monotonic()
+    while True:
+        if stopping and time.monotonic() >= stopping[0]:
+            record("exit", status=args.term_exit or 0)
+            os._exit(args.term_exit or 0)
+        if args.grow and grown < args.upto:
+            want = min(args.upto, args.grow * (time.monotonic() - t0))
+            if want - grown >= 1:
+                workload.leak(want - grown)
+                grown = want
+        time.sleep(0.02)
+
+
+if __name__ == "__main__":
+    main()

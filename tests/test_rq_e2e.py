@@ -12,102 +12,26 @@ started or failed registries.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
-import os
 import signal
-import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 import redis
 from rq import Queue
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
+from apps.rq_harness import REDIS_URL, WorkerLoop, journal, start_env
 from cgroups import memory_cgroup
 from conftest import wait_for
-from memwarden.journal import read_records
 
 MB = 1024 * 1024
-REDIS_URL = "redis://127.0.0.1:6379/3"
-TESTS = Path(__file__).resolve().parent
 RQ = str(Path(sys.executable).with_name("rq"))
 POISON_KILLS = 3
 
 pytestmark = pytest.mark.slow
-
-
-class WorkerLoop:
-    """Keep one ``rq worker`` running: start it again whenever it exits (what ``rq
-    worker-pool``, ``memwarden run`` or the dyno manager do)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, cgroup) -> None:
-        self.argv, self.env, self.log, self.cgroup = argv, env, log, cgroup
-        self.exits: list[int] = []
-        self.current: subprocess.Popen | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> WorkerLoop:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        with open(self.log, "ab") as out:
-            while not self._stop.is_set():
-                self.current = subprocess.Popen(
-                    self.argv,
-                    env=self.env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=self.cgroup.join,
-                )
-                status = self.current.wait()
-                if not self._stop.is_set():  # not our own kill at the end
-                    self.exits.append(status)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        proc = self.current
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                tree = psutil.Process(proc.pid).children(recursive=True)
-                for p in tree:
-                    p.kill()
-            proc.kill()
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive()
-
-
-def start_env(tmp_path: Path, prefix: str, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMWARDEN_", "RQ_"))}
-    env.update(
-        PYTHONPATH=str(TESTS),
-        MWT_REDIS_URL=REDIS_URL,
-        MEMWARDEN_MEASURE="tree",
-        MEMWARDEN_JOURNAL=str(tmp_path / "journal.jsonl"),
-        MEMWARDEN_STATE_DIR=str(tmp_path / "state"),
-        MEMWARDEN_INTERVAL="0.1",
-        MEMWARDEN_GRACE="1",
-        MEMWARDEN_MIN_UPTIME="0",
-        MEMWARDEN_MAX_RESTARTS="100",
-        MEMWARDEN_SHUTDOWN_TIMEOUT="20",
-        MEMWARDEN_POISON_KILLS=str(POISON_KILLS),
-    )
-    env.update(settings)
-    return env
-
-
-def journal(tmp_path: Path) -> list[dict]:
-    path = tmp_path / "journal.jsonl"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return read_records(f)[0]
 
 
 def in_flight_ids(record: dict) -> set[str]:
@@ -128,7 +52,7 @@ def run_scenario(tmp_path: Path, worker_class: str, plan: list[tuple[str, int]],
     poison = [i for i, kind in ids.items() if kind == "hog"]
     others = [i for i, kind in ids.items() if kind != "hog"]
     failed = FailedJobRegistry(name, connection=conn)
-    env = start_env(tmp_path, prefix, **settings)
+    env = start_env(tmp_path, MEMWARDEN_POISON_KILLS=str(POISON_KILLS), **settings)
     argv = [RQ, "worker", "-u", REDIS_URL, "-w", worker_class, name]
 
     def finished() -> bool:

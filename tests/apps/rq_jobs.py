@@ -6,7 +6,8 @@ process ran it (``{prefix}:pids``) and, for hogs, that it got to its end (``{pre
 
 Kinds: ``light``; ``fragment`` (glibc fragmentation of ``mb`` MiB, held a moment so the
 watchdog sees it); ``leak`` (keeps ``mb`` MiB for good); ``hog`` (keeps ``mb`` MiB, then waits
-up to a minute to be killed); ``hog_once`` (a hog on its first run only, light after).
+up to a minute to be killed); ``hog_once`` (a hog on its first run only, light after);
+``leak_until_restart`` (keeps ``mb`` MiB, then holds until the journal has a ``restart``).
 
 ``ParentGrowsWorker``: a ``memwarden.rq.Worker`` whose parent process keeps
 ``MWT_PARENT_LEAK_MB`` MiB after every ``MWT_PARENT_LEAK_EVERY`` jobs — the parent that
@@ -47,6 +48,9 @@ def mw_job(prefix: str, kind: str, mb: int = 0) -> str:
         time.sleep(0.5)
     elif kind == "leak":
         workload.leak(mb)
+    elif kind == "leak_until_restart":
+        workload.leak(mb)
+        wait_for_record("restart")
     elif kind == "hog" or (kind == "hog_once" and runs == 1):
         held = bytearray(b"\x05") * (mb * MB)
         time.sleep(60)  # the watchdog must kill us long before this ends
@@ -54,6 +58,17 @@ def mw_job(prefix: str, kind: str, mb: int = 0) -> str:
         del held
     r.hincrby(f"{prefix}:done", job_id, 1)
     return kind
+
+
+def wait_for_record(event: str, timeout: float = 60.0) -> None:
+    """Hold the job until the worker's journal has an ``event`` record (or time is up)."""
+    needle = f'"event": "{event}"'
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(os.environ["MEMWARDEN_JOURNAL"]) as f:
+            if needle in f.read():
+                return
+        time.sleep(0.05)
 
 
 class ParentGrowsWorker(Worker):

@@ -42,8 +42,10 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.worker import WorkerStatus
 
+from memwarden.config import Config
 from memwarden.gauges.proc import self_rss, smaps_rollup
 from memwarden.poison import PoisonJobs
+from memwarden.units import SettingError
 from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow
 
 log = logging.getLogger("memwarden")
@@ -92,6 +94,8 @@ class WardenMixin:
     ) -> None:
         super().__init__(*args, **kwargs)
         self._mw_options = {**self.memwarden_options, **(memwarden or {})}
+        if warden is None:
+            Config.from_env(**self._mw_options)  # a bad setting stops us now, naming it
         self._mw_given = warden
         self.warden: Warden | None = None
         self.poison: PoisonJobs | None = None
@@ -119,6 +123,8 @@ class WardenMixin:
             else:
                 self.warden = Warden(hooks=self._mw_hooks(), framework="rq", **self._mw_options)
             self.poison = PoisonJobs(self.connection, kills=self.warden.config.poison_kills)
+        except SettingError:
+            raise  # before any job: the worker stops loudly, naming the env var
         except Exception:
             # A bad setting is reported loudly, but the worker keeps serving unguarded.
             log.exception("memwarden: RQ worker %s runs WITHOUT memory guard", self.name)

@@ -1,0 +1,151 @@
+"""RQ: the ``-w memwarden.rq.…`` names, settings, drain, and ``rq worker-pool`` restarting.
+
+Real ``rq`` CLI processes on Redis DB 3; the big end-to-end runs are in test_rq_e2e.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+import rq
+from rq import Queue
+from rq.utils import import_worker_class
+
+import memwarden.rq
+from apps.rq_harness import REDIS_URL, WorkerLoop, journal, start_env
+from cgroups import memory_cgroup
+from conftest import wait_for
+
+MB = 1024 * 1024
+RQ = str(Path(sys.executable).with_name("rq"))
+
+
+def test_worker_names_resolve_the_way_rq_resolves_them():
+    worker = import_worker_class("memwarden.rq.Worker")
+    simple = import_worker_class("memwarden.rq.SimpleWorker")
+    assert worker is memwarden.rq.Worker and issubclass(worker, rq.Worker)
+    assert simple is memwarden.rq.SimpleWorker and issubclass(simple, rq.SimpleWorker)
+    assert not issubclass(simple, rq.Worker)  # no fork: jobs run in the worker itself
+
+
+def test_poison_reason_names_memwarden_and_the_count():
+    text = memwarden.rq.poison_reason(3, 3)
+    assert text.startswith("memwarden:") and "3 hard kills" in text
+    assert "MEMWARDEN_POISON_KILLS=3" in text
+
+
+def test_bad_setting_stops_the_worker_naming_it(tmp_path, redis_url):
+    env = start_env(tmp_path, MEMWARDEN_SOFT_LIMIT="lots")
+    out = subprocess.run(
+        [RQ, "worker", "-u", REDIS_URL, "-w", "memwarden.rq.Worker", "--burst", "mw-rq-bad"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "MEMWARDEN_SOFT_LIMIT='lots'" in out.stderr and "for example" in out.stderr
+
+
+def _names(prefix: str) -> tuple[Queue, redis.Redis]:
+    conn = redis.Redis.from_url(REDIS_URL)
+    return Queue(f"{prefix}-{uuid.uuid4().hex[:10]}", connection=conn), conn
+
+
+@pytest.mark.slow
+def test_drain_finishes_the_job_takes_no_new_one_then_exits(tmp_path, redis_url):
+    """Over the soft limit mid-job: the job finishes, the next one is left for the fresh
+    worker, and the ``exit`` restart ends the drained worker with status 75."""
+    queue, conn = _names("mw-rq-drain")
+    prefix = f"mwt:{queue.name}"
+    first = queue.enqueue("apps.rq_jobs.mw_job", prefix, "leak_until_restart", 150)
+    second = queue.enqueue("apps.rq_jobs.mw_job", prefix, "light", 0)
+    env = start_env(
+        tmp_path,
+        MEMWARDEN_SOFT_LIMIT="100MiB",
+        MEMWARDEN_HARD_LIMIT="1GiB",
+        MEMWARDEN_GRACE="0.3",
+        MEMWARDEN_RESTART="exit",
+    )
+    argv = [RQ, "worker", "-u", REDIS_URL, "-w", "memwarden.rq.SimpleWorker", queue.name]
+    with memory_cgroup(1024 * MB) as cg, WorkerLoop(argv, env, tmp_path / "w.log", cg) as loop:
+        wait_for(lambda: conn.hexists(f"{prefix}:done", second.id), timeout=120, what="2nd job")
+    assert loop.exits[:1] == [75]
+    ran_first = [int(p) for p in conn.lrange(f"{prefix}:pids:{first.id}", 0, -1)]
+    ran_second = [int(p) for p in conn.lrange(f"{prefix}:pids:{second.id}", 0, -1)]
+    assert len(ran_first) == 1 and len(ran_second) == 1
+    assert ran_first != ran_second  # the drained worker took no new job
+    assert int(conn.hget(f"{prefix}:done", first.id)) == 1
+    records = journal(tmp_path)
+    restart = next(r for r in records if r["event"] == "restart")
+    assert restart["action"] == "exit" and restart["pid"] == ran_first[0]
+    assert [j["job_id"] for j in restart["in_flight"]] == [first.id]
+    jobs = [r for r in records if r["event"] == "job"]
+    assert [j["job_id"] for j in jobs] == [first.id, second.id]
+    assert jobs[0]["rss_after"] - jobs[0]["rss_before"] >= 140 * MB
+
+
+@pytest.mark.slow
+def test_worker_pool_starts_restarted_workers_again(tmp_path, redis_url):
+    """``rq worker-pool -w …``: a worker whose parent outgrows the soft limit drains and stops
+    (RQ's warm shutdown); the pool starts a fresh one, which serves the next jobs."""
+    queue, conn = _names("mw-rq-pool")
+    prefix = f"mwt:{queue.name}"
+    done = f"{prefix}:done"
+    env = start_env(
+        tmp_path,
+        MEMWARDEN_SOFT_LIMIT="70MiB",
+        MEMWARDEN_HARD_LIMIT="1GiB",
+        MWT_PARENT_LEAK_MB="8",
+        MWT_PARENT_LEAK_EVERY="2",
+    )
+    argv = [RQ, "worker-pool", "-u", REDIS_URL, "-n", "2"]
+    argv += ["-w", "apps.rq_jobs.ParentGrowsWorker", queue.name]
+
+    def restarted() -> set[int]:
+        return {
+            r["pid"]
+            for r in journal(tmp_path)
+            if r["event"] == "restart" and r["action"] == "signal"
+        }
+
+    with memory_cgroup(1024 * MB) as cg, open(tmp_path / "pool.log", "wb") as log:
+        pool = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=cg.join)  # fmt: skip
+        try:
+            first = [queue.enqueue("apps.rq_jobs.mw_job", prefix, "light", 0) for _ in range(40)]
+            wait_for(lambda: conn.hlen(done) == len(first), timeout=120, what="first batch")
+            wait_for(restarted, timeout=60, what="a worker restarted by memwarden")
+            gone = restarted()
+            wait_for(lambda: not any(_is_rq(p) for p in gone), timeout=60, what="it stopped")
+            then = [queue.enqueue("apps.rq_jobs.mw_job", prefix, "light", 0) for _ in range(20)]
+            total = len(first) + len(then)
+            wait_for(lambda: conn.hlen(done) == total, timeout=120, what="second batch")
+        finally:
+            pool.send_signal(signal.SIGTERM)
+            try:
+                pool.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pool.kill()
+                pool.wait()
+    records = [r for r in journal(tmp_path) if r["event"] == "job"]
+    by_job = {r["job_id"]: r["worker_pid"] for r in records}
+    early = {by_job[j.id] for j in first}
+    late = {by_job[j.id] for j in then}
+    assert gone <= early and not (late & gone)
+    assert late - early  # a worker the pool started after memwarden stopped one
+    assert {int(v) for v in conn.hvals(done)} == {1}  # each job ran once: nothing cut short
+
+
+def _is_rq(pid: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "rq" in " ".join(psutil.Process(pid).cmdline())
+    return False

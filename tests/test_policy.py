@@ -22,7 +22,7 @@ def policy(**kw):
     past = kw.pop("past", ())
     limits.update(kw)
     p = Policy(Limits(**limits), started_at=0.0, past_restarts=past)
-    p.observe(100 * MB, 0.0)  # a first reading under the limit: no start-up alarm
+    assert p.at_start(100 * MB).action is Action.OK
     return p
 
 
@@ -115,10 +115,10 @@ def test_restart_decided_once():
 
 def test_starting_above_the_limit_raises_the_alarm_and_disables_soft_restarts():
     p = Policy(Limits(soft=800 * MB, hard=950 * MB, grace=0, min_uptime=0, reclaim=False), 0.0)
-    d = p.observe(850 * MB, 0)
-    assert d.alarm and "since start" in d.reason and d.action is Action.WAIT
-    assert p.observe(850 * MB, 5000).action is Action.WAIT
-    assert not p.observe(850 * MB, 5001).alarm  # said once
+    d = p.at_start(850 * MB)
+    assert d.alarm and "starts at" in d.reason and d.action is Action.WAIT
+    later = p.observe(850 * MB, 5000)
+    assert later.action is Action.WAIT and "since start" in later.reason and not later.alarm
     assert p.observe(951 * MB, 5002).action is Action.KILL
 
 

@@ -54,8 +54,8 @@ class Decision:
     reason: str
     total: int
     limit: int | None = None
-    #: True once per lifetime, on the reading that found the process over its soft limit at
-    #: start: the caller logs it as an error.
+    #: Set by :meth:`Policy.at_start` when the process starts over its soft limit: the
+    #: caller logs it as an error.
     alarm: bool = False
 
 
@@ -72,7 +72,6 @@ class Policy:
     restarting: bool = False
     killed: bool = False
     starts_above: bool = False
-    _first: bool = field(default=True, repr=False)
     _restarts: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,7 +87,6 @@ class Policy:
 
     def observe(self, total: int, now: float) -> Decision:
         lim = self.limits
-        first, self._first = self._first, False
         if self.killed:
             return Decision(Action.WAIT, "kill under way", total, lim.hard)
         if lim.hard is not None and total >= lim.hard:
@@ -106,19 +104,16 @@ class Policy:
             self.over_since = None
             self.recycled_in_episode = False
             return Decision(Action.OK, "under soft limit", total, lim.soft)
-        alarm = False
-        if first:
-            self.starts_above = alarm = True
         if self.over_since is None:
             self.over_since = now
         over = f"{format_size(total)} over soft limit {format_size(lim.soft)}"
         if lim.reclaim and not self._reclaimed_recently(now):
-            return Decision(Action.RECLAIM, over, total, lim.soft, alarm)
+            return Decision(Action.RECLAIM, over, total, lim.soft)
         if lim.can_recycle and not self.recycled_in_episode:
-            return Decision(Action.RECYCLE_CHILD, over, total, lim.soft, alarm)
+            return Decision(Action.RECYCLE_CHILD, over, total, lim.soft)
         if self.starts_above:
             why = f"{over} since start: a restart cannot help, soft restarts are off"
-            return Decision(Action.WAIT, why, total, lim.soft, alarm)
+            return Decision(Action.WAIT, why, total, lim.soft)
         if self.restarting:
             return Decision(Action.WAIT, "restart under way", total, lim.soft)
         waited = now - self.over_since
@@ -136,6 +131,17 @@ class Policy:
             )
             return Decision(Action.WAIT, why, total, lim.soft)
         return Decision(Action.RESTART, f"{over} for {format_duration(waited)}", total, lim.soft)
+
+    def at_start(self, total: int) -> Decision:
+        """The reading taken when the process starts. Over the soft limit already: a restart
+        cannot help, so soft restarts are off for this lifetime and the decision's ``alarm``
+        asks the caller to say so loudly."""
+        lim = self.limits
+        if lim.soft is not None and total >= lim.soft:
+            self.starts_above = True
+            why = f"starts at {format_size(total)}, over its soft limit {format_size(lim.soft)}"
+            return Decision(Action.WAIT, why, total, lim.soft, alarm=True)
+        return Decision(Action.OK, "starts under the soft limit", total, lim.soft)
 
     def _reclaimed_recently(self, now: float) -> bool:
         return (

@@ -134,15 +134,20 @@ class Warden:
         *,
         hooks: Hooks | None = None,
         gauge: Gauge | None = None,
-        quota: Quota | None = None,
+        quota: Quota | str | int | None = None,
         restarter: Restarter | None = None,
-        journal: Journal | None = None,
+        journal: Journal | str | None = None,
         locks: list[RestartLock] | None = None,
         env: Mapping[str, str] | None = None,
         framework: str | None = None,
         **options: Any,
     ) -> None:
         env = os.environ if env is None else env
+        # `journal="w.jsonl"` and `quota="1GB"` are the settings of those names.
+        if isinstance(journal, str):
+            options["journal"], journal = journal, None
+        if isinstance(quota, (str, int)):
+            options["quota"], quota = quota, None
         self.config = (
             Config.from_env(env, **options) if config is None else config.replace(**options)
         )
@@ -182,6 +187,13 @@ class Warden:
             else None
         )
         self.metrics: Any = None
+        self._at_start()
+
+    @swallow
+    def _at_start(self) -> None:
+        """The start-up reading: a process that starts over its soft limit is told loudly."""
+        if self.enabled:
+            self._respond(self.policy.at_start(self.read().total))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Warden:
@@ -468,6 +480,12 @@ class Warden:
             self.fleet.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        """Stop the watchdog, give back any restart lock, close the journal."""
+        self.stop()
+        self.once.give_back()
+        self.journal.close()
 
     def _watch(self) -> None:
         while not self._stop.is_set():

@@ -1,0 +1,249 @@
+"""The engine with real processes: reclaim, restart by signal, drain, hard kill, once only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import wait_for
+from memwarden import Warden
+from memwarden.coordination import HostLock
+from memwarden.policy import Action
+
+MB = 1024 * 1024
+PRELUDE = """
+import os, sys, threading, time
+from memwarden import Warden, Hooks, workload
+from memwarden.gauges.proc import self_rss
+MB = 1024 * 1024
+base = self_rss()
+"""
+
+
+def run_script(body: str, tmp_path, timeout: float = 120) -> subprocess.CompletedProcess:
+    code = PRELUDE + textwrap.dedent(body)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+        env=env,
+    )
+
+
+def journal(tmp_path) -> list[dict]:
+    with open(tmp_path / "j.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_reclaim_first_then_restart_by_own_signal(tmp_path):
+    out = run_script(
+        """
+        w = Warden(soft_limit=base + 80 * MB, hard_limit=base + 900 * MB, measure="process",
+                   grace=0, min_uptime=0, restart="signal", journal="j.jsonl", state_dir=".")
+        w.soft_limit_bytes = None
+        with w.job("fragmenting", "j1"):
+            workload.fragment(mb=200, threads=4, keep_every=20)
+        print("after job 1", flush=True)
+        with w.job("leaking", "j2"):
+            workload.leak(mb=150)
+        time.sleep(60)
+        print("not restarted", flush=True)
+        """.replace("base + 80 * MB", "f'{(base + 80 * MB) // 1024}'").replace(
+            "base + 900 * MB", "f'{(base + 900 * MB) // 1024}'"
+        ),
+        tmp_path,
+    )
+    assert out.returncode == -signal.SIGTERM, out.stderr
+    assert "after job 1" in out.stdout and "not restarted" not in out.stdout
+    records = journal(tmp_path)
+    events = [r["event"] for r in records]
+    assert events[:2] == ["job", "reclaim"]  # job 1 bloated; reclaim brought it back under
+    first_reclaim = records[1]
+    assert first_reclaim["freed"] > 60 * MB
+    assert first_reclaim["total_after"] < first_reclaim["total_before"]
+    assert "restart" not in events[:3]
+    restart = next(r for r in records if r["event"] == "restart")
+    assert restart["action"] == "signal" and "over soft limit" in restart["reason"]
+    jobs = [r for r in records if r["event"] == "job"]
+    assert [j["job"] for j in jobs] == ["fragmenting", "leaking"]
+    assert jobs[1]["rss_after"] - jobs[1]["rss_before"] >= 140 * MB
+
+
+def test_watchdog_kills_mid_job_at_the_hard_limit_with_its_children(tmp_path):
+    out = run_script(
+        """
+        import subprocess
+        kid = subprocess.Popen(["sleep", "300"])
+        print("kid", kid.pid, flush=True)
+        w = Warden(soft_limit=f"{(base + 100 * MB) // 1024}",
+                   hard_limit=f"{(base + 200 * MB) // 1024}", measure="process", interval=0.05,
+                   restart="none", journal="j.jsonl", state_dir=".").start()
+        with w.job("grows_forever", "big-1"):
+            for _ in range(100):
+                workload.leak(mb=10)
+                time.sleep(0.05)
+        print("job finished", flush=True)
+        """,
+        tmp_path,
+    )
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    assert "job finished" not in out.stdout
+    kid = int(out.stdout.split()[1])
+    wait_for(lambda: not os.path.exists(f"/proc/{kid}") or _zombie(kid), 30, what="kid gone")
+    kill = next(r for r in journal(tmp_path) if r["event"] == "kill")
+    assert kill["in_flight"] == [{"job": "grows_forever", "job_id": "big-1"}]
+    assert "hard limit" in kill["reason"]
+    assert kill["total"] >= kill["limit"]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_drain_waits_for_in_flight_jobs_before_the_restart(tmp_path):
+    out = run_script(
+        """
+        def drain():
+            print("drained", flush=True)
+        w = Warden(soft_limit=f"{(base + 50 * MB) // 1024}", measure="process", grace=0,
+                   min_uptime=0, reclaim=False, interval=0.05, restart="exit", exit_code=75,
+                   shutdown_timeout=30, journal="j.jsonl", state_dir=".",
+                   hooks=Hooks(drain=drain)).start()
+        def long_job():
+            with w.job("long", "L1"):
+                workload.leak(mb=80)
+                time.sleep(1.5)
+                print("long job done", flush=True)
+        t = threading.Thread(target=long_job)
+        t.start()
+        t.join()
+        time.sleep(30)
+        """,
+        tmp_path,
+    )
+    assert out.returncode == 75, out.stderr
+    lines = out.stdout.split()
+    assert "drained" in out.stdout and "long job done" in out.stdout
+    assert out.stdout.index("drained") < out.stdout.index("long job done"), lines
+    restart = next(r for r in journal(tmp_path) if r["event"] == "restart")
+    assert restart["in_flight"] == [{"job": "long", "job_id": "L1"}]
+    assert restart["action"] == "exit"
+
+
+class Broken:
+    source = "broken"
+
+    def read(self):
+        raise RuntimeError("gauge exploded")
+
+
+def test_the_warden_never_fails_a_job(caplog, tmp_path):
+    w = Warden(gauge=Broken(), soft_limit="1MB", restart="none", state_dir=str(tmp_path))
+    caplog.set_level(logging.ERROR, logger="memwarden")
+    result = []
+    with w.job("fine", 1):
+        result.append("done")
+    assert result == ["done"]
+    assert w.check() is None and w.watch_once() is None
+    assert "gauge exploded" in caplog.text and "job unaffected" in caplog.text
+
+
+def test_an_unwritable_journal_does_not_fail_a_job(caplog, tmp_path):
+    w = Warden(
+        soft_limit="100GB", journal="/proc/nope/j.jsonl", restart="none", state_dir=str(tmp_path)
+    )
+    with w.job("fine", 1):
+        pass
+    assert w.journal.recent[-1]["event"] == "job"
+    assert "not written" in caplog.text
+
+
+def test_starting_above_the_soft_limit_is_said_loudly_and_not_restarted(caplog, tmp_path):
+    w = Warden(
+        soft_limit="1MB",
+        measure="process",
+        reclaim=False,
+        grace=0,
+        min_uptime=0,
+        restart="none",
+        state_dir=str(tmp_path),
+    )
+    assert "starts at" in caplog.text and "restarts cannot bring it under" in caplog.text
+    d = w.check()
+    assert d.action is Action.WAIT and "since start" in d.reason
+    assert w.counts["restarts"] == 0
+
+
+def test_no_quota_no_limit_is_off_and_said_once(caplog, tmp_path):
+    w = Warden(env={}, restart="none", state_dir=str(tmp_path), measure="tree", quota=None)
+    if w.quota.limit is not None:
+        pytest.skip("this process has a cgroup limit: the guard is on")
+    assert not w.enabled and w.check() is None and w.check() is None
+    assert caplog.text.count("the guard is off") == 1
+
+
+def test_host_lock_is_once_per_host_and_freed_by_death(tmp_path):
+    path = str(tmp_path / "lock")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import time
+            from memwarden.coordination import HostLock
+            assert HostLock({path!r}).try_acquire()
+            print("held", flush=True)
+            time.sleep(300)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        mine = HostLock(path)
+        assert not mine.try_acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        assert wait_for(mine.try_acquire, 30, what="the lock after the holder died")
+        mine.release()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_restart_history_caps_restarts_across_lifetimes(tmp_path):
+    kw = dict(
+        soft_limit="1KB",
+        hard_limit="100GB",
+        measure="process",
+        reclaim=False,
+        grace=0,
+        min_uptime=0,
+        max_restarts=2,
+        restart="none",
+        state_dir=str(tmp_path),
+    )
+    for _ in range(2):  # two lifetimes, each restarts once
+        w = Warden(**kw)
+        w.policy.starts_above = False  # as if it had grown, not started big
+        assert w.check().action is Action.RESTART
+        w.stop()
+    w = Warden(**kw)
+    w.policy.starts_above = False
+    d = w.check()
+    assert d.action is Action.WAIT and "2 restarts in the last" in d.reason

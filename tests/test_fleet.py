@@ -1,0 +1,278 @@
+"""Fleet coordination against a real Redis (DB 7): the K-holder restart lock and its TTL."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from conftest import need_service, wait_for
+from memwarden.config import Config
+from memwarden.coordination import HostLock, Once
+from memwarden.fleet import Fleet, FleetLock, Heartbeat, Link, connect, holders_key, redact
+from memwarden.units import SettingError
+
+HERE = Path(__file__).resolve().parent
+URL = "redis://127.0.0.1:6379/7"
+DEAD = "redis://127.0.0.1:1/7"  # nothing listens on port 1
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    need_service("Redis", 6379)
+    c = redis.Redis.from_url(URL)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def fleet(client: redis.Redis) -> Iterator[str]:
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    for key in client.scan_iter(match=f"memwarden:{name}:*"):
+        client.delete(key)
+    for key in client.scan_iter(match=f"{name}:*"):
+        client.delete(key)
+
+
+def lock(fleet: str, k: int = 2, ttl: float = 30.0, url: str = URL) -> FleetLock:
+    return FleetLock(Link(connect(url), redact(url)), fleet, k=k, ttl=ttl)
+
+
+def server_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def test_at_most_k_hold_and_a_release_lets_the_next_in(fleet):
+    a, b, c = lock(fleet), lock(fleet), lock(fleet)
+    assert a.try_acquire() and b.try_acquire()
+    assert not c.try_acquire()
+    assert a.try_acquire()  # re-entrant for its owner, still two holders
+    assert not c.try_acquire()
+    a.release()
+    assert c.try_acquire()
+    assert len({a.token, b.token, c.token}) == 3
+    b.release()
+    c.release()
+
+
+def test_only_the_owner_can_release(fleet, client):
+    a, b = lock(fleet, k=1), lock(fleet, k=1)
+    assert a.try_acquire()
+    b.held = True  # even a confused non-owner only removes its own token
+    b.release()
+    assert client.zscore(holders_key(fleet), a.token) is not None
+    assert not lock(fleet, k=1).try_acquire()
+    a.release()
+    assert client.zcard(holders_key(fleet)) == 0
+
+
+def test_a_live_holder_keeps_its_place_past_the_ttl(fleet, client):
+    a = lock(fleet, k=1, ttl=3.0)
+    assert a.try_acquire()
+    first = client.zscore(holders_key(fleet), a.token)
+    other = lock(fleet, k=1, ttl=3.0)
+    end = time.monotonic() + 5.0  # longer than the TTL: only renewal keeps the place
+    while time.monotonic() < end:
+        assert not other.try_acquire()
+        time.sleep(0.1)
+    assert client.zscore(holders_key(fleet), a.token) > first  # renewed
+    a.release()
+    assert other.try_acquire()
+    other.release()
+
+
+def test_k_must_be_at_least_one(fleet):
+    with pytest.raises(SettingError, match="MEMWARDEN_FLEET_MAX_RESTARTING"):
+        lock(fleet, k=0)
+
+
+def test_redis_down_lets_the_local_decision_through_and_says_so_once(caplog, tmp_path):
+    caplog.set_level(logging.INFO, logger="memwarden")
+    dead = lock("nowhere", url=DEAD)
+    once = Once(HostLock(str(tmp_path / "lock")), dead)
+    assert once.try_take()  # the host lock alone decides
+    assert dead.try_acquire()  # asked again: still through, without waiting on Redis
+    beat = Heartbeat(dead.link, "memwarden:nowhere:warden:h:1", 1.0, lambda: {"pid": 1})
+    assert beat.beat() is False
+    downs = [m for m in caplog.messages if "unreachable" in m]
+    assert len(downs) == 1 and "local decisions go on" in downs[0]
+    assert "127.0.0.1:1/7" in downs[0]
+
+
+def test_a_warden_with_redis_down_runs_its_jobs(caplog, tmp_path):
+    from memwarden.warden import Warden
+
+    caplog.set_level(logging.INFO, logger="memwarden")
+    warden = Warden(
+        redis_url=DEAD, soft_limit="100GB", state_dir=str(tmp_path), heartbeat_interval=0.05
+    )
+    warden.start()
+    try:
+        for n in range(20):
+            with warden.job("job", n):
+                pass
+        assert warden.counts["jobs"] == 20
+        assert warden.once.try_take()  # the restart would go ahead on local terms
+        wait_for(lambda: any("unreachable" in m for m in caplog.messages), 60, what="log")
+    finally:
+        warden.stop()
+    assert sum("unreachable" in m for m in caplog.messages) == 1
+
+
+def test_no_redis_url_no_fleet_and_passwords_stay_out(tmp_path):
+    assert Fleet.from_config(Config(), {}) is None
+    config = Config(redis_url="redis://:s3cret-pw@127.0.0.1:6379/7", fleet="jobs")
+    fleet = Fleet.from_config(config, {"DYNO": "worker.3"})
+    assert fleet is not None and fleet.name == "jobs" and fleet.host == "worker.3"
+    for text in (repr(config), repr(fleet), repr(fleet.lock), fleet.link.where):
+        assert "s3cret-pw" not in text
+    assert Fleet.from_config(Config(redis_url=URL), {"HEROKU_APP_NAME": "shop"}).name == "shop"
+
+
+# ------------------------------------------------------------------ real processes
+class Workers:
+    """Fleet worker processes; every one is killed and reaped at the end."""
+
+    def __init__(self, tmp_path: Path, fleet: str, tag: str) -> None:
+        self.tmp_path = tmp_path
+        self.fleet = fleet
+        self.tag = tag
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, mode: str, n: int, **env: str) -> list[subprocess.Popen[bytes]]:
+        started = []
+        for _ in range(n):
+            i = len(self.procs)
+            full = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")},
+                "PYTHONPATH": str(HERE),
+                "MEMWARDEN_REDIS_URL": URL,
+                "MEMWARDEN_FLEET": self.fleet,
+                "MEMWARDEN_STATE_DIR": str(self.tmp_path / f"state-{i}"),
+                **env,
+            }
+            log = open(self.tmp_path / f"worker-{i}.log", "wb")  # noqa: SIM115
+            proc = subprocess.Popen(
+                [sys.executable, str(HERE / "fleet_worker.py"), mode, self.tag],
+                env=full,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            log.close()
+            self.procs.append(proc)
+            started.append(proc)
+        return started
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-2000:] for p in sorted(self.tmp_path.glob("worker-*.log")))
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(OSError):
+                    p.kill()
+        for p in self.procs:
+            p.wait(timeout=30)
+
+
+@pytest.fixture
+def workers(tmp_path, fleet) -> Iterator[Workers]:
+    w = Workers(tmp_path, fleet, f"{fleet}:run")
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def max_overlap(events: list[dict[str, Any]]) -> int:
+    """Most processes between their ``enter`` and their ``exit`` at the same moment."""
+    timeline = sorted((e["t"], 1 if e["what"] == "enter" else -1) for e in events)
+    # At equal times count exits first: an exit at t and an enter at t do not overlap.
+    timeline.sort(key=lambda x: (x[0], x[1]))
+    now = most = 0
+    for _, step in timeline:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.slow
+def test_ten_workers_at_once_never_more_than_two_restart(workers, client, fleet):
+    tag = workers.tag
+    workers.start(
+        "restart",
+        10,
+        MEMWARDEN_FLEET_MAX_RESTARTING="2",
+        MEMWARDEN_FLEET_LOCK_TTL="1.5",
+        HOLD="1.0",
+    )
+    wait_for(lambda: client.llen(f"{tag}:ready") == 10, 90, what="10 workers ready")
+    # An independent watcher samples the live holders in Redis the whole time.
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(client.zcount(holders_key(fleet), server_ms(client), "+inf"))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    client.set(f"{tag}:go", 1)
+    try:
+        wait_for(
+            lambda: client.llen(f"{tag}:events") == 20,
+            120,
+            what=f"10 restarts, one after another\n{workers.logs()}",
+        )
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    events = [json.loads(e) for e in client.lrange(f"{tag}:events", 0, -1)]
+    assert sorted(e["pid"] for e in events if e["what"] == "enter") == sorted(
+        p.pid for p in workers.procs
+    )
+    assert max_overlap(events) == 2  # never more than K, and K were used
+    assert seen and max(seen) <= 2
+    for p in workers.procs:
+        assert p.wait(timeout=30) == 0  # each ended through its restart
+
+
+@pytest.mark.slow
+def test_a_sigkilled_holder_frees_its_place_within_the_ttl(workers, client, fleet):
+    tag, ttl = workers.tag, 2.0
+    (holder,) = workers.start(
+        "restart", 1, MEMWARDEN_FLEET_MAX_RESTARTING="1", MEMWARDEN_FLEET_LOCK_TTL="2", HOLD="inf"
+    )
+    wait_for(lambda: client.llen(f"{tag}:ready") == 1, 90, what="worker ready")
+    client.set(f"{tag}:go", 1)
+    wait_for(lambda: client.llen(f"{tag}:events") == 1, 90, what="holder inside its restart")
+    waiting = lock(fleet, k=1, ttl=ttl)
+    assert not waiting.try_acquire()  # held, and renewed while the holder lives
+    (token,) = [m.decode() for m in client.zrange(holders_key(fleet), 0, -1)]
+    assert token.split(":")[-2] == str(holder.pid)
+    holder.send_signal(signal.SIGKILL)
+    assert holder.wait(timeout=30) == -signal.SIGKILL
+    killed_ms = server_ms(client)  # dead by now: no renewal after this
+    expires_ms = client.zscore(holders_key(fleet), token)
+    # The lease ends at most one TTL after the kill: nothing renews it any more.
+    assert expires_ms is not None and expires_ms - killed_ms <= ttl * 1000
+    wait_for(waiting.try_acquire, 60, interval=0.05, what="the dead holder's place")
+    got_ms = server_ms(client)
+    assert got_ms >= expires_ms  # not before its lease ran out
+    waiting.release()

@@ -242,7 +242,7 @@ def test_restart_history_caps_restarts_across_lifetimes(tmp_path):
         w = Warden(**kw)
         w.policy.starts_above = False  # as if it had grown, not started big
         assert w.check().action is Action.RESTART
-        w.stop()
+        w.close()  # the lifetime ends: its host lock goes
     w = Warden(**kw)
     w.policy.starts_above = False
     d = w.check()

@@ -15,6 +15,7 @@ from memwarden.units import SettingError
 #: name -> "module:attribute" of a click command, imported only when run or listed.
 COMMANDS = {
     "check": "memwarden.cli:check",
+    "demo": "memwarden.demo:demo",
     "run": "memwarden.supervise:run",
     "diagnose": "memwarden.diagnose:diagnose_command",
     "status": "memwarden.status:status",

@@ -366,10 +366,19 @@ class Supervisor:
             if child.cause == "hup":
                 self._journal_exit(child, "hung up")
                 return exit_status(child.returncode)
-            why = "restart" if child.cause in ("restart", "kill") else "exited"
+            asked = child.cause is None and child.returncode == self.config.exit_code
+            why = "restart" if child.cause in ("restart", "kill") or asked else "exited"
             self._journal_exit(child, why)
             delay_or_none = self.early.exited(child.uptime(), time.monotonic())
-            if child.cause is None:
+            if asked:
+                self._say(
+                    logging.INFO,
+                    "%s exited with status %d after %s: a restart its own warden asked for",
+                    self.name,
+                    child.returncode,
+                    format_duration(child.uptime()),
+                )
+            elif child.cause is None:
                 self._say(
                     logging.WARNING,
                     "%s %s after %s",

@@ -14,11 +14,14 @@ worker announces itself on the Redis list ``TAG:ready``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import redis
 
@@ -83,6 +86,52 @@ def main(mode: str, tag: str) -> int:
     while time.monotonic() < deadline:
         time.sleep(0.05)
     return 4
+
+
+class Workers:
+    """Fleet worker processes; every one is killed and reaped at the end."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, fleet: str, tag: str) -> None:
+        self.tmp_path = tmp_path
+        self.redis_url = redis_url
+        self.fleet = fleet
+        self.tag = tag
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, mode: str, n: int, **env: str) -> list[subprocess.Popen[bytes]]:
+        started = []
+        for _ in range(n):
+            i = len(self.procs)
+            full = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")},
+                "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
+                "MEMWARDEN_REDIS_URL": self.redis_url,
+                "MEMWARDEN_FLEET": self.fleet,
+                "MEMWARDEN_STATE_DIR": str(self.tmp_path / f"state-{i}"),
+                **env,
+            }
+            log = open(self.tmp_path / f"worker-{i}.log", "wb")  # noqa: SIM115
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), mode, self.tag],
+                env=full,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            log.close()
+            self.procs.append(proc)
+            started.append(proc)
+        return started
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-2000:] for p in sorted(self.tmp_path.glob("worker-*.log")))
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(OSError):
+                    p.kill()
+        for p in self.procs:
+            p.wait(timeout=30)
 
 
 if __name__ == "__main__":

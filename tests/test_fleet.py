@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,6 +16,7 @@ import pytest
 import redis
 
 from conftest import need_service, wait_for
+from fleet_worker import Workers
 from memwarden.config import Config
 from memwarden.coordination import HostLock, Once
 from memwarden.fleet import Fleet, FleetLock, Heartbeat, Link, connect, holders_key, redact
@@ -145,54 +142,9 @@ def test_no_redis_url_no_fleet_and_passwords_stay_out(tmp_path):
 
 
 # ------------------------------------------------------------------ real processes
-class Workers:
-    """Fleet worker processes; every one is killed and reaped at the end."""
-
-    def __init__(self, tmp_path: Path, fleet: str, tag: str) -> None:
-        self.tmp_path = tmp_path
-        self.fleet = fleet
-        self.tag = tag
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, mode: str, n: int, **env: str) -> list[subprocess.Popen[bytes]]:
-        started = []
-        for _ in range(n):
-            i = len(self.procs)
-            full = {
-                **{k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")},
-                "PYTHONPATH": str(HERE),
-                "MEMWARDEN_REDIS_URL": URL,
-                "MEMWARDEN_FLEET": self.fleet,
-                "MEMWARDEN_STATE_DIR": str(self.tmp_path / f"state-{i}"),
-                **env,
-            }
-            log = open(self.tmp_path / f"worker-{i}.log", "wb")  # noqa: SIM115
-            proc = subprocess.Popen(
-                [sys.executable, str(HERE / "fleet_worker.py"), mode, self.tag],
-                env=full,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            log.close()
-            self.procs.append(proc)
-            started.append(proc)
-        return started
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text()[-2000:] for p in sorted(self.tmp_path.glob("worker-*.log")))
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                with contextlib.suppress(OSError):
-                    p.kill()
-        for p in self.procs:
-            p.wait(timeout=30)
-
-
 @pytest.fixture
 def workers(tmp_path, fleet) -> Iterator[Workers]:
-    w = Workers(tmp_path, fleet, f"{fleet}:run")
+    w = Workers(tmp_path, URL, fleet, f"{fleet}:run")
     try:
         yield w
     finally:

@@ -29,6 +29,7 @@ from typing import Any
 
 from huey.api import Huey, Task
 from huey.signals import SIGNAL_INTERRUPTED
+from huey.utils import normalize_time
 
 from memwarden.config import Config
 from memwarden.gauges import Gauge, Sample, choose_gauge
@@ -44,6 +45,9 @@ __all__ = ["HueyGuard", "LargestWorkerGauge", "guard"]
 
 #: How long an idle fetch waits while draining (the consumer's own poll is ~0.1 s).
 IDLE = 0.1
+#: A task put back goes through Huey's schedule, due this many seconds later, so that no
+#: thread of a consumer about to die can take it again (the next one's scheduler will).
+PUT_BACK_DELAY = 2.0
 
 
 class LargestWorkerGauge:
@@ -153,7 +157,7 @@ class HueyGuard:
             return None
         with self._lock:
             if self.draining:  # taken while the drain began: back to the queue
-                self.huey.enqueue(task)
+                self.put_back(task)
                 return None
             self._claimed[task.id] = task
         return task
@@ -193,6 +197,7 @@ class HueyGuard:
     def before_kill(self, in_flight: list[dict[str, Any]]) -> None:
         """Just before the hard kill: every task in flight back to the queue, or into
         quarantine if it was running at ``poison_kills`` kills."""
+        self.draining = True
         with self._lock:
             tasks = list(self._claimed.values())
         for task in tasks:
@@ -200,9 +205,14 @@ class HueyGuard:
             if self.poison is not None and kills >= self.poison.kills:
                 self.quarantine(task, kills)
             else:
-                self.huey.enqueue(task)
+                self.put_back(task)
                 log.warning("memwarden: re-enqueued %s[%s] before the kill", task.name, task.id)
             self._handled.add(task.id)
+
+    def put_back(self, task: Task) -> None:
+        """Back to the queue through the schedule, due in :data:`PUT_BACK_DELAY` seconds."""
+        task.eta = normalize_time(delay=PUT_BACK_DELAY, utc=self.huey.utc)
+        self.huey.add_schedule(task)
 
     def quarantine(self, task: Task, kills: int) -> None:
         reason = f"running at {kills} hard kills: quarantined, not retried"
@@ -230,7 +240,7 @@ class HueyGuard:
         self._handled.add(task.id)
         if self.warden is not None:
             self.warden.job_finished(task.id, interrupted=True)
-        self.huey.enqueue(task)
+        self.put_back(task)
         log.warning("memwarden: huey task %s[%s] interrupted: re-enqueued", task.name, task.id)
 
 

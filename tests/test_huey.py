@@ -1,0 +1,227 @@
+"""Huey under memwarden, end to end: a real ``huey_consumer``, real Redis, real growth.
+
+Each test runs the consumer in its own session under a tiny supervisor (the dyno manager's
+part: start it again when it exits) and counts every finished task in Redis, so "no task
+lost" is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from tests.conftest import need_service, wait_for
+
+APPS = Path(__file__).parent / "apps"
+URL = "redis://127.0.0.1:6379/5"  # Huey's Redis DB in this project's tests
+CONSUMER = str(Path(sys.executable).with_name("huey_consumer"))
+
+
+class Supervised:
+    """``huey_consumer`` restarted whenever it exits (as a dyno or pod would be)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log = args, env, log
+        self.starts: list[int] = []
+        self.exits: list[int] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Supervised:
+        self._thread.start()
+        wait_for(lambda: self.starts, 30, what="the consumer to start")
+        return self
+
+    def _run(self) -> None:
+        with open(self.log, "ab") as out:
+            while not self._stop.is_set():
+                self.proc = subprocess.Popen(
+                    [CONSUMER, "huey_app.huey", *self.args],
+                    cwd=APPS,
+                    env=self.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+                self.starts.append(self.proc.pid)
+                self.exits.append(self.proc.wait())
+                self._kill_session(self.proc.pid)
+
+    @staticmethod
+    def _kill_session(pgid: int) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, signal.SIGKILL)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self.proc is not None:
+            self._kill_session(self.proc.pid)
+        self._thread.join(30)
+        if self.proc is not None:
+            self._kill_session(self.proc.pid)
+
+
+@pytest.fixture
+def huey_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    need_service("Redis", 6379)
+    name = f"mw-huey-{uuid.uuid4().hex[:10]}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(APPS.parent.parent / "src"), str(APPS)]),
+        "HUEY_TEST_NAME": name,
+        "HUEY_TEST_REDIS": URL,
+        "MEMWARDEN_JOURNAL": str(tmp_path / "journal.jsonl"),
+        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
+        "MEMWARDEN_INTERVAL": "0.1",
+        "MEMWARDEN_GRACE": "0",
+        "MEMWARDEN_MIN_UPTIME": "0",
+        "MEMWARDEN_MAX_RESTARTS": "1000",
+        "MEMWARDEN_SHUTDOWN_TIMEOUT": "20",
+        "MEMWARDEN_POISON_KILLS": "2",
+        "MEMWARDEN_MEASURE": "tree",
+    }
+    yield env
+    r = redis.Redis.from_url(URL)
+    for key in r.scan_iter(f"*{name}*"):
+        r.delete(key)
+
+
+def app(env: dict[str, str]) -> Any:
+    """A fresh copy of the test app, as a producer (enqueueing only) in this process."""
+    spec = importlib.util.spec_from_file_location("huey_app", APPS / "huey_app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.get("HUEY_TEST_NAME")
+    os.environ["HUEY_TEST_NAME"] = env["HUEY_TEST_NAME"]
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            os.environ.pop("HUEY_TEST_NAME")
+        else:
+            os.environ["HUEY_TEST_NAME"] = saved
+    return module
+
+
+def journal(env: dict[str, str]) -> list[dict[str, Any]]:
+    path = Path(env["MEMWARDEN_JOURNAL"])
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def done(env: dict[str, str]) -> dict[int, int]:
+    raw = redis.Redis.from_url(URL).hgetall(f"{env['HUEY_TEST_NAME']}:done")
+    return {int(k): int(v) for k, v in raw.items()}
+
+
+def attempts(env: dict[str, str], n: int) -> int:
+    return int(redis.Redis.from_url(URL).hget(f"{env['HUEY_TEST_NAME']}:attempts", str(n)) or 0)
+
+
+def test_guard_rejects_a_bad_setting_and_starts_nothing_in_a_producer(
+    huey_env: dict[str, str],
+) -> None:
+    from huey import RedisHuey
+
+    from memwarden.huey import guard
+    from memwarden.units import SettingError
+
+    with pytest.raises(SettingError, match="MEMWARDEN_SOFT_LIMIT"):
+        guard(RedisHuey(huey_env["HUEY_TEST_NAME"], url=URL), soft_limit="lots")
+    producer = app(huey_env)
+    producer.work(1)  # enqueueing runs no warden here
+    assert producer.guard.warden is None
+
+
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_interrupted_task_is_enqueued_again(huey_env: dict[str, str], worker_type: str) -> None:
+    """SIGTERM is huey's "stop now": the running task is interrupted and huey has already
+    taken it off the queue. The guard puts it back; the restarted consumer finishes it."""
+    producer = app(huey_env)
+    huey_env["MEMWARDEN_SOFT_LIMIT"] = "4GB"
+    args = ["-k", worker_type, "-w", "1", "-c", "0.5"]
+    with Supervised(args, huey_env, Path(huey_env["MEMWARDEN_STATE_DIR"] + ".log")) as sup:
+        producer.nap(1, 4.0)
+        wait_for(lambda: attempts(huey_env, 1) == 1, 60, what="the task to start")
+        first = sup.starts[0]
+        os.kill(first, signal.SIGTERM)
+        wait_for(lambda: done(huey_env).get(1), 60, what="the interrupted task to finish")
+    assert attempts(huey_env, 1) == 2  # interrupted once, run again to the end
+    assert done(huey_env) == {1: 1}
+    assert len(sup.starts) >= 2 and sup.starts[0] == first
+
+
+JOBS = 200
+GROW_EVERY, GROW_MB = 4, 8  # 50 of the 200 jobs keep 8 MiB each: 400 MiB of real growth
+HOG_MB = 500  # over the 400 MB hard limit, held for seconds: the watchdog must catch it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("worker_type", "soft", "action"),
+    [("process", "150MB", "recycle"), ("thread", "120MB", "signal")],
+)
+def test_200_growing_jobs_none_lost(
+    huey_env: dict[str, str], worker_type: str, soft: str, action: str
+) -> None:
+    """Jobs that really grow the workers: memory-triggered recycles (process workers) or
+    drains and restarts (thread workers), a mid-job hard-limit breach killed by the
+    watchdog and run again, a poison job quarantined after two kills — and every other job
+    finished at least once."""
+    producer = app(huey_env)
+    huey_env.update(MEMWARDEN_SOFT_LIMIT=soft, MEMWARDEN_HARD_LIMIT="400MB")
+    args = ["-k", worker_type, "-w", "2", "-c", "0.5"]
+    log = Path(huey_env["MEMWARDEN_STATE_DIR"] + ".log")
+    once, poison = JOBS, JOBS + 1
+    with Supervised(args, huey_env, log) as sup:
+        for n in range(JOBS):
+            producer.work(n, GROW_MB if n % GROW_EVERY == 0 else 0)
+        wait_for(lambda: len(done(huey_env)) == JOBS, 120, 0.2, "the first 200 jobs")
+        # One at a time: in a thread worker a kill takes every job in flight, and each of
+        # them counts it (README, "Huey": poison counting is per job in flight).
+        producer.hog(once, HOG_MB, first_only=True)
+        wait_for(lambda: done(huey_env).get(once), 60, 0.2, "the killed job to run again")
+        poison_task = producer.hog.s(poison, HOG_MB)
+        producer.huey.enqueue(poison_task)
+        quarantine = f"memwarden:huey:{huey_env['HUEY_TEST_NAME']}:quarantine"
+        r = redis.Redis.from_url(URL)
+        wait_for(lambda: r.llen(quarantine), 60, 0.2, "the poison job to be quarantined")
+        producer.work(poison + 1)  # the queue carries on
+        wait_for(lambda: done(huey_env).get(poison + 1), 60, 0.2, "the job after the poison")
+        assert r.llen(quarantine) == 1
+    finished = done(huey_env)
+    assert sorted(finished) == [*range(JOBS + 1), poison + 1], "a job was lost"
+    assert poison not in finished
+    assert attempts(huey_env, once) == 2  # killed at the hard limit, run again, finished
+    assert attempts(huey_env, poison) == 2  # the two runs that were killed, then no more
+
+    records = journal(huey_env)
+    kills = [r for r in records if r["event"] == "kill"]
+    assert len(kills) >= 3
+    assert all("over hard limit" in k["reason"] for k in kills)
+    assert all(any(j["job"] == "hog" for j in k["in_flight"]) for k in kills)
+    restarts = [r for r in records if r["event"] == "restart" and r.get("action") == action]
+    assert len(restarts) >= 2, f"{len(restarts)} memory-triggered {action}s"
+    assert all("over soft limit" in r["reason"] for r in restarts)
+    quarantined = [r for r in records if r["event"] == "quarantine"]
+    assert [(q["job_id"], q["kills"]) for q in quarantined] == [(poison_task.id, 2)]
+    jobs = [r for r in records if r["event"] == "job" and r["job"] == "work"]
+    assert len(jobs) >= JOBS and all(j["framework"] == "huey" for j in jobs)
+    if worker_type == "thread":
+        assert len(sup.starts) >= len(restarts) + len(kills)  # each one came back
+    else:
+        assert len(sup.starts) == 1  # the consumer stayed; its children were replaced

@@ -44,6 +44,10 @@ log = logging.getLogger("memwarden")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: The after-job decision while well under the limits (no allocation on the fast path).
+UNDER = Decision(Action.OK, "under soft limit", 0)
+
+
 def swallow(fn: F) -> F:
     """The hook boundary: log any exception from inside the warden, never raise it."""
 
@@ -176,6 +180,9 @@ class Warden:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._base: Sample | None = None  # last full reading, for the fast estimate
+        self._exact_fast = isinstance(self.gauge, ProcessGauge)
+        first = self.limits.soft if self.limits.soft is not None else self.limits.hard
+        self._first_limit = first if first is not None else 1 << 62
         self.last_sample: Sample | None = None
         self.last_culprit: str | None = None
         self.counts = {"jobs": 0, "reclaims": 0, "freed": 0, "restarts": 0, "kills": 0}
@@ -295,7 +302,7 @@ class Warden:
 
     def estimate(self, rss_now: int) -> int | None:
         """The gauge's figure moved by our own RSS change since the last full reading."""
-        if isinstance(self.gauge, ProcessGauge):
+        if self._exact_fast:
             return rss_now
         base = self._base
         return None if base is None else base.total + (rss_now - base.rss)
@@ -314,13 +321,14 @@ class Warden:
                     "(set MEMWARDEN_SOFT_LIMIT or MEMWARDEN_QUOTA)"
                 )
             return None
-        now = time.time()
-        total = None if fast_rss is None else self.estimate(fast_rss)
-        first = self.limits.soft if self.limits.soft is not None else self.limits.hard
-        if total is not None and first is not None and total < first:
-            return self.policy.observe(total, now)
+        if fast_rss is not None:  # the per-job fast path: no full read while well under
+            total = self.estimate(fast_rss)
+            if total is not None and total < self._first_limit:
+                if self.policy.over_since is not None:
+                    return self.policy.observe(total, time.time())  # the episode is over
+                return UNDER
         total = self.read().total
-        return self._respond(self.policy.observe(total, now))
+        return self._respond(self.policy.observe(total, time.time()))
 
     def _respond(self, decision: Decision) -> Decision:
         if decision.alarm:

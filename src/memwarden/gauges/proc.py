@@ -42,22 +42,19 @@ class SelfRss:
 
     def _open(self) -> int:
         with self._lock:
-            pid = os.getpid()
-            if self._fd < 0 or self._pid != pid:
-                self._fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
-                self._pid = pid
+            if self._fd < 0:
+                self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+                self._pid = os.getpid()
             return self._fd
 
     def __call__(self) -> int:
-        if not HAS_PROC:
-            return int(psutil.Process().memory_info().rss)
         fd = self._fd
-        if fd < 0 or self._pid != os.getpid():
+        if fd < 0:
+            if not HAS_PROC:
+                return int(psutil.Process().memory_info().rss)
             fd = self._open()
-        data = os.pread(fd, 128, 0)
-        # "size resident shared text lib data dt" in pages
-        start = data.index(b" ") + 1
-        return int(data[start : data.index(b" ", start)]) * PAGE_SIZE
+        # "size resident shared text lib data dt", in pages; the fork hook resets the fd
+        return int(os.pread(fd, 128, 0).split(None, 2)[1]) * PAGE_SIZE
 
 
 self_rss = SelfRss()

@@ -17,7 +17,7 @@ import pytest
 
 from cgroups import memory_cgroup
 from conftest import wait_for
-from memwarden.supervise import EarlyExits, exit_status, settings, status_text
+from memwarden.supervise import EarlyExits, exit_status, redact, settings, status_text
 from memwarden.units import SettingError
 
 CHILD = str(Path(__file__).parent / "programs" / "child.py")
@@ -292,3 +292,67 @@ def test_restarts_before_the_kernel_oom_kills_in_a_real_cgroup(runs, tmp_path: P
         finally:
             alone.kill()
         assert bare.oom_kills() >= 1
+
+
+def test_a_command_that_cannot_start_is_status_127(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*MEMWARDEN, "run", "--soft-limit", "1GB", "--", str(tmp_path / "no-such-worker")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 127 and "cannot start" in out.stderr
+
+
+def test_sighup_is_passed_on_and_run_keeps_supervising(runs) -> None:
+    run = runs(["--soft-limit", "1GB", "--interval", "0.1"], ["--term-exit", "5"])
+    pid = run.starts(1)[0]
+    run.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: run.events("signal", pid), 30, what="the SIGHUP")
+    assert run.proc.poll() is None  # the command took it in its stride; so does run
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait() == 5
+    assert [r["signal"] for r in run.events("signal", pid)] == ["SIGHUP", "SIGTERM"]
+
+
+def test_dry_run_decides_and_records_but_never_signals(runs) -> None:
+    run = runs(
+        ["--soft-limit", "60MB", "--measure", "tree", "--dry-run", *FAST],
+        ["--grow", "40", "--upto", "90", "--term-exit", "6"],
+    )
+    pid = run.starts(1)[0]
+    wait_for(lambda: run.journal_events("restart"), 60, what="a dry-run restart record")
+    restart = run.journal_events("restart")[0]
+    assert restart["dry_run"] is True and restart["pid"] == pid
+    assert run.events("signal", pid) == [] and len(run.events("start")) == 1
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait() == 6
+
+
+def test_command_lines_are_redacted_for_logs_and_journal() -> None:
+    argv = [
+        "celery",
+        "-b",
+        "redis://:hunter2@cache:6379/0",
+        "--api-key",
+        "k3y",
+        "--token=t0k",
+        "-A",
+        "proj",
+        "worker",
+        "amqp://guest:guest@mq//",
+    ]
+    shown = redact(argv)
+    assert shown == [
+        "celery",
+        "-b",
+        "redis://:***@cache:6379/0",
+        "--api-key",
+        "***",
+        "--token=***",
+        "-A",
+        "proj",
+        "worker",
+        "amqp://guest:***@mq//",
+    ]
+    assert not any(s in " ".join(shown) for s in ("hunter2", "k3y", "t0k"))

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import select
 import shlex
 import shutil
@@ -160,6 +161,34 @@ def describe_exit(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}"
     return f"exited with status {returncode}"
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@/\s]+@")
+_SECRET_NAME = re.compile(r"(token|passw|secret|api[-_]?key|credential)", re.IGNORECASE)
+
+
+def redact(argv: Sequence[str]) -> list[str]:
+    """The command line fit for a log or journal: URL passwords and secret-named values go.
+
+    ``redis://:pw@host`` becomes ``redis://:***@host``; ``--token=abc`` becomes ``--token=***``
+    and in ``--password abc`` the ``abc`` is replaced.
+    """
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next and not arg.startswith("-"):
+            out.append("***")
+            hide_next = False
+            continue
+        hide_next = False
+        name, eq, _value = arg.partition("=")
+        if arg.startswith("-") and _SECRET_NAME.search(name):
+            if eq:
+                arg = f"{name}=***"
+            else:
+                hide_next = True
+        out.append(_URL_PASSWORD.sub(r"\1***@", arg))
+    return out
 
 
 def status_text(
@@ -301,6 +330,7 @@ class Supervisor:
         if not argv:
             raise ValueError("no command to run")
         self.argv = list(argv)
+        self.shown = redact(self.argv)  # what logs and the journal may see
         self.settings = run
         self.config = run.config
         self.limits = run.limits
@@ -405,7 +435,7 @@ class Supervisor:
                     "give_up",
                     reason=f"{len(self.early.times)} early exits",
                     status=status,
-                    cmd=self.argv,
+                    cmd=self.shown,
                 )
                 return status
             self.counts["early_exits"] = len(self.early.times)
@@ -422,7 +452,7 @@ class Supervisor:
             )
         except OSError as exc:
             code = 127 if exc.errno == errno.ENOENT else 126
-            self._say(logging.ERROR, "cannot start %s: %s", shlex.join(self.argv), exc.strerror)
+            self._say(logging.ERROR, "cannot start %s: %s", shlex.join(self.shown), exc.strerror)
             return code
         now_wall = time.time()
         self.child = Lifetime(
@@ -432,12 +462,14 @@ class Supervisor:
             policy=Policy(self.limits, started_at=now_wall, past_restarts=self.restart_times),
         )
         self.counts["starts"] += 1
-        self.journal.write("start", pid=proc.pid, supervisor=os.getpid(), cmd=self.argv)
-        self._say(logging.INFO, "started %s (pid %d)", shlex.join(self.argv), proc.pid)
+        self.journal.write("start", pid=proc.pid, supervisor=os.getpid(), cmd=self.shown)
+        self._say(logging.INFO, "started %s (pid %d)", shlex.join(self.shown), proc.pid)
         return None
 
     def _supervise(self, child: Lifetime) -> None:
-        next_sample = time.monotonic()
+        # The first reading one interval in: at once it would measure a process still
+        # exec'ing, and the policy's "over the limit from the start" alarm could never fire.
+        next_sample = time.monotonic() + self.config.interval
         while True:
             now = time.monotonic()
             wake = next_sample if child.deadline is None else min(next_sample, child.deadline)
@@ -502,7 +534,7 @@ class Supervisor:
                 format_size(decision.limit),
             )
         action = decision.action
-        if action is Action.RESTART:
+        if action is Action.RESTART and child.stop_sent is None and child.cause != "stop":
             self._graceful_restart(child, decision)
         elif action is Action.KILL:
             self._record(

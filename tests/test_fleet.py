@@ -17,14 +17,20 @@ import redis
 
 from conftest import need_service, wait_for
 from fleet_worker import Workers
+from memwarden import workload
 from memwarden.config import Config
 from memwarden.coordination import HostLock, Once
 from memwarden.fleet import Fleet, FleetLock, Heartbeat, Link, connect, holders_key, redact
+from memwarden.fleet import checks as fleet_checks
+from memwarden.gauges.proc import self_rss
+from memwarden.policy import Action
 from memwarden.units import SettingError
+from memwarden.warden import Hooks, Warden
 
 HERE = Path(__file__).resolve().parent
 URL = "redis://127.0.0.1:6379/7"
 DEAD = "redis://127.0.0.1:1/7"  # nothing listens on port 1
+MB = 1024 * 1024
 
 
 @pytest.fixture
@@ -112,8 +118,6 @@ def test_redis_down_lets_the_local_decision_through_and_says_so_once(caplog, tmp
 
 
 def test_a_warden_with_redis_down_runs_its_jobs(caplog, tmp_path):
-    from memwarden.warden import Warden
-
     caplog.set_level(logging.INFO, logger="memwarden")
     warden = Warden(
         redis_url=DEAD, soft_limit="100GB", state_dir=str(tmp_path), heartbeat_interval=0.05
@@ -228,3 +232,76 @@ def test_a_sigkilled_holder_frees_its_place_within_the_ttl(workers, client, flee
     got_ms = server_ms(client)
     assert got_ms >= expires_ms  # not before its lease ran out
     waiting.release()
+
+
+# ------------------------------------------------------------------ the warden's side
+@pytest.fixture
+def grown() -> Iterator[None]:
+    yield
+    workload.forget()
+
+
+def over_soft_warden(fleet: str, tmp_path: Path, calls: list[str]) -> Warden:
+    rss = self_rss()
+    return Warden(
+        hooks=Hooks(drain=lambda: calls.append("drain"), kill=lambda: calls.append("kill")),
+        measure="process",
+        soft_limit=f"{rss + 32 * MB}B",
+        hard_limit=f"{rss + 160 * MB}B",
+        reclaim=False,
+        grace=0,
+        min_uptime=0,
+        restart="none",
+        shutdown_timeout=3600,
+        state_dir=str(tmp_path),
+        redis_url=URL,
+        fleet=fleet,
+        fleet_max_restarting=1,
+    )
+
+
+def test_a_full_fleet_holds_a_soft_restart_until_a_place_frees(fleet, tmp_path, grown):
+    calls: list[str] = []
+    warden = over_soft_warden(fleet, tmp_path, calls)
+    other = lock(fleet, k=1)
+    assert other.try_acquire()
+    try:
+        assert warden.check().action is Action.OK
+        workload.leak(64)
+        assert warden.check().action is Action.RESTART
+        assert warden.counts["restarts"] == 0 and calls == []  # still serving
+        assert warden.check().action is Action.RESTART  # and asking again
+        assert warden.counts["restarts"] == 0
+        other.release()
+        assert warden.check().action is Action.RESTART
+        assert warden.counts["restarts"] == 1
+        wait_for(lambda: "drain" in calls, 60, what="the drain")
+        assert warden.fleet is not None and warden.fleet.lock.held
+    finally:
+        warden.stop()  # ends the restart sequence's wait before any hard kill
+        other.release()
+        if warden.fleet is not None:
+            warden.fleet.lock.release()
+
+
+def test_the_hard_limit_does_not_wait_for_the_fleet(fleet, tmp_path, grown):
+    calls: list[str] = []
+    warden = over_soft_warden(fleet, tmp_path, calls)
+    other = lock(fleet, k=1)
+    assert other.try_acquire()
+    try:
+        assert warden.check().action is Action.OK
+        workload.leak(192)
+        assert warden.check().action is Action.KILL
+        assert calls == ["kill"]
+    finally:
+        warden.stop()
+        other.release()
+
+
+def test_check_says_when_the_fleet_redis_does_not_answer(client):
+    assert fleet_checks(Config(), {}) == []
+    assert fleet_checks(Config(redis_url=URL), {}) == []
+    (warning,) = fleet_checks(Config(redis_url="redis://:pw-x@127.0.0.1:1/7"), {})
+    assert "MEMWARDEN_REDIS_URL=redis://:***@127.0.0.1:1/7 does not answer" in warning
+    assert "pw-x" not in warning

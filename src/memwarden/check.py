@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from memwarden import reclaim
+from memwarden import fleet, reclaim
 from memwarden.config import Config
 from memwarden.gauges import choose_gauge
 from memwarden.gauges.cgroup import Cgroup
@@ -19,6 +19,7 @@ from memwarden.warden import resolve_limits
 EXTRA_CHECKS: list[Callable[[Config, Mapping[str, str]], list[str]]] = [
     heroku.checks,
     kubernetes.checks,
+    fleet.checks,
 ]
 
 

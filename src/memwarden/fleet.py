@@ -360,6 +360,26 @@ class Fleet:
             self.heartbeat.stop()
 
 
+def checks(config: Config, env: Mapping[str, str]) -> list[str]:
+    """``memwarden check``: does the fleet's Redis answer?"""
+    if not config.redis_url:
+        return []
+    where = redact(config.redis_url)
+    try:
+        connect(config.redis_url).ping()
+    except ImportError:
+        return [
+            "MEMWARDEN_REDIS_URL is set but the redis package is missing: "
+            "pip install memwarden[redis]"
+        ]
+    except Exception as exc:
+        return [
+            f"MEMWARDEN_REDIS_URL={where} does not answer ({type(exc).__name__}): "
+            "no rolling restarts, no heartbeats (workers decide alone)"
+        ]
+    return []
+
+
 def read_fleet(client: Any, fleet: str | None = None) -> dict[str, Any]:
     """Live wardens (from heartbeats) and restart holders, for ``memwarden status``."""
     pattern = f"{PREFIX}:{fleet or '*'}:warden:*"

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 
+from cgroups import memory_cgroup
 from conftest import need_service, wait_for
 from memwarden.dramatiq import MemoryWarden
 from memwarden.journal import read_records
@@ -61,11 +62,11 @@ class Tree:
     proc: subprocess.Popen[bytes] | None = None
     sent: dict[str, str] = field(default_factory=dict)  # job id -> message id
 
-    def send(self, job_id: str, kind: str = "light", mb: int = 0) -> str:
+    def send(self, job_id: str, kind: str = "light", mb: int = 0, io_ms: int = 0) -> str:
         message = dramatiq.Message(
             queue_name=self.queue,
             actor_name="mw_job",
-            args=(job_id, kind, mb),
+            args=(job_id, kind, mb, io_ms),
             kwargs={},
             options={},
         )
@@ -99,8 +100,16 @@ class Tree:
 
 
 @contextlib.contextmanager
-def dramatiq_tree(kind: str, tmp_path: Path, store: redis.Redis) -> Iterator[Tree]:
-    """Start ``dramatiq dramatiq_app -p 2 -t 2`` on ``kind``'s broker; stop and clean it all."""
+def dramatiq_tree(
+    kind: str,
+    tmp_path: Path,
+    store: redis.Redis,
+    settings: dict[str, str | None] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[Tree]:
+    """Start ``dramatiq dramatiq_app -p 2 -t 2`` on ``kind``'s broker; stop and clean it all.
+
+    ``settings`` change the ``MEMWARDEN_*`` env of the tree (None: unset)."""
     tag = f"mwt-{kind}-{uuid.uuid4().hex[:8]}"
     if kind == "redis":
         broker: dramatiq.Broker = RedisBroker(url=REDIS_URL, namespace=tag)
@@ -134,6 +143,10 @@ def dramatiq_tree(kind: str, tmp_path: Path, store: redis.Redis) -> Iterator[Tre
     }
     for name in ("MEMWARDEN_RESTART", "MEMWARDEN_DRY_RUN", "MEMWARDEN_QUOTA"):
         env.pop(name, None)
+    for name, value in (settings or {}).items():
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
     with open(tree.log, "wb") as log:
         tree.proc = subprocess.Popen(
             [str(DRAMATIQ), "dramatiq_app", "--path", str(APPS), "-p", "2", "-t", "2"],
@@ -142,6 +155,7 @@ def dramatiq_tree(kind: str, tmp_path: Path, store: redis.Redis) -> Iterator[Tre
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group: nothing of it outlives the test
+            preexec_fn=preexec_fn,
         )
     try:
         wait_for(tree.ready, timeout=60, what="2 dramatiq worker processes")
@@ -198,12 +212,12 @@ def test_no_message_lost_through_reloads_kills_and_a_poison_message(
     with dramatiq_tree(kind, tmp_path, store) as tree:
         main_pid = tree.proc.pid if tree.proc else 0
 
-        # 1. 240 messages, 30 of which keep 20 MiB each (a real leak, which reclaim cannot
+        # 1. 240 messages, 48 of which keep 20 MiB each (a real leak, which reclaim cannot
         #    undo): the process that crosses 150 MB drains and the whole tree reloads.
         jobs = []
         for i in range(240):
             kind_of, mb = (
-                ("leak", 20) if i % 8 == 3 else ("fragment", 8) if i % 8 == 7 else ("light", 0)
+                ("leak", 20) if i % 5 == 3 else ("fragment", 8) if i % 10 == 7 else ("light", 0)
             )
             jobs.append(f"j{i}")
             tree.send(f"j{i}", kind_of, mb)
@@ -254,6 +268,36 @@ def test_no_message_lost_through_reloads_kills_and_a_poison_message(
         assert tree.proc.pid == main_pid and tree.proc.poll() is None
 
 
+@pytest.mark.slow
+def test_default_limits_keep_the_tree_inside_a_memory_limited_dyno(
+    tmp_path: Path, store: redis.Redis
+) -> None:
+    """No limit set: the quota is the cgroup's (400 MB), the gauge its working set, soft 85 %
+    and hard 95 % of it. The tree grows past its quota in total; reloads keep it inside
+    with no OOM kill by the kernel, and no message is lost."""
+    with memory_cgroup(400 * 10**6) as dyno:
+        defaults: dict[str, str | None] = {
+            "MEMWARDEN_MEASURE": None,
+            "MEMWARDEN_SOFT_LIMIT": None,
+            "MEMWARDEN_HARD_LIMIT": None,
+            "MEMWARDEN_POISON_KILLS": None,
+        }
+        with dramatiq_tree("redis", tmp_path, store, defaults, preexec_fn=dyno.join) as tree:
+            assert len(dyno.pids()) == 3  # main + 2 worker processes
+            # 200 of 400 messages keep 4 MiB each (840 MB in all, twice the quota), at about
+            # 80 MB/s over the 4 worker threads: brisk, but a pace a watchdog can follow.
+            jobs = [f"d{i}" for i in range(400)]
+            for i, job in enumerate(jobs):
+                tree.send(job, "leak" if i % 2 else "light", 4, io_ms=100)
+            wait_for(lambda: tree.done() >= set(jobs), timeout=180, what="400 messages done")
+            restarts = tree.records("restart")
+            assert len(restarts) >= 2, restarts
+            assert {r["gauge"] for r in restarts} == {"cgroup"}
+            assert not tree.records("kill")  # inside the soft-hard margin, only reloads
+            assert dyno.oom_kills() == 0
+            assert tree.proc is not None and tree.proc.poll() is None
+
+
 def test_in_process_worker_records_messages_and_survives_a_broken_poison_store(
     tmp_path: Path, store: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -264,7 +308,7 @@ def test_in_process_worker_records_messages_and_survives_a_broken_poison_store(
     broker = RedisBroker(url=REDIS_URL, namespace=tag)
     broker.add_middleware(
         MemoryWarden(
-            poison_redis="redis://127.0.0.1:1/0",  # nothing listens there
+            poison_url="redis://127.0.0.1:1/0",  # nothing listens there
             soft_limit="64GB",
             measure="process",
             journal=str(journal),

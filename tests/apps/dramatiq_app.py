@@ -5,7 +5,7 @@ Configured by env: ``MWT_BROKER`` (``redis`` or ``rabbitmq``), ``MWT_BROKER_URL`
 heartbeat timeout), ``MWT_REDIS_URL`` (completions and poison counts), ``MWT_PREFIX``
 (completion keys). memwarden's own settings come from ``MEMWARDEN_*``.
 
-One actor, ``mw_job(job_id, kind, mb)``; every run counts ``{prefix}:runs[job_id]`` and every
+One actor, ``mw_job(job_id, kind, mb, io_ms)``; every run counts ``{prefix}:runs[job_id]`` and every
 completion adds ``job_id`` to ``{prefix}:done``. Kinds: ``light``; ``leak`` (keeps ``mb``
 MiB for good); ``fragment`` (glibc fragmentation of ``mb`` MiB); ``hog`` (keeps ``mb`` MiB,
 then waits to be killed, up to a minute); ``hog_once`` (a hog on its first run only).
@@ -42,13 +42,14 @@ else:
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
     broker = RabbitmqBroker(url=os.environ["MWT_BROKER_URL"])
-    broker.add_middleware(MemoryWarden(poison_redis=REDIS_URL))
+    broker.add_middleware(MemoryWarden(poison_url=REDIS_URL))
 dramatiq.set_broker(broker)
 
 
 @dramatiq.actor(queue_name=QUEUE, actor_name="mw_job", max_retries=0)
-def mw_job(job_id: str, kind: str = "light", mb: int = 0) -> None:
+def mw_job(job_id: str, kind: str = "light", mb: int = 0, io_ms: int = 0) -> None:
     run = store.hincrby(f"{PREFIX}:runs", job_id, 1)
+    time.sleep(io_ms / 1000)  # the job's own I/O, where a test wants a realistic pace
     if kind == "leak":
         workload.leak(mb)
     elif kind == "fragment":

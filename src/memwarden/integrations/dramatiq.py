@@ -8,11 +8,11 @@ One :class:`~memwarden.warden.Warden` per worker process, built when the process
   messages stay unacked and go back to the queue when the worker stops).
 - Restart: Dramatiq's main process treats any worker process that exits as fatal and shuts
   the whole tree down, so one process cannot be restarted alone. Under the ``dramatiq`` CLI
-  the default ``restart=signal`` therefore sends **SIGHUP to the main process**: Dramatiq's
-  own reload — every worker process stops gracefully (finishes its messages, requeues
-  prefetched ones), then the main process re-executes itself in place. The whole tree comes
-  back fresh with no supervisor involved. Other ``restart`` values (exit, heroku, …) act
-  as in the core.
+  the default ``restart=signal`` therefore sends **SIGHUP to the main process**, at drain
+  time: Dramatiq's own reload — every worker process stops taking messages at once, finishes
+  the ones it runs, requeues prefetched ones; then the main process re-executes itself in
+  place. The whole tree comes back fresh with no supervisor involved. Other ``restart``
+  values (exit, heroku, …) act as in the core after this process's own drain.
 - Hard kill: messages are acked late, so an interrupted message comes back through the
   broker. Every message in flight is counted against its id (:class:`PoisonJobs`, Redis);
   one running at ``poison_kills`` kills is failed (dead-lettered) when it comes back.
@@ -61,39 +61,65 @@ def dramatiq_main_pid() -> int | None:
     return parent.pid if b"dramatiq" in cmdline else None
 
 
+def redis_redelivery_note(broker: dramatiq.Broker) -> str | None:
+    """With the Redis broker a killed worker's messages come back only after its heartbeat
+    times out, at the next queue maintenance (a random share of broker commands)."""
+    timeout = getattr(broker, "heartbeat_timeout", None)
+    chance = getattr(broker, "maintenance_chance", None)
+    if timeout is None or chance is None:
+        return None
+    return (
+        f"Redis broker: messages of a killed worker come back after heartbeat_timeout "
+        f"({timeout / 1000:g} s), at the next maintenance ({chance / 10000:g}% of commands)"
+    )
+
+
 class DramatiqReload:
-    """Restart the whole worker tree: SIGHUP to the main process (once)."""
+    """Reload the whole worker tree: SIGHUP to the ``dramatiq`` main process, at most once.
+
+    The main process passes it to every worker process: each stops taking messages, finishes
+    the ones it runs, requeues its prefetched ones and exits; then the main process
+    re-executes itself. A second stop signal would make Dramatiq kill every worker process
+    at once, so none is sent when this process is already being stopped.
+    """
 
     name = "reload"
 
     def __init__(self, main_pid: int, stopping: threading.Event) -> None:
         self.main_pid = main_pid
         self.stopping = stopping
+        self.sent = False
+
+    def request(self) -> bool:
+        """Ask for the reload; True if this call sent the signal."""
+        if self.sent or self.stopping.is_set():
+            return False
+        self.sent = True
+        os.kill(self.main_pid, signal.SIGHUP)
+        return True
 
     def restart(self, reason: str) -> None:
-        # A second stop signal makes Dramatiq kill every worker process at once: send none
-        # when this process is already being stopped (a reload is under way).
-        if not self.stopping.is_set():
-            os.kill(self.main_pid, signal.SIGHUP)
+        self.request()
 
 
 class MemoryWarden(dramatiq.Middleware):
     """Dramatiq middleware keeping each worker process inside its memory quota.
 
     Options are memwarden's settings (``soft_limit="400MB"``, ``restart``, …; each also a
-    ``MEMWARDEN_*`` env var), validated here so a bad one fails at import. ``poison_redis``
-    (a URL or a redis client) holds the poison-job counts; by default the Redis broker's own
-    client, and none (quarantine off) for other brokers.
+    ``MEMWARDEN_*`` env var), validated here so a bad one fails at import. ``poison_url``
+    (a Redis URL or client) holds the poison-message counts; by default the Redis broker's
+    own client, else ``MEMWARDEN_REDIS_URL``; with neither, quarantine is off (said once).
     """
 
-    def __init__(self, *, poison_redis: Any = None, **options: Any) -> None:
+    def __init__(self, *, poison_url: Any = None, **options: Any) -> None:
         self.config = Config.from_env(**options)
-        self.poison_redis = poison_redis
+        self.poison_url = poison_url
         self.warden: Warden | None = None
         self.poison: PoisonJobs | None = None
         self.worker: dramatiq.Worker | None = None
         self.stopping = threading.Event()
         self.main_pid: int | None = None  # the dramatiq CLI's main process, when under it
+        self.reload: DramatiqReload | None = None
 
     # ----------------------------------------------------------------- process life
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
@@ -110,11 +136,17 @@ class MemoryWarden(dramatiq.Middleware):
         restarter: Restarter | None = None
         hooks = Hooks(drain=self.drain, before_kill=self.count_kills)
         if main_pid is not None and self.config.restart == "signal":
-            restarter = DramatiqReload(main_pid, self.stopping)
-            hooks.kill = lambda: self.reload_then_die(main_pid)
+            # The restart is the whole tree's, and so is the drain: every worker process
+            # stops taking messages at once, not only the one that decided.
+            self.reload = restarter = DramatiqReload(main_pid, self.stopping)
+            hooks.drain = self.drain_tree
+            hooks.kill = self.reload_then_die
         self.warden = Warden(self.config, hooks=hooks, restarter=restarter, framework="dramatiq")
         self.poison = self._poison_counter(broker)
         log.info("memwarden: %r guarding dramatiq worker %d", self.warden, os.getpid())
+        note = redis_redelivery_note(broker)
+        if note:
+            log.info("memwarden: %s", note)
 
     @swallow
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
@@ -176,13 +208,19 @@ class MemoryWarden(dramatiq.Middleware):
             if job.get("job_id") is not None:
                 self.poison.record_kill(job["job_id"])
 
-    def reload_then_die(self, main_pid: int) -> None:
+    def drain_tree(self) -> None:
+        """Drain under the CLI: ours now, every worker process's through the reload."""
+        self.drain()
+        if self.reload is not None:
+            self.reload.request()
+
+    def reload_then_die(self) -> None:
         """Hard kill under the CLI: ask the main process to reload (so it restarts the tree
         rather than shutting down on our death), wait until it has passed the reload on to
         us, then SIGKILL ourselves and our children."""
-        if not self.stopping.is_set():
+        if self.reload is not None:
             with contextlib.suppress(OSError):
-                os.kill(main_pid, signal.SIGHUP)
+                self.reload.request()
             self.stopping.wait(RELOAD_ACK_TIMEOUT)
         kill_tree_and_self()
 
@@ -215,19 +253,21 @@ class MemoryWarden(dramatiq.Middleware):
 
     def _poison_counter(self, broker: dramatiq.Broker) -> PoisonJobs | None:
         kills = self.config.poison_kills
-        source = self.poison_redis
         if kills == 0:
+            return None
+        source = self.poison_url
+        if source is None:
+            source = getattr(broker, "client", None)  # the Redis broker's own client
+        if source is None:
+            source = getattr(self.config, "redis_url", None)
+        if source is None:
+            log.warning(
+                "memwarden: poison-message quarantine is off: set MEMWARDEN_REDIS_URL or "
+                "pass MemoryWarden(poison_url='redis://…') with a non-Redis broker"
+            )
             return None
         if isinstance(source, str):
             return PoisonJobs.from_url(source, kills=kills)
-        if source is None:
-            source = getattr(broker, "client", None)  # the Redis broker's client
-        if source is None:
-            log.warning(
-                "memwarden: poison-message quarantine is off: pass "
-                "MemoryWarden(poison_redis='redis://…') with a non-Redis broker"
-            )
-            return None
         return PoisonJobs(source, kills=kills)
 
     def _note_stop_signals(self) -> None:

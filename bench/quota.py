@@ -1,0 +1,397 @@
+"""Quota adherence, throughput and reclaim: five ways to run one Celery worker, side by side.
+
+Each contender runs the same Celery worker (prefork, concurrency 2, real Redis broker, the app
+in ``bench/apps/bench_celery.py``) on the same fixed job mix, inside a fresh memory cgroup
+with the same limit: the kernel's OOM killer is the judge. A worker that exits is started
+again, as a dyno or pod would be. Contenders:
+
+- ``none``: no guard;
+- ``celery-max-mem``: Celery's own ``--max-memory-per-child`` (the soft limit split between
+  the pool children; Celery checks a child's peak RSS after each task);
+- ``memwarden-run``: ``memwarden run`` around the worker (restarts from outside);
+- ``guard-noreclaim`` / ``guard-reclaim``: ``memwarden.celery.guard(app)`` with reclaim
+  off / on.
+
+Usage::
+
+    python bench/quota.py                       # every contender available, ~1 min each
+    python bench/quota.py --out docs/           # also docs/bench-quota.md and .png
+    python bench/quota.py --jobs 30 --contenders none,guard-reclaim   # a quick look
+
+Prints a table, then last one line per contender:
+``contender=<name> jobs_per_s=<float> lost=<int> oom_kills=<int> over_limit_s=<float>
+peak_bytes=<int> restarts=<int> ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import redis
+from celery import Celery
+
+from _harness import (
+    Result,
+    Sampler,
+    bench_env,
+    chart,
+    dyno,
+    machine,
+    stop,
+    table,
+    write_text,
+)
+from memwarden.units import format_size, parse_size
+
+REDIS = "redis://127.0.0.1:6379/9"  # this bench's own Redis DB
+CONCURRENCY = 2
+ORDER = ("none", "celery-max-mem", "memwarden-run", "guard-noreclaim", "guard-reclaim")
+COLUMNS = [
+    ("jobs/s", "jobs_per_s"),
+    ("lost", "lost"),
+    ("OOM kills", "oom_kills"),
+    ("s over hard limit", "over_limit_s"),
+    ("peak", "peak_bytes"),
+    ("restarts+recycles", "restarts"),
+    ("worker restarts", "worker_restarts"),
+    ("recycles", "recycles"),
+    ("reclaims", "reclaims"),
+    ("freed", "freed"),
+    ("duplicates", "duplicates"),
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    limit: int
+    jobs: int
+    grow_mb: int
+    frag_mb: tuple[int, int]
+    grace: float
+    interval: float
+    stall: float
+    seed: int
+
+    @property
+    def soft(self) -> int:
+        return int(self.limit * 0.85)
+
+    @property
+    def hard(self) -> int:
+        return int(self.limit * 0.95)
+
+
+def job_mix(s: Settings) -> list[tuple[str, int, int]]:
+    """The fixed mix: (kind, MiB, seed). Same for every contender."""
+    rnd = random.Random(s.seed)
+    mix = []
+    for i in range(s.jobs):
+        roll = rnd.random()
+        if roll < 0.08:
+            mix.append(("grow", s.grow_mb, i))
+        elif roll < 0.45:
+            mix.append(("fragment", rnd.randint(*s.frag_mb), i))
+        else:
+            mix.append(("light", 0, i))
+    return mix
+
+
+def available() -> dict[str, str | None]:
+    """Contender -> None when it can run here, else why not."""
+    from memwarden.cli import COMMANDS
+
+    guard = any(
+        importlib.util.find_spec(m) is not None
+        for m in ("memwarden.integrations.celery", "memwarden.celery")
+        if _spec_ok(m)
+    )
+    why_guard = None if guard else "memwarden.celery.guard is not in this tree yet"
+    return {
+        "none": None,
+        "celery-max-mem": None,
+        "memwarden-run": None if "run" in COMMANDS else "`memwarden run` is not in this tree yet",
+        "guard-noreclaim": why_guard,
+        "guard-reclaim": why_guard,
+    }
+
+
+def _spec_ok(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def worker_command(name: str, s: Settings, journal: str) -> list[str]:
+    celery = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "bench_celery",
+        "worker",
+        "-P",
+        "prefork",
+        "-c",
+        str(CONCURRENCY),
+        "--loglevel",
+        "WARNING",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    if name == "celery-max-mem":
+        per_child_kib = s.soft // CONCURRENCY // 1024
+        celery.append(f"--max-memory-per-child={per_child_kib}")
+    if name == "memwarden-run":
+        return [
+            sys.executable,
+            "-m",
+            "memwarden.cli",
+            "run",
+            "--soft-limit",
+            f"{s.soft}B",
+            "--hard-limit",
+            f"{s.hard}B",
+            "--grace",
+            f"{s.grace:g}",
+            "--interval",
+            f"{s.interval:g}",
+            "--journal",
+            journal,
+            "--",
+            *celery,
+        ]
+    return celery
+
+
+def contender_env(name: str, s: Settings, prefix: str, journal: str, state: str) -> dict[str, str]:
+    env = {k: v for k, v in bench_env().items() if not k.startswith("MEMWARDEN_")}
+    env.update(BENCH_REDIS=REDIS, BENCH_PREFIX=prefix, BENCH_GUARD="")
+    if name.startswith("guard-"):
+        env["BENCH_GUARD"] = "reclaim" if name == "guard-reclaim" else "noreclaim"
+    if name.startswith(("guard-", "memwarden-")):
+        env.update(
+            MEMWARDEN_SOFT_LIMIT=f"{s.soft}B",
+            MEMWARDEN_HARD_LIMIT=f"{s.hard}B",
+            MEMWARDEN_GRACE=f"{s.grace:g}",
+            MEMWARDEN_INTERVAL=f"{s.interval:g}",
+            MEMWARDEN_MIN_UPTIME="0",
+            MEMWARDEN_MAX_RESTARTS="1000",
+            MEMWARDEN_JOURNAL=journal,
+            MEMWARDEN_STATE_DIR=state,
+        )
+    return env
+
+
+def journal_totals(path: str) -> tuple[int, int]:
+    """(reclaims, bytes freed) from a memwarden journal (and its rotated files)."""
+    reclaims = freed = 0
+    for p in [path, *(f"{path}.{i}" for i in range(1, 4))]:
+        with contextlib.suppress(OSError), open(p) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("event") == "reclaim" and not rec.get("dry_run"):
+                    reclaims += 1
+                    freed += int(rec.get("freed") or 0)
+    return reclaims, freed
+
+
+def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
+    prefix = f"memwarden-bench:{uuid.uuid4().hex[:10]}"
+    r = redis.Redis.from_url(REDIS)
+    journal = os.path.join(workdir, f"{name}.jsonl")
+    state = os.path.join(workdir, f"{name}-state")
+    env = contender_env(name, s, prefix, journal, state)
+    cmd = worker_command(name, s, journal)
+    sender = Celery("bench-sender", broker=REDIS)
+    mix = job_mix(s)
+    ids = [f"{i:05d}-{kind}-{uuid.uuid4().hex[:6]}" for i, (kind, _, _) in enumerate(mix)]
+    platform_restarts = 0
+    try:
+        with dyno(s.limit) as cg, Sampler(cg, over=s.hard) as sampler:
+
+            def start() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    cmd, env=env, preexec_fn=cg.join, stdout=log, stderr=subprocess.STDOUT
+                )
+
+            proc = start()
+            deadline = time.monotonic() + 90
+            while not r.get(f"{prefix}:ready"):
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"bench: {name}: the worker did not get ready in 90 s")
+                if proc.poll() is not None:
+                    proc = start()
+                time.sleep(0.1)
+            t0 = time.time()
+            for task_id, (kind, mb, seed) in zip(ids, mix, strict=True):
+                sender.send_task(
+                    "bench.job", args=[kind, mb, seed], task_id=task_id, queue=f"{prefix}:queue"
+                )
+            done, progress_at = 0, time.monotonic()
+            while done < len(ids):
+                if proc.poll() is not None:  # the platform starts an exited worker again
+                    platform_restarts += 1
+                    proc = start()
+                now_done = int(r.scard(f"{prefix}:done"))
+                if now_done != done:
+                    done, progress_at = now_done, time.monotonic()
+                elif time.monotonic() - progress_at > s.stall:
+                    break
+                time.sleep(0.2)
+            stop(proc)
+            oom_kills = cg.oom_kills()
+        last = float(r.get(f"{prefix}:last") or t0)
+        completions = int(r.get(f"{prefix}:completions") or 0)
+        workers = int(r.get(f"{prefix}:workers") or 1)
+        children = int(r.get(f"{prefix}:children") or 0)
+    finally:
+        keys = [*r.scan_iter(f"{prefix}*"), *r.scan_iter(f"_kombu.binding.{prefix}*")]
+        if keys:
+            r.delete(*keys)
+        r.close()
+    reclaims, freed = journal_totals(journal)
+    worker_restarts = max(0, workers - 1)
+    recycles = max(0, children - CONCURRENCY * workers - oom_kills)
+    return Result(
+        name=name,
+        jobs_per_s=done / max(1e-3, last - t0),
+        lost=len(ids) - done,
+        oom_kills=oom_kills,
+        over_limit_s=sampler.over_limit_s,
+        peak_bytes=sampler.peak,
+        restarts=worker_restarts + recycles,
+        extra={
+            "worker_restarts": worker_restarts,
+            "recycles": recycles,
+            "reclaims": reclaims,
+            "freed": freed,
+            "duplicates": completions - done,
+            "jobs": len(ids),
+            "platform_restarts": platform_restarts,
+        },
+        series=sampler.points,
+    )
+
+
+def report(results: list[Result], s: Settings, skipped: dict[str, str], argv: list[str]) -> str:
+    base = next((r for r in results if r.name == "none"), None)
+    lines = [
+        f"Limit {format_size(s.limit)} (cgroup, no swap); soft {format_size(s.soft)}, "
+        f"hard {format_size(s.hard)}; {s.jobs} jobs; Celery prefork -c {CONCURRENCY}, "
+        f"Redis broker.",
+        f"Machine: {machine()}.",
+        f"Command: `python bench/quota.py {' '.join(argv)}`".rstrip() + "",
+        "",
+        table(results, COLUMNS),
+    ]
+    if base is not None and base.jobs_per_s > 0:
+        lines.append("")
+        for r in results:
+            pct = 100 * r.jobs_per_s / base.jobs_per_s
+            lines.append(f"- {r.name}: throughput {pct:.0f}% of no guard")
+    for name, why in skipped.items():
+        lines.append(f"- {name}: not run ({why})")
+    goal = next((r for r in results if r.name == "guard-reclaim"), None)
+    if goal is not None:
+        lines += ["", goal_verdict(goal, base, results)]
+    return "\n".join(lines)
+
+
+def goal_verdict(goal: Result, base: Result | None, results: list[Result]) -> str:
+    noreclaim = next((r for r in results if r.name == "guard-noreclaim"), None)
+    checks = [
+        ("0 lost", goal.lost == 0),
+        ("0 OOM kills", goal.oom_kills == 0),
+        ("0 s over the hard limit", goal.over_limit_s == 0),
+    ]
+    if base is not None and base.jobs_per_s > 0:
+        checks.append(("throughput >= 95% of no guard", goal.jobs_per_s >= 0.95 * base.jobs_per_s))
+    if noreclaim is not None:
+        checks.append(("fewer restarts than without reclaim", goal.restarts < noreclaim.restarts))
+    return "Goal (guard-reclaim): " + "; ".join(
+        f"{what}: {'met' if ok else 'NOT met'}" for what, ok in checks
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contenders", default=",".join(ORDER), help="comma-separated subset")
+    p.add_argument("--limit", default="640MiB", help="the cgroup limit (the quota)")
+    p.add_argument("--jobs", type=int, default=600)
+    p.add_argument("--grow-mb", type=int, default=200, help="how far a grow job grows")
+    p.add_argument("--frag-mb", default="40-120", help="fragment job sizes, MiB (min-max)")
+    p.add_argument("--grace", type=float, default=5.0, help="memwarden grace, seconds")
+    p.add_argument("--interval", type=float, default=0.25, help="memwarden watchdog interval")
+    p.add_argument("--stall", type=float, default=30.0, help="end after so long with no job done")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", help="write bench-quota.md and bench-quota.png into this directory")
+    a = p.parse_args(argv)
+    low, _, high = a.frag_mb.partition("-")
+    s = Settings(
+        limit=parse_size(a.limit, "--limit"),
+        jobs=a.jobs,
+        grow_mb=a.grow_mb,
+        frag_mb=(int(low), int(high or low)),
+        grace=a.grace,
+        interval=a.interval,
+        stall=a.stall,
+        seed=a.seed,
+    )
+    wanted = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in ORDER]
+    if unknown:
+        p.error(f"unknown contender(s) {unknown}; choose from {', '.join(ORDER)}")
+    why_not = available()
+    skipped = {c: why_not[c] for c in wanted if why_not[c]}
+    workdir = tempfile.mkdtemp(prefix="memwarden-bench-")
+    results = []
+    try:
+        with open(os.path.join(workdir, "workers.log"), "ab") as log:
+            for name in (c for c in ORDER if c in wanted and c not in skipped):
+                print(f"# {name} ...", file=sys.stderr, flush=True)
+                results.append(run_contender(name, s, workdir, log))
+    finally:
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"# kept {workdir}", file=sys.stderr)
+    text = report(results, s, skipped, argv)
+    print(text)
+    if a.out:
+        write_text(os.path.join(a.out, "bench-quota.md"), text + "\n")
+        chart(
+            results,
+            s.limit,
+            s.hard,
+            os.path.join(a.out, "bench-quota.png"),
+            "Celery worker memory (cgroup working set) per contender",
+        )
+    print()
+    for r in results:
+        print(r.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""arq: ``memwarden.arq.guard(WorkerSettings, **options)`` keeps an arq worker inside its quota.
+
+The guard wraps the settings' ``on_startup``, ``on_job_start`` and ``after_job_end`` (the
+user's own hooks still run, unchanged) and starts the warden with the worker.
+
+- Records: one per job, named by the function (from the worker's own job table: the running
+  ``run_job`` knows it; else the job's stored definition).
+- Attribution with ``max_jobs > 1``: jobs share one process and one event loop, so a job's
+  ``rss_before``/``rss_after`` is the process's, and its growth is shared with the jobs that
+  ran beside it. Each record says how many did (``concurrent``, the most jobs in flight
+  during its run); a job kind whose records grow even at ``concurrent == 1`` is the
+  culprit. A hard kill counts against every job in flight.
+- Drain: the worker stops picking jobs (``allow_pick_jobs``), the running ones finish within
+  ``shutdown_timeout``, then the restart action (default SIGTERM: arq cancels what is left,
+  and with ``retry_jobs`` those jobs stay queued and run again).
+- Hard kill: arq keeps a job in its queue until it finishes, guarded by an in-progress key
+  that would block it for ``job_timeout + 10 s`` after a kill. Just before the kill the guard
+  cuts that key to :data:`PUT_BACK_DELAY` seconds, so the next worker runs the job at once;
+  a job that was running at ``poison_kills`` kills is taken off the queue instead
+  (quarantine list, a failed result naming the reason, a ``quarantine`` journal record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+from arq.connections import RedisSettings
+from arq.constants import (
+    default_queue_name,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+from arq.jobs import deserialize_job_raw, serialize_result
+from arq.worker import JobExecutionFailed, Worker
+
+from memwarden.config import Config
+from memwarden.poison import PoisonJobs
+from memwarden.warden import Hooks, Warden, swallow
+
+log = logging.getLogger("memwarden")
+
+__all__ = ["ArqGuard", "guard"]
+
+#: After a kill, the in-progress key of a job put back lives this long: no job of the dying
+#: worker can take it again, and the next worker runs it right after.
+PUT_BACK_DELAY = 2.0
+
+Hook = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class ArqGuard:
+    """The glue between one arq worker process and its warden."""
+
+    def __init__(self, settings: Any, poison: PoisonJobs | None = None, **options: Any) -> None:
+        self.settings = settings
+        self.config = Config.from_env(**options)  # bad settings fail at import, clearly
+        self.poison = poison
+        self.warden: Warden | None = None
+        self.worker: Worker | None = None
+        self.redis: redis.Redis | None = None
+        self.queue = str(_get(settings, "queue_name") or default_queue_name)
+        self.quarantine_key = f"memwarden:arq:{self.queue}:quarantine"
+        self._lock = threading.Lock()
+        self._running: dict[str, dict[str, Any]] = {}  # job id -> name, try, most in flight
+
+    # ------------------------------------------------------------ wiring
+    def install(self) -> Any:
+        user_startup = _get(self.settings, "on_startup")
+        user_start = _get(self.settings, "on_job_start")
+        user_end = _get(self.settings, "after_job_end")
+
+        async def on_startup(ctx: dict[str, Any]) -> None:
+            self.startup(asyncio.current_task())
+            if user_startup is not None:
+                await user_startup(ctx)
+
+        async def on_job_start(ctx: dict[str, Any]) -> None:
+            await self.job_start(ctx)
+            if user_start is not None:
+                await user_start(ctx)
+
+        async def after_job_end(ctx: dict[str, Any]) -> None:
+            try:
+                if user_end is not None:
+                    await user_end(ctx)
+            finally:
+                self.job_end(ctx)
+
+        for name, hook in (
+            ("on_startup", on_startup),
+            ("on_job_start", on_job_start),
+            ("after_job_end", after_job_end),
+        ):
+            _set(self.settings, name, hook)
+        _set(self.settings, "memwarden_guard", self)  # not a Worker argument: arq ignores it
+        return self.settings
+
+    @swallow
+    def startup(self, main: asyncio.Task[Any] | None) -> None:
+        """The worker is up: find it (its ``main()`` runs this hook), make the warden."""
+        frame = main.get_coro().cr_frame if main is not None else None  # type: ignore[union-attr]
+        worker = frame.f_locals.get("self") if frame is not None else None
+        self.worker = worker if isinstance(worker, Worker) else None
+        if self.worker is None:
+            log.warning("memwarden: arq worker not found: drain falls back to the stop signal")
+        self.redis = _sync_redis(_get(self.settings, "redis_settings"))
+        if self.poison is None and self.redis is not None:
+            self.poison = PoisonJobs(
+                self.redis, kills=self.config.poison_kills, prefix=f"memwarden:arq:{self.queue}"
+            )
+        hooks = Hooks(drain=self.drain, in_flight=self.in_flight, before_kill=self.before_kill)
+        self.warden = Warden(self.config, hooks=hooks, framework="arq").start()
+        log.info("memwarden: guarding arq queue %s: %r", self.queue, self.warden)
+
+    # ------------------------------------------------------------ records
+    async def job_start(self, ctx: dict[str, Any]) -> None:
+        try:
+            await self._job_start(ctx)
+        except Exception:  # the hook boundary, as memwarden.warden.swallow
+            log.exception("memwarden: internal error in job_start (job unaffected)")
+
+    async def _job_start(self, ctx: dict[str, Any]) -> None:
+        if self.warden is None:
+            return
+        job_id = str(ctx["job_id"])
+        name = await self.function_name(ctx)
+        with self._lock:
+            n = len(self._running) + 1
+            for other in self._running.values():
+                other["concurrent"] = max(other["concurrent"], n)
+            self._running[job_id] = {"job": name, "job_try": ctx.get("job_try"), "concurrent": n}
+        self.warden.job_started(name, job_id, job_try=ctx.get("job_try"), queue=self.queue)
+
+    @swallow
+    def job_end(self, ctx: dict[str, Any]) -> None:
+        if self.warden is None:
+            return
+        job_id = str(ctx["job_id"])
+        with self._lock:
+            running = self._running.pop(job_id, None)
+        concurrent = running["concurrent"] if running else 1
+        self.warden.job_finished(job_id, concurrent=concurrent)
+
+    async def function_name(self, ctx: dict[str, Any]) -> str:
+        """From the worker's job table (the running ``run_job``), else the stored job."""
+        task = asyncio.current_task()
+        frame = task.get_coro().cr_frame if task is not None else None  # type: ignore[union-attr]
+        name = frame.f_locals.get("function_name") if frame is not None else None
+        if isinstance(name, str) and name != "<unknown>":
+            return name
+        raw = await ctx["redis"].get(job_key_prefix + str(ctx["job_id"]))
+        if raw:
+            deserializer = self.worker.job_deserializer if self.worker is not None else None
+            return str(deserialize_job_raw(raw, deserializer=deserializer)[0])
+        return "<unknown>"
+
+    # ------------------------------------------------------------ the warden's hooks
+    def drain(self) -> None:
+        if self.worker is not None:
+            self.worker.allow_pick_jobs = False
+            log.warning("memwarden: arq worker %d draining: no new jobs", os.getpid())
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"job": v["job"], "job_id": k} for k, v in self._running.items()]
+
+    def before_kill(self, in_flight: list[dict[str, Any]]) -> None:
+        """Just before the hard kill: every job in flight free to run again at once, or
+        quarantined if it was running at ``poison_kills`` kills."""
+        self.drain()
+        if self.redis is None:
+            return
+        for job in in_flight:
+            job_id = str(job["job_id"])
+            kills = self.poison.record_kill(job_id) if self.poison is not None else 0
+            if self.poison is not None and kills >= self.poison.kills:
+                self.quarantine(job_id, str(job["job"]), kills)
+            else:
+                self.redis.pexpire(in_progress_key_prefix + job_id, int(PUT_BACK_DELAY * 1000))
+                log.warning("memwarden: arq job %s[%s] will run again", job["job"], job_id)
+
+    def quarantine(self, job_id: str, name: str, kills: int) -> None:
+        """Off the queue for good: the job's definition to the quarantine list, a failed
+        result naming the reason (``await job.result()`` raises it)."""
+        assert self.redis is not None
+        reason = f"running at {kills} hard kills: quarantined by memwarden, not retried"
+        raw = self.redis.get(job_key_prefix + job_id)
+        now = int(time.time() * 1000)
+        result = serialize_result(
+            name,
+            (),
+            {},
+            kills,
+            now,
+            False,
+            JobExecutionFailed(reason),
+            now,
+            now,
+            f"{job_id}:{name}",
+            self.queue,
+            job_id,
+            serializer=self.worker.job_serializer if self.worker is not None else None,
+        )
+        pipe = self.redis.pipeline()
+        pipe.zrem(self.queue, job_id)
+        if raw:
+            pipe.rpush(self.quarantine_key, raw)
+        if result is not None:
+            keep = self.worker.keep_result_s if self.worker is not None else 3600
+            pipe.set(result_key_prefix + job_id, result, px=int(max(keep, 1) * 1000))
+        pipe.delete(job_key_prefix + job_id, retry_key_prefix + job_id)
+        pipe.delete(in_progress_key_prefix + job_id)
+        pipe.execute()
+        if self.warden is not None:
+            self.warden.journal.write(
+                "quarantine",
+                job=name,
+                job_id=job_id,
+                kills=kills,
+                reason=reason,
+                framework="arq",
+                where=self.quarantine_key,
+            )
+        log.error("memwarden: arq job %s[%s] %s (%s)", name, job_id, reason, self.quarantine_key)
+
+
+def _get(settings: Any, name: str) -> Any:
+    if isinstance(settings, dict):
+        return settings.get(name)
+    return settings.__dict__.get(name)  # arq reads the class's own __dict__ too
+
+
+def _set(settings: Any, name: str, value: Any) -> None:
+    if isinstance(settings, dict):
+        settings[name] = value
+    else:
+        setattr(settings, name, value)
+
+
+def _sync_redis(settings: RedisSettings | None) -> redis.Redis | None:
+    """A plain client for the watchdog thread (the worker's own pool is asyncio-bound)."""
+    s = settings or RedisSettings()
+    if s.sentinel or not isinstance(s.host, str):
+        log.warning("memwarden: arq on Redis Sentinel: no put-back or poison counting")
+        return None
+    return redis.Redis(
+        host=s.host,
+        port=s.port,
+        db=s.database,
+        username=s.username,
+        password=s.password,
+        ssl=s.ssl,
+        unix_socket_path=s.unix_socket_path,
+        socket_timeout=5,
+    )
+
+
+def guard(settings: Any, *, poison: PoisonJobs | None = None, **options: Any) -> Any:
+    """Guard the worker run from ``settings`` (a ``WorkerSettings`` class or dict); returns
+    it. ``options`` are memwarden settings (``soft_limit="400MB"``, …), each also a
+    ``MEMWARDEN_*`` env var; ``poison`` defaults to counting kills in the worker's Redis."""
+    return ArqGuard(settings, poison, **options).install()

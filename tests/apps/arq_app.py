@@ -1,0 +1,78 @@
+"""A guarded arq app for the end-to-end tests: real jobs that really grow memory.
+
+Configured by the environment: ``ARQ_TEST_QUEUE`` (queue name), ``ARQ_TEST_DB`` (Redis
+database) and the ``MEMWARDEN_*`` settings. Every finished job counts itself in the hash
+``{queue}:done`` (field: the job's number), so the test can prove nothing was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from arq.connections import RedisSettings
+
+import memwarden.arq
+from memwarden import workload
+
+QUEUE = os.environ.get("ARQ_TEST_QUEUE", "memwarden-arq")
+REDIS = RedisSettings(host="127.0.0.1", port=6379, database=int(os.environ.get("ARQ_TEST_DB", "6")))
+
+
+async def done(ctx: dict[str, Any], n: int) -> None:
+    await ctx["redis"].hincrby(f"{QUEUE}:done", str(n), 1)
+
+
+async def attempt(ctx: dict[str, Any], n: int) -> int:
+    return int(await ctx["redis"].hincrby(f"{QUEUE}:attempts", str(n), 1))
+
+
+async def work(ctx: dict[str, Any], n: int, leak_mb: float = 0.0) -> None:
+    """A small job; some keep ``leak_mb`` MiB for good (real growth of this worker)."""
+    await attempt(ctx, n)
+    if leak_mb:
+        workload.leak(leak_mb)
+    await asyncio.sleep(0.005)
+    await done(ctx, n)
+
+
+async def hog(ctx: dict[str, Any], n: int, mb: int, first_only: bool = False) -> None:
+    """Hold ``mb`` MiB for 15 s (a mid-job hard-limit breach). With ``first_only`` only the
+    first attempt is big: the run after the kill completes."""
+    if await attempt(ctx, n) == 1 or not first_only:
+        buf = bytearray(b"\x05") * (mb * workload.MB)
+        await asyncio.sleep(15)
+        del buf
+    await done(ctx, n)
+
+
+async def nap(ctx: dict[str, Any], n: int, seconds: float) -> None:
+    """A slow job, to be cut short."""
+    await attempt(ctx, n)
+    await asyncio.sleep(seconds)
+    await done(ctx, n)
+
+
+async def user_job_start(ctx: dict[str, Any]) -> None:
+    """The app's own hook: memwarden must keep it."""
+    await ctx["redis"].incr(f"{QUEUE}:user-hook-start")
+
+
+async def user_job_end(ctx: dict[str, Any]) -> None:
+    await ctx["redis"].incr(f"{QUEUE}:user-hook-end")
+
+
+class WorkerSettings:
+    functions = [work, hog, nap]
+    queue_name = QUEUE
+    redis_settings = REDIS
+    max_jobs = 4
+    poll_delay = 0.05
+    job_timeout = 60
+    max_tries = 20
+    on_job_start = user_job_start
+    after_job_end = user_job_end
+
+
+memwarden.arq.guard(WorkerSettings)

@@ -341,6 +341,7 @@ class Supervisor:
         self.until = until
         self.env = dict(env) if env is not None else None
         self.name = name or os.path.basename(self.argv[0])
+        self.label = name or shlex.join(self.shown)
         self.status = StatusLine(stream or sys.stderr, enabled=status)
         self.early = EarlyExits(run.young, run.max_early_exits, self.config.restart_window)
         self.child: Lifetime | None = None
@@ -463,7 +464,7 @@ class Supervisor:
         )
         self.counts["starts"] += 1
         self.journal.write("start", pid=proc.pid, supervisor=os.getpid(), cmd=self.shown)
-        self._say(logging.INFO, "started %s (pid %d)", shlex.join(self.shown), proc.pid)
+        self._say(logging.INFO, "started %s (pid %d)", self.label, proc.pid)
         return None
 
     def _supervise(self, child: Lifetime) -> None:

@@ -16,6 +16,7 @@ import json
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,16 @@ def in_flight_ids(record: dict) -> set[str]:
     return {j.get("job_id") for j in record.get("in_flight", [])}
 
 
-def run_scenario(tmp_path: Path, worker_class: str, plan: list[tuple[str, int]], **settings: str):
+def run_scenario(
+    tmp_path: Path,
+    worker_class: str,
+    plan: list[tuple[str, int]],
+    settle: Callable[[WorkerLoop], bool] | None = None,
+    **settings: str,
+):
     """Enqueue ``plan`` (kind, MiB) on a fresh queue, run the worker loop until every job but
-    the poison one completed and the poison one is in the failed registry."""
+    the poison one completed and the poison one is in the failed registry (and ``settle``
+    holds for the loop)."""
     conn = redis.Redis.from_url(REDIS_URL)
     name = f"mw-rq-{uuid.uuid4().hex[:10]}"
     prefix = f"mwt:{name}"
@@ -62,6 +70,8 @@ def run_scenario(tmp_path: Path, worker_class: str, plan: list[tuple[str, int]],
     with memory_cgroup(1024 * MB) as cg, WorkerLoop(argv, env, tmp_path / "worker.log", cg) as loop:
         try:
             wait_for(finished, timeout=240, interval=0.2, what="every job done, poison failed")
+            if settle is not None:
+                wait_for(lambda: settle(loop), timeout=60, what="the worker loop to settle")
         except AssertionError:
             print((tmp_path / "worker.log").read_text()[-6000:])
             raise
@@ -146,15 +156,15 @@ def test_forking_worker(tmp_path, redis_url):
     """``memwarden.rq.Worker`` (a subclass whose parent also grows): horses that bloat are
     recycled with their job, a parent that grows is drained and restarted, a horse over the
     hard limit is killed alone and its job re-enqueued by the surviving parent."""
-    plan = plan_of(180, 24, ("fragment", 120), 300)
+    plan = plan_of(180, 24, ("fragment", 120), 400)
     res = run_scenario(
         tmp_path,
         "apps.rq_jobs.ParentGrowsWorker",
         plan,
         MEMWARDEN_SOFT_LIMIT="100MiB",
-        MEMWARDEN_HARD_LIMIT="230MiB",
-        MWT_PARENT_LEAK_MB="10",
-        MWT_PARENT_LEAK_EVERY="10",
+        MEMWARDEN_HARD_LIMIT="300MiB",
+        MWT_PARENT_LEAK_MB="15",
+        MWT_PARENT_LEAK_EVERY="8",
     )
     by_event = check_common(res)
     once = next(i for i, k in res["ids"].items() if k == "hog_once")
@@ -192,7 +202,7 @@ def test_simple_worker(tmp_path, redis_url):
     """``memwarden.rq.SimpleWorker``: jobs bloat the worker itself; reclaim, then drain and
     restart; over the hard limit the job is re-enqueued from ``before_kill`` and the whole
     worker is killed (and started again by the loop)."""
-    plan = plan_of(180, 24, ("leak", 12), 300)
+    plan = plan_of(180, 24, ("leak", 16), 400)
     for k in range(0, len(plan), 20):
         plan.insert(k, ("fragment", 60))
     res = run_scenario(
@@ -200,7 +210,10 @@ def test_simple_worker(tmp_path, redis_url):
         "memwarden.rq.SimpleWorker",
         plan,
         MEMWARDEN_SOFT_LIMIT="110MiB",
-        MEMWARDEN_HARD_LIMIT="230MiB",
+        MEMWARDEN_HARD_LIMIT="300MiB",
+        MEMWARDEN_GRACE="0.5",
+        # The last poison kill may end the worker just after the job is quarantined.
+        settle=lambda loop: loop.exits.count(-signal.SIGKILL) >= 1 + POISON_KILLS,
     )
     by_event = check_common(res)
     assert {r["by"] for r in by_event["requeue"]} == {"watchdog"}

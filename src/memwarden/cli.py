@@ -18,6 +18,7 @@ COMMANDS = {
     "demo": "memwarden.demo:demo",
     "run": "memwarden.supervise:run",
     "diagnose": "memwarden.diagnose:diagnose_command",
+    "report": "memwarden.report:report_command",
     "status": "memwarden.status:status",
 }
 

@@ -286,7 +286,11 @@ def shape_of(life: Lifetime) -> Shape | None:
         live_tail = theil_sen(lh) * (len(lh) - 1)
     # a leak makes new highs: the end stands above everything the first half reached
     new_high = end - max(s[: n // 2])
+    # a big step in the very first jobs (not warm-up-sized) that stays is a high-water mark
+    early = end - median(s[:3])
     verdict, conf = _verdict(growth, tail_growth, new_high, meaningful, plateau, n, live_tail)
+    if verdict == "stable" and early >= max(0.25 * start, 4 * meaningful):
+        verdict, conf = "bloat", 0.6
     return Shape(
         life.pid,
         n,
@@ -357,19 +361,40 @@ def _kinds(lives: list[Lifetime]) -> list[str]:
     return kinds
 
 
-def attribute_leak(lives: list[Lifetime], live: bool = False) -> dict[str, dict[str, float]]:
-    """Bytes per run for each kind: NNLS of the level on cumulative run counts.
+def attribution_window(lives: list[Lifetime]) -> int:
+    """Jobs per window: long enough that the rarest blamed kind runs a few times in one
+    (so growth that lands a few jobs late stays in its window), short enough for many."""
+    runs = Counter(j["job"] for life in lives for j in life.jobs)
+    total = sum(runs.values())
+    if not total:
+        return 1
+    rare = min((v / total for v in runs.values() if v / total >= 0.02), default=0.02)
+    steady = max((len(life.jobs) * 4 // 5 for life in lives), default=0)
+    return int(max(12, min(3 / rare, 60, max(12, steady // 8))))
 
-    Per lifetime the first fifth (warm-up) is left out and every column centred (the
-    lifetime's own intercept). ``live`` uses live-memory figures instead of RSS."""
+
+def attribute_leak(
+    lives: list[Lifetime], live: bool = False, window: int | None = None
+) -> dict[str, dict[str, float]]:
+    """Bytes per run for each kind: NNLS of the level's change over windows of jobs on how
+    many times each kind ran in the window.
+
+    Not per job: growth often lands in a later job than the one that caused it, and a
+    window holds both. Not the raw level on cumulative counts either: the level's noise is
+    autocorrelated (high-water marks, allocator state) and cumulative counts are random
+    walks, which regress spuriously on each other. Windows overlap by half. Per lifetime
+    the first fifth (warm-up) is left out. ``live`` uses live-memory figures, which count
+    allocated bytes rather than pages and so show growth in the job that made it: there the
+    window is one job (the NNLS is then each kind's mean change, floored at zero)."""
     kinds = _kinds(lives)
     index = {k: i for i, k in enumerate(kinds)}
     width = len(kinds) + 1  # last column pools the rare kinds
+    # Live memory counts allocated bytes, not pages: no arena delay, so per job.
+    h = window or (1 if live else attribution_window(lives))
+    stride = max(1, h // 2)
     rows: list[list[float]] = []
     ys: list[float] = []
     runs: Counter[str] = Counter()
-    total_rows = sum(len(life.jobs) for life in lives)
-    thin = max(1, total_rows // MAX_ROWS)
     for life in lives:
         n = len(life.jobs)
         if n < MIN_JOBS:
@@ -377,37 +402,40 @@ def attribute_leak(lives: list[Lifetime], live: bool = False) -> dict[str, dict[
         series = life.live() if live else sustained(life.levels(), window_for(n))
         if series is None:
             continue
-        counts = [0.0] * width
-        lrows, lys = [], []
         skip = n // 5
-        for i, j in enumerate(life.jobs):
-            counts[index.get(j["job"], width - 1)] += 1
-            if i >= skip:
-                runs[j["job"]] += 1
-                if (i - skip) % thin == 0:
-                    lrows.append(list(counts))
-                    lys.append(series[i])
-        if len(lrows) < 3:
-            continue
-        means = [sum(r[c] for r in lrows) / len(lrows) for c in range(width)]
-        my = sum(lys) / len(lys)
-        rows.extend([[r[c] - means[c] for c in range(width)] for r in lrows])
-        ys.extend(y - my for y in lys)
+        cols = [index.get(j["job"], width - 1) for j in life.jobs]
+        for j in life.jobs[skip:]:
+            runs[j["job"]] += 1
+        size = min(h, n - skip - 1)
+        for a in range(skip, n - size, stride):
+            b = a + size  # window: jobs a+1 .. b, change from after job a to after job b
+            row = [0.0] * width
+            for c in cols[a + 1 : b + 1]:
+                row[c] += 1
+            rows.append(row)
+            ys.append(series[b] - series[a])
     if not rows:
         return {}
+    if len(rows) > MAX_ROWS:
+        step = len(rows) / MAX_ROWS
+        keep = [int(i * step) for i in range(MAX_ROWS)]
+        rows, ys = [rows[i] for i in keep], [ys[i] for i in keep]
     beta = nnls(rows, ys)
     out: dict[str, dict[str, float]] = {}
     for kind, b in zip([*kinds, OTHER], beta, strict=True):
-        n_runs = (
-            runs[kind] if kind != OTHER else sum(v for k, v in runs.items() if k not in index)
-        )
+        n_runs = runs[kind] if kind != OTHER else sum(v for k, v in runs.items() if k not in index)
         if n_runs:
             out[kind] = {"per_run_bytes": b, "growth_bytes": b * n_runs, "runs": n_runs}
     return out
 
 
 def attribute_bloat(lives: list[Lifetime]) -> dict[str, dict[str, float]]:
-    """Bytes each kind added to the sustained high-water mark (after its lifetime's first job)."""
+    """Bytes each kind added to the sustained high-water mark, less what any kind adds by
+    chance per run (the median kind's rate: noise lifts the mark in whichever job runs).
+
+    Bloat rises in a few steps, in the job whose peak set the new mark, so the rise is
+    credited to that job (a regression over windows spreads a few sparse steps over every
+    kind that ran near them)."""
     growth: Counter[str] = Counter()
     runs: Counter[str] = Counter()
     for life in lives:
@@ -421,10 +449,12 @@ def attribute_bloat(lives: list[Lifetime]) -> dict[str, dict[str, float]]:
             if i and s[i] > top:
                 growth[j["job"]] += s[i] - top
             top = max(top, s[i])
-    return {
-        k: {"per_run_bytes": growth[k] / runs[k], "growth_bytes": float(growth[k]), "runs": runs[k]}
-        for k in runs
-    }
+    floor = median([growth[k] / runs[k] for k in runs]) if len(runs) > 2 else 0.0
+    out = {}
+    for k in runs:
+        per_run = max(0.0, growth[k] / runs[k] - floor)
+        out[k] = {"per_run_bytes": per_run, "growth_bytes": per_run * runs[k], "runs": runs[k]}
+    return out
 
 
 def rank(attrib: dict[str, dict[str, float]]) -> list[dict[str, Any]]:

@@ -249,4 +249,3 @@ def _short(filename: str) -> str:
         if not rel.startswith(".."):
             return rel
     return filename
-

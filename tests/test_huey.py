@@ -205,6 +205,7 @@ def test_200_growing_jobs_none_lost(
         assert r.llen(quarantine) == 1
     finished = done(huey_env)
     assert sorted(finished) == [*range(JOBS + 1), poison + 1], "a job was lost"
+    assert all(finished[n] == 1 for n in range(JOBS)), "a drained job ran twice"
     assert poison not in finished
     assert attempts(huey_env, once) == 2  # killed at the hard limit, run again, finished
     assert attempts(huey_env, poison) == 2  # the two runs that were killed, then no more

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -49,6 +50,9 @@ from memwarden.units import SettingError
 from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow
 
 log = logging.getLogger("memwarden")
+
+#: Longest single blocking dequeue (seconds): how soon an idle worker sees a drain.
+DRAIN_POLL = 5
 
 __all__ = ["SimpleWorker", "WardenMixin", "Worker", "poison_reason"]
 
@@ -101,6 +105,7 @@ class WardenMixin:
         self.poison: PoisonJobs | None = None
         self._mw_current: tuple[Job, Queue] | None = None
         self._mw_draining = False
+        self._mw_parked = False  # drained and out of RQ's dequeue: safe to stop
         self._mw_kill_lock = threading.Lock()
         self._mw_kill_target: str | None = None  # "horse" or "all" once a kill is decided
 
@@ -145,29 +150,52 @@ class WardenMixin:
     # ----------------------------------------------------------------- hooks
     def _mw_in_flight(self) -> list[dict[str, Any]]:
         current = self._mw_current
-        if current is None:
-            return []
-        job, queue = current
-        return [{"job": job.func_name, "job_id": job.id, "queue": queue.name}]
+        if current is not None:
+            job, queue = current
+            return [{"job": job.func_name, "job_id": job.id, "queue": queue.name}]
+        if self._mw_draining and not self._mw_parked:
+            # Drained but still inside a dequeue: a job may be on its way to us. The restart
+            # waits until we park (at most DRAIN_POLL), so its signal never cuts a dequeue.
+            return [{"job": "rq:dequeue", "job_id": None}]
+        return []
 
     def _mw_drain(self) -> None:
         """Take no new job; the one running finishes. The restart action then stops us."""
         self._mw_draining = True
         log.warning("memwarden: RQ worker %s drains: no new job after the current one", self.name)
 
-    def dequeue_job_and_maintain_ttl(self, timeout: int | None, *args: Any, **kwargs: Any) -> Any:
-        if self._mw_draining:
-            return self._mw_wait_drained()
-        return super().dequeue_job_and_maintain_ttl(timeout, *args, **kwargs)  # type: ignore[misc]
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> Any:
+        """RQ's blocking dequeue, in steps of at most ``DRAIN_POLL`` seconds so a drain is seen
+        between two steps (never by interrupting one: a job popped by a cut-off dequeue
+        would sit in RQ's intermediate queue and be failed a minute later)."""
+        dequeue = super().dequeue_job_and_maintain_ttl  # type: ignore[misc]
+        if self.warden is None or timeout is None:  # unguarded, or burst mode (no blocking)
+            return dequeue(timeout, max_idle_time)
+        idle_since = time.monotonic()
+        while True:
+            if self._mw_draining:
+                return self._mw_wait_drained()
+            step = max(1, min(timeout, DRAIN_POLL))
+            if max_idle_time is not None:
+                left = max_idle_time - (time.monotonic() - idle_since)
+                if left <= 0:
+                    return None
+                step = max(1, min(step, math.ceil(left)))
+            result = dequeue(step, step)
+            if result is not None:
+                return result
 
     def _mw_wait_drained(self) -> None:
         """Idle (heartbeating) until the restart action arrives: RQ's stop signal raises
         ``StopRequested`` in here, the exit restart ends the process."""
+        self._mw_parked = True
         self.set_state(WorkerStatus.IDLE)  # type: ignore[attr-defined]
         self.procline("memwarden: drained, waiting for the restart")  # type: ignore[attr-defined]
         while not self._stop_requested:
             self.heartbeat()  # type: ignore[attr-defined]
-            time.sleep(1.0)
+            time.sleep(0.5)
         return None
 
     def _mw_before_kill(self, in_flight: list[dict[str, Any]]) -> None:
@@ -216,7 +244,10 @@ class WardenMixin:
             else:
                 job.started_at = None
                 job.ended_at = None
-                queue._enqueue_job(job, pipeline=pipe)
+                queue._enqueue_job(job, pipeline=pipe)  # as RQ's own Job.retry does
+            # Killed before RQ took it off its intermediate queue: take it off here, or RQ's
+            # maintenance would fail it a minute later as "stuck".
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
             pipe.execute()
         if kills >= limit:
             self.warden.journal.write("poison", reason=poison_reason(kills, limit), **fields)

@@ -131,7 +131,7 @@ class WardenMixin:
         except SettingError:
             raise  # before any job: the worker stops loudly, naming the env var
         except Exception:
-            # A bad setting is reported loudly, but the worker keeps serving unguarded.
+            # Anything else (a platform we cannot read): say so loudly, keep serving.
             log.exception("memwarden: RQ worker %s runs WITHOUT memory guard", self.name)
             self.warden = None
             return
@@ -250,6 +250,12 @@ class WardenMixin:
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
             pipe.execute()
         if kills >= limit:
+            # The rest of RQ's own failure path: dependents (if they allow failures), and
+            # the job's rate-limit slot (RQ 3).
+            with contextlib.suppress(Exception):
+                self._enqueue_dependents_safely(queue, job)  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):
+                self._release_slot_safely(job)  # type: ignore[attr-defined]
             self.warden.journal.write("poison", reason=poison_reason(kills, limit), **fields)
             log.error(
                 "memwarden: RQ job %s [%s] quarantined in the failed registry after %d hard kills",
@@ -410,11 +416,18 @@ class Worker(WardenMixin, rq.Worker):
         if self._mw_kill_target == "horse" and self.horse_pid:
             current = self._mw_current
             self._mw_horse_killed = current[0].id if current else None
+            horse = self.horse_pid
             try:
-                os.killpg(os.getpgid(self.horse_pid), signal.SIGKILL)
+                # The horse leads its own process group (taking its children along) once it
+                # has called setpgrp; until then the group is ours: kill the horse alone.
+                if os.getpgid(horse) == horse:
+                    os.killpg(horse, signal.SIGKILL)
+                else:
+                    os.kill(horse, signal.SIGKILL)
                 return
             except OSError:
                 pass  # gone already: it ended by itself; nothing of ours in flight
+            self._mw_horse_killed = None
             with self._mw_kill_lock:
                 self._mw_kill_target = None
             if self.warden is not None:

@@ -72,6 +72,12 @@ class Config:
     )
     dry_run: bool = _setting(False, "bool", "Decide and log, never act")
     poison_kills: int = _setting(3, "int", "Hard kills a job may cause before quarantine")
+    child_limit: str | int | None = _setting(
+        None,
+        "size",
+        "A pool child's share: recycle it after a job when its USS is over this "
+        "(Celery prefork; default soft limit / (concurrency + 1))",
+    )
     state_dir: str | None = _setting(
         None, "path", "Host lock and restart history (default: the temp dir)"
     )

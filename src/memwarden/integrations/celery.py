@@ -1,0 +1,436 @@
+"""Celery: ``memwarden.celery.guard(app, **options)`` keeps a worker inside its quota.
+
+Nothing happens in a process that only sends tasks: the wardens are built by the worker's
+own signals.
+
+- **Main process** (``worker_init``; watchdog from ``worker_ready``): the whole worker's
+  figure (cgroup working set, else the PSS of its process tree). Over the soft limit:
+  reclaim, then after the grace a *warm shutdown* (Celery stops consuming, lets in-flight
+  tasks finish, closes its broker connection so prefetched messages go back) and the
+  restart action; for ``signal``/``exit`` the warm shutdown is the restart (the process
+  exits, with ``exit_code`` for ``exit``, and its supervisor starts it again). At the hard
+  limit or after the shutdown timeout: the tasks in flight are counted as poison
+  candidates, pool children are killed at once (their tasks are rejected back to the
+  queue), a cold shutdown gets the broker connection closed, then SIGKILL.
+- **Prefork children** (``worker_process_init``): a ``job`` record per task from
+  ``task_prerun``/``task_postrun``; after each task a child whose USS is over its share
+  reclaims, then recycles by Celery's own ``worker_max_memory_per_child`` path — billiard's
+  after-task memory check, answered with current USS instead of ``ru_maxrss`` (a peak
+  that a freshly forked child inherits, so it would recycle after every task).
+- **threads / solo pools**: tasks run in the main process, whose warden writes the
+  records.
+
+A task redelivered after ``poison_kills`` hard kills is not run: it is marked FAILED with
+:class:`PoisonJobError`, acknowledged, journaled (``quarantine``) and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import billiard.pool
+from celery import Celery, signals
+from celery.concurrency import get_implementation
+from celery.worker import state as worker_state
+
+from memwarden.config import Config
+from memwarden.gauges import Sample
+from memwarden.gauges.proc import children_of, process_tree, self_rss, smaps_rollup
+from memwarden.gauges.quota import Quota, detect_platform
+from memwarden.poison import PoisonJobs
+from memwarden.restart import NoRestart, Restarter, make_restarter
+from memwarden.units import format_size
+from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow
+
+log = logging.getLogger("memwarden")
+
+__all__ = [
+    "CeleryGuard",
+    "PoisonJobError",
+    "UssGauge",
+    "check_app",
+    "guard",
+    "no_loss_problems",
+]
+
+#: A child never restarts the worker: its soft layer ends at "recycle after this task".
+NEVER = 10 * 365 * 24 * 3600.0
+#: Longest wait for the cold shutdown to close the broker connection before SIGKILL.
+COLD_STOP_WAIT = 10.0
+#: Event-loop wake-up period for the threads pool (celery#6941).
+WAKE_EVERY = 0.1
+
+
+class PoisonJobError(Exception):
+    """A task that was running at ``poison_kills`` hard kills of its worker: quarantined."""
+
+
+class UssGauge:
+    """This process's USS (private pages): what a pool child alone would give back."""
+
+    source = "uss"
+
+    def read(self) -> Sample:
+        mem = smaps_rollup(os.getpid())
+        own = self_rss()
+        return Sample(time.time(), mem.uss if mem is not None else own, own, "uss")
+
+
+class AfterWarmShutdown:
+    """The restart after Celery's warm shutdown. For ``signal`` and ``exit`` the warm
+    shutdown already ends the process (a second SIGTERM is redundant, and ``os._exit``
+    would race the broker connection's clean close); other actions run as configured."""
+
+    def __init__(self, inner: Restarter) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def restart(self, reason: str) -> None:
+        if self.inner.name not in ("signal", "exit"):
+            self.inner.restart(reason)
+
+
+def no_loss_problems(app: Celery) -> list[str]:
+    """Settings that let a killed task vanish, each with its fix (empty: none)."""
+    conf = app.conf
+    problems = []
+    if not conf.task_acks_late:
+        problems.append(
+            "task_acks_late is off: a task is acknowledged as it starts, so one running when "
+            "the worker is killed is lost. Set task_acks_late = True"
+        )
+    if not conf.task_reject_on_worker_lost:
+        problems.append(
+            "task_reject_on_worker_lost is off: a task whose pool child is killed is marked "
+            "FAILED instead of going back to the queue. Set task_reject_on_worker_lost = True"
+        )
+    for name, task in sorted(app.tasks.items()):
+        if name.startswith("celery."):
+            continue
+        if conf.task_acks_late and task.__class__.__dict__.get("acks_late") is False:
+            problems.append(f"task {name} sets acks_late=False: it is lost if killed")
+        if conf.task_reject_on_worker_lost and (
+            task.__class__.__dict__.get("reject_on_worker_lost") is False
+        ):
+            problems.append(f"task {name} sets reject_on_worker_lost=False: a kill fails it")
+    return problems
+
+
+def redis_visibility_note(app: Celery) -> str | None:
+    """With the Redis broker a killed worker's tasks come back after ``visibility_timeout``."""
+    url = str(app.conf.broker_url or "")
+    if not url.startswith(("redis://", "rediss://", "redis+socket://")):
+        return None
+    vt = (app.conf.broker_transport_options or {}).get("visibility_timeout", 3600)
+    return (
+        f"Redis broker: tasks of a SIGKILLed worker come back after visibility_timeout "
+        f"({vt:g} s); tasks running longer than that are delivered twice"
+    )
+
+
+def _redis_url(app: Celery, explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    for url in (app.conf.broker_url, app.conf.result_backend):
+        if isinstance(url, str) and url.startswith(("redis://", "rediss://")):
+            return url
+    return os.environ.get("REDIS_URL")
+
+
+class CeleryGuard:
+    """The wardens of one Celery app's worker: built by its signals, one per process."""
+
+    def __init__(self, app: Celery, poison_url: str | None = None, **options: Any) -> None:
+        self.app = app
+        self.options = options
+        self.config = Config.from_env(**options)  # a bad setting fails at import, clearly
+        self.poison_url = poison_url
+        self.warden: Warden | None = None  # this process's warden
+        self.main_pid: int | None = None
+        self.pool = "unknown"
+        self.child_share: int | None = None
+        self.poison: PoisonJobs | None = None
+        self._recycle_at: int | None = None  # child: USS that asked for recycling
+        self._quarantined: list[Any] = []
+        self._uid = f"memwarden-{id(self)}"
+
+    def __repr__(self) -> str:
+        return f"CeleryGuard(pool={self.pool}, warden={self.warden!r})"
+
+    def connect(self) -> CeleryGuard:
+        for sig, handler in (
+            (signals.worker_init, self._on_worker_init),
+            (signals.worker_ready, self._on_worker_ready),
+            (signals.worker_process_init, self._on_process_init),
+            (signals.task_prerun, self._on_prerun),
+            (signals.task_postrun, self._on_postrun),
+            (signals.task_received, self._on_received),
+        ):
+            sig.connect(handler, weak=False, dispatch_uid=f"{self._uid}-{handler.__name__}")
+        return self
+
+    # ------------------------------------------------------------ main process
+    @swallow
+    def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        worker = sender
+        if worker is None or getattr(worker, "app", None) is not self.app:
+            return
+        self.main_pid = os.getpid()
+        for problem in no_loss_problems(self.app):
+            log.warning("memwarden: JOBS CAN BE LOST: %s", problem)
+        note = redis_visibility_note(self.app)
+        if note:
+            log.info("memwarden: %s", note)
+        restarter = AfterWarmShutdown(make_restarter(self.config))
+        self.pool = pool_kind(worker.pool_cls)
+        hooks = Hooks(
+            drain=self._drain,
+            in_flight=active_tasks,
+            recycle=self._recycle_largest_child if self.pool == "prefork" else None,
+            before_kill=self._before_kill,
+            kill=self._kill,
+        )
+        self.warden = Warden(self.config, hooks=hooks, restarter=restarter, framework="celery")
+        url = _redis_url(self.app, self.poison_url)
+        if url:
+            self.poison = PoisonJobs.from_url(url, kills=self.config.poison_kills)
+        else:
+            log.warning("memwarden: no Redis URL for poison-job counts (pass poison_url=)")
+        if self.pool == "prefork":
+            self._set_child_share(worker)
+
+    def _set_child_share(self, worker: Any) -> None:
+        assert self.warden is not None
+        share = self.config.size("child_limit", self.warden.quota.limit)
+        own = getattr(worker, "max_memory_per_child", None)  # KiB, Celery's unit
+        if share is None and own:
+            share = int(own) * 1024
+        soft = self.warden.limits.soft
+        if share is None and soft is not None:
+            share = soft // (int(worker.concurrency or 1) + 1)
+        self.child_share = share
+        if share is not None:
+            # billiard's after-task check needs a limit to run at all; we answer it.
+            worker.max_memory_per_child = max(1, share // 1024)
+
+    @swallow
+    def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        if self.warden is None or os.getpid() != self.main_pid:
+            return
+        if self.pool == "threads" and sender is not None:
+            # celery#6941: a thread's ack does not wake the event loop, so with late acks
+            # the worker idles for seconds between tasks (and would notice a drain late).
+            sender.timer.call_repeatedly(WAKE_EVERY, _wake)
+        self.warden.start()
+        log.info(
+            "memwarden: guarding celery worker (%s pool): %r, child share %s",
+            self.pool,
+            self.warden,
+            format_size(self.child_share),
+        )
+
+    def _flag(self, pid: int) -> str:
+        return os.path.join(self.config.state_path, f"celery-recycle-{pid}")
+
+    def _recycle_largest_child(self, reason: str) -> bool:
+        """The pool child holding the most (USS) leaves after its current task."""
+        sizes = []
+        for pid in children_of(os.getpid()):
+            mem = smaps_rollup(pid)
+            if mem is not None:
+                sizes.append((mem.uss, pid))
+        if not sizes:
+            return False
+        uss, pid = max(sizes)
+        os.makedirs(self.config.state_path, exist_ok=True)
+        with open(self._flag(pid), "w") as f:
+            f.write(reason)
+        log.info("memwarden: pool child %d (USS %s) recycles after its task", pid, format_size(uss))
+        return True
+
+    def _drain(self) -> None:
+        """Celery's warm shutdown: stop consuming, finish the tasks in flight, exit."""
+        code = self.config.exit_code if self.config.restart == "exit" else 0
+        worker_state.should_stop = code
+
+    def _before_kill(self, in_flight: list[dict[str, Any]]) -> None:
+        if self.poison is None:
+            return
+        for job in in_flight:
+            if job.get("job_id") is not None:
+                kills = self.poison.record_kill(job["job_id"])
+                log.warning(
+                    "memwarden: %s[%s] was running at this hard kill (%d of %d)",
+                    job.get("job"),
+                    job["job_id"],
+                    kills,
+                    self.poison.kills,
+                )
+
+    def _kill(self) -> None:
+        """Cold stop, then kill: pool children die now (their memory goes, their tasks are
+        rejected back to the queue), a cold shutdown closes the broker connection (Redis
+        puts prefetched messages back), and SIGKILL ends whatever is left."""
+        me = os.getpid()
+        kids = [pid for pid in process_tree(me) if pid != me]
+        if self.pool != "prefork" or not kids or not self.app.conf.task_reject_on_worker_lost:
+            # The task runs in this process, or a child's death would fail it: all at once.
+            kill_tree_and_self()
+            return
+        for pid in kids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        worker_state.should_terminate = 1
+        deadline = time.monotonic() + min(self.config.shutdown_timeout, COLD_STOP_WAIT)
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        kill_tree_and_self()
+
+    @swallow
+    def _on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """A poison task is failed, acknowledged and skipped instead of run again."""
+        if request is None or self.poison is None or os.getpid() != self.main_pid:
+            return
+        while self._quarantined:
+            worker_state.task_ready(self._quarantined.pop())
+        kills = self.poison.count(request.id)
+        if kills < self.poison.kills:
+            return
+        self._quarantine(request, kills)
+
+    def _quarantine(self, request: Any, kills: int) -> None:
+        from billiard.einfo import ExceptionInfo
+
+        exc = PoisonJobError(
+            f"memwarden: task {request.name}[{request.id}] was running at {kills} hard kills "
+            f"of its worker (MEMWARDEN_POISON_KILLS={self.poison.kills if self.poison else kills})"
+            ": quarantined as a poison job, not run again"
+        )
+        try:
+            raise exc
+        except PoisonJobError:
+            einfo = ExceptionInfo()
+        request.on_failure(einfo)  # FAILURE in the result backend, task_failure, event
+        request.acknowledge()
+        # Celery skips a request it believes revoked (and releases its pool slot).
+        request._already_revoked = True
+        self._quarantined.append(request)
+        if self.warden is not None:
+            self.warden.journal.write(
+                "quarantine",
+                job=request.name,
+                job_id=request.id,
+                kills=kills,
+                framework="celery",
+                reason=str(exc),
+            )
+        log.error("%s", exc)
+
+    # ------------------------------------------------------------ pool children
+    @swallow
+    def _on_process_init(self, **_: Any) -> None:
+        if self.main_pid is None or os.getpid() == self.main_pid:
+            return  # solo sends this signal in the main process
+        self.warden = None  # never the parent's copy
+        self._recycle_at = None
+        share = self.child_share
+        if share is None:
+            return
+        platform = detect_platform(os.environ)
+        self.warden = Warden(
+            self.config,
+            gauge=UssGauge(),
+            quota=Quota(None, "prefork child share", platform),
+            restarter=NoRestart(),
+            locks=[],
+            hooks=Hooks(recycle=self._recycle),
+            framework="celery",
+            soft_limit=f"{share}B",  # a bare int would be KiB
+            hard_limit=None,
+            grace=NEVER,
+            min_uptime=0.0,
+        )
+        billiard.pool.mem_rss = self._child_memory_kib
+
+    def _recycle(self, reason: str) -> bool:
+        sample = self.warden.last_sample if self.warden is not None else None
+        self._recycle_at = sample.total if sample is not None else self.child_share
+        return True
+
+    def _child_memory_kib(self) -> int:
+        """billiard's after-task memory figure (KiB) for its ``worker_max_memory_per_child``
+        check: over the limit exactly when this child's warden asked to recycle."""
+        share_kib = max(1, (self.child_share or 0) // 1024)
+        if self._recycle_at is None and os.path.exists(self._flag(os.getpid())):
+            with contextlib.suppress(OSError):
+                os.unlink(self._flag(os.getpid()))
+            mem = smaps_rollup(os.getpid())
+            self._recycle_at = mem.uss if mem is not None else self_rss()  # main journaled it
+        if self._recycle_at is not None:
+            return max(share_kib + 1, self._recycle_at // 1024)
+        return share_kib
+
+    # ------------------------------------------------------------ every task
+    @swallow
+    def _on_prerun(self, task_id: Any = None, task: Any = None, **_: Any) -> None:
+        if self.warden is not None and task is not None:
+            queue = (getattr(task.request, "delivery_info", None) or {}).get("routing_key")
+            extra = {"queue": queue} if queue else {}
+            self.warden.job_started(task.name, task_id, **extra)
+
+    @swallow
+    def _on_postrun(self, task_id: Any = None, **_: Any) -> None:
+        if self.warden is not None:
+            self.warden.job_finished(task_id)
+
+
+def _wake() -> None:
+    """Nothing: being called is the point (the loop then sees acks and flags)."""
+
+
+def active_tasks() -> list[dict[str, Any]]:
+    """Tasks running in this worker now, from Celery's own state (main process)."""
+    for _ in range(5):
+        with contextlib.suppress(RuntimeError):  # set changed size: another thread
+            return [{"job": r.name, "job_id": r.id} for r in list(worker_state.active_requests)]
+    return []
+
+
+def pool_kind(pool_cls: Any) -> str:
+    """``prefork``, ``threads``, ``solo`` (or another name) for a worker's pool class."""
+    cls = get_implementation(pool_cls) if isinstance(pool_cls, str) else pool_cls
+    module = getattr(cls, "__module__", "")
+    return {
+        "celery.concurrency.prefork": "prefork",
+        "celery.concurrency.thread": "threads",
+        "celery.concurrency.solo": "solo",
+    }.get(module, module.rsplit(".", 1)[-1] or "unknown")
+
+
+def guard(app: Celery, *, poison_url: str | None = None, **options: Any) -> CeleryGuard:
+    """Guard ``app``'s workers. Options are the ``Config`` settings (``soft_limit="400MB"``,
+    ``reclaim=False``, ...), else ``MEMWARDEN_*``; ``poison_url`` is the Redis for
+    poison-job counts (default: the broker or result backend when it is Redis)."""
+    return CeleryGuard(app, poison_url, **options).connect()
+
+
+def check_app(spec: str) -> Callable[[Config, Mapping[str, str]], list[str]]:
+    """A ``memwarden check`` extra for ``--celery-app proj.celery:app``."""
+    from celery.app.utils import find_app
+
+    app = find_app(spec)
+
+    def celery_checks(config: Config, env: Mapping[str, str]) -> list[str]:
+        out = [f"celery: JOBS CAN BE LOST: {p}" for p in no_loss_problems(app)]
+        note = redis_visibility_note(app)
+        if note:
+            out.append(f"celery: {note}")
+        return out
+
+    return celery_checks

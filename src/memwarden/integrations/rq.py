@@ -12,10 +12,10 @@ come from ``MEMWARDEN_*`` (or ``Worker(..., memwarden={"soft_limit": "400MB"})``
   pages shared with the parent included — never its size at the end).
 - ``SimpleWorker`` runs jobs in its own process: ``job`` records from the warden's own hooks.
 - Over the soft limit: reclaim, then (``Worker``) let the horse end with its job, then after
-  the grace time drain — take no new job, the current one finishes — and restart through
-  the configured action (default: SIGTERM to ourselves, RQ's own warm shutdown). Something
-  must start the worker again: ``rq worker-pool``, ``memwarden run``, the dyno manager,
-  Kubernetes, systemd.
+  the grace time drain — take no new job, the current one finishes, an idle worker leaves
+  its (stepped) blocking dequeue — and restart through the configured action (default:
+  SIGTERM to ourselves, RQ's own warm shutdown). Something must start the worker again:
+  ``rq worker-pool``, ``memwarden run``, the dyno manager, Kubernetes, systemd.
 - Over the hard limit: ``Worker`` kills only the horse when the parent alone is under the
   limit; the parent survives and re-enqueues the job. Otherwise (and always for
   ``SimpleWorker``) the job in flight is re-enqueued from the warden's ``before_kill`` hook,
@@ -24,6 +24,8 @@ come from ``MEMWARDEN_*`` (or ``Worker(..., memwarden={"soft_limit": "400MB"})``
 - Poison jobs: every such kill is counted against the job id in Redis (:class:`PoisonJobs`);
   at ``poison_kills`` kills the job goes to the failed registry with a reason naming
   memwarden and the count instead of coming back.
+
+Needs rq >= 3.0 (executions, ``record_job_failure``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import time
 from typing import Any
 
 import rq
-from rq.job import Job, JobStatus
+from rq.job import Job
+from rq.job_lifecycle import record_job_failure
 from rq.queue import Queue
 from rq.worker import WorkerStatus
 
@@ -64,17 +67,6 @@ def poison_reason(kills: int, limit: int) -> str:
         f"worker (memory over the hard limit; MEMWARDEN_POISON_KILLS={limit}). "
         "Not retried; requeue it by hand once fixed."
     )
-
-
-def _fail(job: Job, reason: str, pipe: Any) -> None:
-    """Status FAILED, the failed registry and a failure result (what ``rq info`` shows)."""
-    try:
-        from rq.job_lifecycle import record_job_failure  # rq >= 3
-    except ImportError:
-        job.set_status(JobStatus.FAILED, pipeline=pipe)
-        job.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
-    else:
-        record_job_failure(job, reason, pipe)
 
 
 class WardenMixin:
@@ -240,7 +232,8 @@ class WardenMixin:
             if execution is not None:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)  # type: ignore[attr-defined]
             if kills >= limit:
-                _fail(job, poison_reason(kills, limit), pipe)
+                # Status FAILED, the failed registry and a failure result (what rq info shows).
+                record_job_failure(job, poison_reason(kills, limit), pipe)
             else:
                 job.started_at = None
                 job.ended_at = None

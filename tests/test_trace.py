@@ -9,7 +9,7 @@ import sys
 import tracemalloc
 
 from memwarden.diagnose import diagnose, load
-from memwarden.trace import Claim, live_figures
+from memwarden.trace import Claim, LiveFigures, live_figures
 
 WORKER = """
 import random, sys
@@ -121,3 +121,17 @@ def test_job_records_carry_live_memory_unless_turned_off(tmp_path):
     assert all(j["blocks"] - j["blocks_before"] >= 2000 for j in leaky)
     off, _ = run_worker(tmp_path, {"MEMWARDEN_LIVE_MEMORY": "false"}, jobs=10, name="off.py")
     assert not any("blocks" in r for r in off)
+
+
+def test_live_figures_turn_off_when_dear_for_the_job_time():
+    slow_jobs = LiveFigures(True)
+    slow_jobs.costs.extend([1e-3] * 8)  # a read costs 1 ms (a huge heap)
+    for _ in range(20):
+        slow_jobs.job_done(1.0)  # 1 s jobs: 1 ms is 0.1% of a job
+    assert slow_jobs.enabled and slow_jobs.read()
+    fast_jobs = LiveFigures(True)
+    fast_jobs.read()
+    fast_jobs.costs.extend([1e-3] * 8)
+    for _ in range(20):
+        fast_jobs.job_done(0.01)  # 10 ms jobs: 1 ms is 10%
+    assert not fast_jobs.enabled and fast_jobs.read() == {}

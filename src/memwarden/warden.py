@@ -37,7 +37,7 @@ from memwarden.gauges.quota import detect_quota
 from memwarden.journal import Journal
 from memwarden.policy import Action, Decision, Limits, Policy
 from memwarden.restart import Restarter, make_restarter
-from memwarden.trace import Tracer, live_figures
+from memwarden.trace import LiveFigures, Tracer
 from memwarden.units import SettingError, format_size
 
 log = logging.getLogger("memwarden")
@@ -194,6 +194,7 @@ class Warden:
             else None
         )
         self.metrics: Any = None
+        self.live = LiveFigures(self.config.live_memory)
         self._at_start()
 
     @swallow
@@ -246,8 +247,9 @@ class Warden:
                 "rss_before": started.pop("rss_before"),
                 "rss_after": rss_after,
                 "duration_s": round(time.perf_counter() - started.pop("t0"), 6),
-                **self._live(""),
+                **(self._live("") if "blocks_before" in started else {}),
             }
+            self.live.job_done(record["duration_s"])
             if self.framework:
                 record["framework"] = self.framework
             record.update(started)
@@ -261,10 +263,8 @@ class Warden:
         return self._check(fast_rss=rss_after)
 
     def _live(self, suffix: str) -> dict[str, int]:
-        """Live-memory figures for a job record (MEMWARDEN_LIVE_MEMORY; a few µs)."""
-        if not self.config.live_memory:
-            return {}
-        return {k + suffix: v for k, v in live_figures().items()}
+        """Live-memory figures for a job record (MEMWARDEN_LIVE_MEMORY, within a budget)."""
+        return {k + suffix: v for k, v in self.live.read().items()}
 
     @swallow
     def _trace_started(self, job: str, key: Any) -> None:

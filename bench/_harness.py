@@ -305,3 +305,31 @@ def write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
+
+
+def replace_block(path: str, name: str, text: str) -> bool:
+    """Put ``text`` between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in ``path``.
+
+    Returns False (and changes nothing) when the file or the markers are missing.
+    """
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    try:
+        with open(path) as f:
+            doc = f.read()
+    except OSError:
+        return False
+    i, j = doc.find(begin), doc.find(end)
+    if i < 0 or j < i:
+        return False
+    write_text(path, doc[: i + len(begin)] + "\n" + text.strip("\n") + "\n" + doc[j:])
+    return True
+
+
+def headline(results: Sequence[Result], columns: Sequence[tuple[str, str]]) -> str:
+    """A short table for the README, throughput also as a share of the first contender's."""
+    base = results[0].jobs_per_s if results else 0.0
+    out = [table(results, columns)]
+    if base > 0 and len(results) > 1:
+        shares = ", ".join(f"{r.name} {100 * r.jobs_per_s / base:.0f}%" for r in results[1:])
+        out.append(f"\nThroughput against {results[0].name}: {shares}.")
+    return "\n".join(out)

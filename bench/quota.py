@@ -6,8 +6,9 @@ with the same limit: the kernel's OOM killer is the judge. A worker that exits i
 again, as a dyno or pod would be. Contenders:
 
 - ``none``: no guard;
-- ``celery-max-mem``: Celery's own ``--max-memory-per-child`` (the soft limit split between
-  the pool children; Celery checks a child's peak RSS after each task);
+- ``celery-max-mem``: Celery's own ``--max-memory-per-child``, set to the same per-child share
+  as the guard's ``MEMWARDEN_CHILD_LIMIT`` (default a sixth of the limit); Celery checks a
+  child's peak RSS (``ru_maxrss``) after each task, the guard its current USS;
 - ``memwarden-run``: ``memwarden run`` around the worker (restarts from outside);
 - ``guard-noreclaim`` / ``guard-reclaim``: ``memwarden.celery.guard(app)`` with reclaim
   off / on.
@@ -51,7 +52,9 @@ from _harness import (
     bench_env,
     chart,
     dyno,
+    headline,
     machine,
+    replace_block,
     stop,
     table,
     write_text,
@@ -74,6 +77,14 @@ COLUMNS = [
     ("freed", "freed"),
     ("duplicates", "duplicates"),
 ]
+HEADLINE = [
+    ("jobs/s", "jobs_per_s"),
+    ("lost", "lost"),
+    ("OOM kills", "oom_kills"),
+    ("s over hard limit", "over_limit_s"),
+    ("restarts+recycles", "restarts"),
+    ("reclaims", "reclaims"),
+]
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ class Settings:
     interval: float
     stall: float
     seed: int
+    child_part: float
 
     @property
     def soft(self) -> int:
@@ -95,6 +107,11 @@ class Settings:
     def hard(self) -> int:
         return int(self.limit * 0.95)
 
+    @property
+    def child_share(self) -> int:
+        """Each pool child's share (``MEMWARDEN_CHILD_LIMIT`` / ``--max-memory-per-child``)."""
+        return int(self.limit * self.child_part)
+
 
 def job_mix(s: Settings) -> list[tuple[str, int, int]]:
     """The fixed mix: (kind, MiB, seed). Same for every contender."""
@@ -102,7 +119,7 @@ def job_mix(s: Settings) -> list[tuple[str, int, int]]:
     mix = []
     for i in range(s.jobs):
         roll = rnd.random()
-        if roll < 0.08:
+        if roll < 0.03:
             mix.append(("grow", s.grow_mb, i))
         elif roll < 0.45:
             mix.append(("fragment", rnd.randint(*s.frag_mb), i))
@@ -156,7 +173,7 @@ def worker_command(name: str, s: Settings, journal: str) -> list[str]:
         "--without-heartbeat",
     ]
     if name == "celery-max-mem":
-        per_child_kib = s.soft // CONCURRENCY // 1024
+        per_child_kib = s.child_share // 1024
         celery.append(f"--max-memory-per-child={per_child_kib}")
     if name == "memwarden-run":
         return [
@@ -189,6 +206,7 @@ def contender_env(name: str, s: Settings, prefix: str, journal: str, state: str)
         env.update(
             MEMWARDEN_SOFT_LIMIT=f"{s.soft}B",
             MEMWARDEN_HARD_LIMIT=f"{s.hard}B",
+            MEMWARDEN_CHILD_LIMIT=f"{s.child_share}B",
             MEMWARDEN_GRACE=f"{s.grace:g}",
             MEMWARDEN_INTERVAL=f"{s.interval:g}",
             MEMWARDEN_MIN_UPTIME="0",
@@ -213,6 +231,18 @@ def journal_totals(path: str) -> tuple[int, int]:
                     reclaims += 1
                     freed += int(rec.get("freed") or 0)
     return reclaims, freed
+
+
+def forget_run(r: redis.Redis, prefix: str, ids: list[str]) -> None:
+    """Delete this run's keys: ours, kombu's binding, its messages held in kombu's ``unacked``
+    hash (from workers killed mid-task) and the guard's poison counts of our task ids."""
+    keys = [*r.scan_iter(f"{prefix}*"), *r.scan_iter(f"_kombu.binding.{prefix}*")]
+    keys += [f"memwarden:kills:{task_id}" for task_id in ids]
+    r.delete(*keys)
+    for tag, payload in r.hscan_iter("unacked"):
+        if prefix.encode() in payload:
+            r.hdel("unacked", tag)
+            r.zrem("unacked_index", tag)
 
 
 def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
@@ -265,9 +295,7 @@ def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
         workers = int(r.get(f"{prefix}:workers") or 1)
         children = int(r.get(f"{prefix}:children") or 0)
     finally:
-        keys = [*r.scan_iter(f"{prefix}*"), *r.scan_iter(f"_kombu.binding.{prefix}*")]
-        if keys:
-            r.delete(*keys)
+        forget_run(r, prefix, ids)
         r.close()
     reclaims, freed = journal_totals(journal)
     worker_restarts = max(0, workers - 1)
@@ -337,15 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contenders", default=",".join(ORDER), help="comma-separated subset")
-    p.add_argument("--limit", default="640MiB", help="the cgroup limit (the quota)")
+    p.add_argument("--limit", default="512MiB", help="the cgroup limit (the quota)")
     p.add_argument("--jobs", type=int, default=600)
-    p.add_argument("--grow-mb", type=int, default=200, help="how far a grow job grows")
-    p.add_argument("--frag-mb", default="40-120", help="fragment job sizes, MiB (min-max)")
+    p.add_argument("--grow-mb", type=int, default=112, help="how far a grow job grows")
+    p.add_argument("--frag-mb", default="40-160", help="fragment job sizes, MiB (min-max)")
     p.add_argument("--grace", type=float, default=5.0, help="memwarden grace, seconds")
     p.add_argument("--interval", type=float, default=0.25, help="memwarden watchdog interval")
     p.add_argument("--stall", type=float, default=30.0, help="end after so long with no job done")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--child-share", type=float, default=1 / 6, help="per-child limit, part of the limit"
+    )
     p.add_argument("--out", help="write bench-quota.md and bench-quota.png into this directory")
+    p.add_argument("--readme", help="put the headline table into this file's marked block")
     a = p.parse_args(argv)
     low, _, high = a.frag_mb.partition("-")
     s = Settings(
@@ -357,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         interval=a.interval,
         stall=a.stall,
         seed=a.seed,
+        child_part=a.child_share,
     )
     wanted = [c.strip() for c in a.contenders.split(",") if c.strip()]
     unknown = [c for c in wanted if c not in ORDER]
@@ -387,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             os.path.join(a.out, "bench-quota.png"),
             "Celery worker memory (cgroup working set) per contender",
         )
+    if a.out:
+        replace_block(os.path.join(a.out, "benchmarks.md"), "quota", text)
+    if a.readme:
+        replace_block(a.readme, "quota-headline", headline(results, HEADLINE))
     print()
     for r in results:
         print(r.line())

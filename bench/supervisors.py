@@ -14,7 +14,7 @@ child; on SIGTERM it finishes its job and exits without stopping the helper. Con
 
 Usage::
 
-    python bench/supervisors.py                 # 60 s per contender
+    python bench/supervisors.py                 # 45 s per contender
     python bench/supervisors.py --out docs/     # also docs/bench-supervisors.md and .png
     python bench/supervisors.py --duration 8    # a quick look
 
@@ -46,7 +46,9 @@ from _harness import (
     chart,
     descendants,
     dyno,
+    headline,
     machine,
+    replace_block,
     stop,
     table,
     write_text,
@@ -63,6 +65,13 @@ COLUMNS = [
     ("restarts", "restarts"),
     ("orphans left", "orphans_left"),
     ("orphans (max at once)", "orphans_max"),
+]
+HEADLINE = [
+    ("jobs interrupted", "lost"),
+    ("OOM kills", "oom_kills"),
+    ("s over hard limit", "over_limit_s"),
+    ("restarts", "restarts"),
+    ("orphans left", "orphans_left"),
 ]
 
 
@@ -243,12 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contenders", default=",".join(ORDER), help="comma-separated subset")
     p.add_argument("--limit", default="256MiB", help="the cgroup limit (the quota)")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds per contender")
+    p.add_argument("--duration", type=float, default=45.0, help="seconds per contender")
     p.add_argument("--rate", type=float, default=8.0, help="MiB/s the command leaks")
     p.add_argument("--helper-mb", type=int, default=16)
     p.add_argument("--grace", type=float, default=1.0, help="memwarden grace, seconds")
     p.add_argument("--interval", type=float, default=0.25, help="memwarden interval, seconds")
     p.add_argument("--out", help="write bench-supervisors.md and .png into this directory")
+    p.add_argument("--readme", help="put the headline table into this file's marked block")
     a = p.parse_args(argv)
     s = Settings(
         limit=parse_size(a.limit, "--limit"),
@@ -296,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             os.path.join(a.out, "bench-supervisors.png"),
             "A bloating command under each supervisor (cgroup working set)",
         )
+    if a.out:
+        replace_block(os.path.join(a.out, "benchmarks.md"), "supervisors", text)
+    if a.readme:
+        replace_block(a.readme, "supervisors-headline", headline(results, HEADLINE))
     print()
     for r in results:
         print(r.line())

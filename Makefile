@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench readme clean
+.PHONY: demo test lint bench bench-quota bench-supervisors readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/check_overhead.py
+
+# Side by side in real memory cgroups (Redis on localhost); rewrite docs/ tables, charts and
+# the README's headline tables. A few minutes each; run them on a quiet machine.
+bench-quota: $(STAMP)
+	$(BIN)/python bench/quota.py --out docs --readme README.md
+
+bench-supervisors: $(STAMP)
+	$(BIN)/python bench/supervisors.py --out docs --readme README.md
 
 readme: $(STAMP)
 	$(BIN)/python scripts/readme_settings.py

@@ -89,10 +89,11 @@ class Supervised:
 class Run:
     """One test's worker settings, producer, journal and completion marks."""
 
-    def __init__(self, tmp: Path, broker: str, pool: str) -> None:
+    def __init__(self, tmp: Path, broker: str, pool: str, **env: str) -> None:
         self.tmp, self.broker, self.pool = tmp, broker, pool
         self.name = f"mw-celery-{uuid.uuid4().hex[:10]}"
         self.queue = self.name
+        tmp.mkdir(parents=True, exist_ok=True)
         self.journal = tmp / "journal.jsonl"
         self.log = tmp / "worker.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")}
@@ -114,6 +115,7 @@ class Run:
             MEMWARDEN_RESTART="signal" if pool == "prefork" else "exit",
             MWT_PREFETCH="1" if pool == "prefork" else "4",
         )
+        self.env.update(env)
         self.app = Celery("producer", broker=broker, backend=RESULTS)
         self.app.conf.broker_transport_options = {"visibility_timeout": 4}
         self.marks = redis.Redis.from_url(RESULTS)
@@ -190,8 +192,8 @@ def broker(request: pytest.FixtureRequest) -> str:
 def run_factory(tmp_path: Path) -> Iterator[Any]:
     runs: list[Run] = []
 
-    def make(broker: str, pool: str) -> Run:
-        runs.append(Run(tmp_path, broker, pool))
+    def make(broker: str, pool: str, **env: str) -> Run:
+        runs.append(Run(tmp_path / str(len(runs)), broker, pool, **env))
         return runs[-1]
 
     yield make
@@ -267,3 +269,43 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
         assert len(run.records("kill")) == 3
         assert set(run.sent) - {poison} <= run.done()  # no job lost
         assert cg.oom_kills() == 0  # memwarden acted before the kernel had to
+
+
+@pytest.mark.slow
+def test_drain_past_the_shutdown_timeout_ends_in_a_kill_and_the_task_comes_back(
+    run_factory: Any,
+) -> None:
+    """Over the soft limit with a task that will not finish in time: the warm shutdown waits
+    ``shutdown_timeout``, then cold stop and kill; the task comes back and completes."""
+    need_service("Redis", 6379)
+    run: Run = run_factory(RESULTS, "prefork", MEMWARDEN_SHUTDOWN_TIMEOUT="0.5")
+    with run.worker() as (sup, cg):
+        slow = run.send("mwt.grow", 200, 8, 8, 0.02, 3.0)  # over soft, then holds 3 s
+        wait_for(lambda: slow in run.done(), 60, 0.2, "the slow task to come back and finish")
+        key = f"{run.name}:grow:{slow}"
+        assert int(run.marks.get(f"{key}:attempts") or 0) == 2
+        assert b"1" not in run.marks.hgetall(f"{key}:finished")  # the first run was cut
+        restarts, kills = run.records("restart"), run.records("kill")
+        # The main process: its largest child asked to recycle (it is busy), then the drain.
+        assert [r["action"] for r in restarts if r["pid"] in sup.starts] == ["recycle", "signal"]
+        assert len(kills) == 1 and kills[0]["reason"].startswith("still running 0.5s")
+        assert [j["job_id"] for j in kills[0]["in_flight"]] == [slow]
+        assert len(sup.starts) == 2 and cg.oom_kills() == 0
+
+
+@pytest.mark.slow
+def test_solo_pool_restarts_and_warns_about_unsafe_settings(run_factory: Any) -> None:
+    """The solo pool runs tasks in the worker itself; with Celery's default (unsafe)
+    settings the guard says loudly, at start, which ones lose jobs."""
+    need_service("Redis", 6379)
+    run: Run = run_factory(RESULTS, "solo", MWT_UNSAFE="1", MEMWARDEN_RESTART="signal")
+    with run.worker() as (sup, _):
+        batch = [run.send("mwt.work", "leak", LEAK_MB) for _ in range(30)]
+        wait_for(lambda: set(batch) <= run.done(), 60, 0.2, "the 30 jobs to complete")
+        assert len(sup.starts) >= 2  # 480 MiB of leaks: drained and restarted
+    log = run.log.read_text()
+    assert "JOBS CAN BE LOST: task_acks_late is off" in log
+    assert "JOBS CAN BE LOST: task_reject_on_worker_lost is off" in log
+    restarts = run.records("restart")
+    assert restarts and {r["action"] for r in restarts} == {"signal"}
+    assert {j["job_id"] for j in run.records("job")} >= set(batch)

@@ -54,10 +54,22 @@ def fail_on_setting(exc: SettingError) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (sizes in bytes).")
-def check(as_json: bool) -> None:
+@click.option(
+    "--celery-app",
+    metavar="MODULE:APP",
+    help="Also check a Celery app's no-loss settings (acks_late, reject_on_worker_lost).",
+)
+def check(as_json: bool, celery_app: str | None) -> None:
     """Print what memwarden sees here: platform, quota, gauge, limits, allocator."""
-    from memwarden.check import inspect, render
+    from memwarden.check import EXTRA_CHECKS, inspect, render
 
+    if celery_app:
+        try:
+            integration = importlib.import_module("memwarden.integrations.celery")
+            EXTRA_CHECKS.append(integration.check_app(celery_app))
+        except Exception as exc:
+            click.echo(f"memwarden: cannot load Celery app {celery_app!r}: {exc}", err=True)
+            sys.exit(2)
     try:
         report: dict[str, Any] = inspect()
     except SettingError as exc:

@@ -23,8 +23,9 @@ MB = 1024 * 1024
 
 app = Celery("celery_jobs", broker=os.environ.get("MWT_BROKER", BACKEND), backend=BACKEND)
 app.conf.update(
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
+    # The settings that make a killed task come back (MWT_UNSAFE=1: Celery's defaults).
+    task_acks_late=not os.environ.get("MWT_UNSAFE"),
+    task_reject_on_worker_lost=not os.environ.get("MWT_UNSAFE"),
     task_default_queue=QUEUE,
     worker_prefetch_multiplier=int(os.environ.get("MWT_PREFETCH", "1")),
     result_expires=900,
@@ -55,9 +56,12 @@ def work(self, kind: str = "", mb: int = 0) -> str:
 
 
 @app.task(name="mwt.grow", bind=True)
-def grow(self, first_mb: int, later_mb: int, step_mb: int = 8, pause: float = 0.05) -> str:
-    """Grows step by step: to ``first_mb`` on its first delivery (past the hard limit),
-    to ``later_mb`` after that. Records each attempt's start and end."""
+def grow(
+    self, first_mb: int, later_mb: int, step_mb: int = 8, pause: float = 0.05, hold: float = 0
+) -> str:
+    """Grows step by step: to ``first_mb`` on its first delivery (past the hard limit), and
+    holds it ``hold`` seconds; to ``later_mb`` after that. Records each attempt's start and
+    end."""
     key = f"{RUN}:grow:{self.request.id}"
     attempt = marks.incr(f"{key}:attempts")
     marks.hset(f"{key}:started", attempt, _where())
@@ -66,6 +70,8 @@ def grow(self, first_mb: int, later_mb: int, step_mb: int = 8, pause: float = 0.
     for _ in range(0, target, step_mb):
         held.append(bytearray(b"\x05") * (step_mb * MB))
         time.sleep(pause)
+    if attempt == 1:
+        time.sleep(hold)
     marks.hset(f"{key}:finished", attempt, _where())
     marks.sadd(f"{RUN}:done", self.request.id)
     return _where()

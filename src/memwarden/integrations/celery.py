@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -424,6 +425,8 @@ def check_app(spec: str) -> Callable[[Config, Mapping[str, str]], list[str]]:
     """A ``memwarden check`` extra for ``--celery-app proj.celery:app``."""
     from celery.app.utils import find_app
 
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as ``celery -A`` does
     app = find_app(spec)
 
     def celery_checks(config: Config, env: Mapping[str, str]) -> list[str]:

@@ -177,6 +177,7 @@ class FleetLock:
         self.key = holders_key(fleet)
         self.token = f"{identity or f'{socket.gethostname()}:{os.getpid()}'}:{uuid.uuid4().hex[:8]}"
         self.held = False
+        self._said_full = False
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -193,12 +194,15 @@ class FleetLock:
         if got is None:
             return True
         if not got:
-            log.info(
-                "memwarden: %d of fleet %s already restarting; still serving, will ask again",
-                self.k,
-                self.fleet,
-            )
+            if not self._said_full:  # once per wait, not at every check
+                self._said_full = True
+                log.info(
+                    "memwarden: %d of fleet %s already restarting; still serving, will ask again",
+                    self.k,
+                    self.fleet,
+                )
             return False
+        self._said_full = False
         self.held = True
         self._start_renewing()
         return True

@@ -305,3 +305,15 @@ def test_check_says_when_the_fleet_redis_does_not_answer(client):
     (warning,) = fleet_checks(Config(redis_url="redis://:pw-x@127.0.0.1:1/7"), {})
     assert "MEMWARDEN_REDIS_URL=redis://:***@127.0.0.1:1/7 does not answer" in warning
     assert "pw-x" not in warning
+
+
+def test_a_holder_stuck_alive_lets_go_after_max_hold(fleet, client):
+    stuck = FleetLock(Link(connect(URL), URL), fleet, k=1, ttl=1.0, max_hold=1.0)
+    assert stuck.try_acquire()
+    waiting = lock(fleet, k=1, ttl=1.0)
+    assert not waiting.try_acquire()
+    # Renewal stops after max_hold; the lease then runs out within one TTL.
+    wait_for(waiting.try_acquire, 60, interval=0.05, what="the stuck holder's place")
+    assert client.zscore(holders_key(fleet), stuck.token) is None
+    waiting.release()
+    stuck.release()

@@ -165,6 +165,7 @@ class FleetLock:
         k: int = 1,
         ttl: float = 30.0,
         identity: str | None = None,
+        max_hold: float | None = None,
     ) -> None:
         if k < 1:
             raise SettingError(
@@ -174,6 +175,8 @@ class FleetLock:
         self.fleet = fleet
         self.k = k
         self.ttl_ms = max(int(ttl * 1000), 100)
+        #: Renew for at most this long: a holder stuck alive must not block the fleet forever.
+        self.max_hold = max_hold
         self.key = holders_key(fleet)
         self.token = f"{identity or f'{socket.gethostname()}:{os.getpid()}'}:{uuid.uuid4().hex[:8]}"
         self.held = False
@@ -223,7 +226,14 @@ class FleetLock:
         self._renewer.start()
 
     def _renew_loop(self) -> None:
+        until = None if self.max_hold is None else time.monotonic() + self.max_hold
         while not self._stop.wait(self.ttl_ms / 3000):
+            if until is not None and time.monotonic() > until:
+                log.error(
+                    "memwarden: still restarting %gs after taking a fleet place: letting it go",
+                    self.max_hold,
+                )
+                return
             kept = self.link.run(lambda: self._eval(_RENEW, self.token, self.ttl_ms), None)
             if kept == 0:
                 log.warning("memwarden: lost the fleet restart place of %s (expired)", self.fleet)
@@ -323,6 +333,8 @@ class Fleet:
             k=config.fleet_max_restarting,
             ttl=config.fleet_lock_ttl,
             identity=f"{host}:{os.getpid()}",
+            # drain + restart + the hard kill after it: a restart never takes longer
+            max_hold=2 * config.shutdown_timeout + config.fleet_lock_ttl,
         )
         self.heartbeat: Heartbeat | None = None
 

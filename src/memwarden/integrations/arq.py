@@ -179,14 +179,18 @@ class ArqGuard:
         self.drain()
         if self.redis is None:
             return
-        for job in in_flight:
-            job_id = str(job["job_id"])
+        running = {str(job["job_id"]): str(job["job"]) for job in in_flight}
+        for job_id, name in running.items():
             kills = self.poison.record_kill(job_id) if self.poison is not None else 0
             if self.poison is not None and kills >= self.poison.kills:
-                self.quarantine(job_id, str(job["job"]), kills)
+                self.quarantine(job_id, name, kills)
             else:
                 self.redis.pexpire(in_progress_key_prefix + job_id, int(PUT_BACK_DELAY * 1000))
-                log.warning("memwarden: arq job %s[%s] will run again", job["job"], job_id)
+                log.warning("memwarden: arq job %s[%s] will run again", name, job_id)
+        # Taken by the worker but not started yet: free them too, no kill counted.
+        for job_id in list(self.worker.tasks) if self.worker is not None else []:
+            if job_id not in running:
+                self.redis.pexpire(in_progress_key_prefix + job_id, int(PUT_BACK_DELAY * 1000))
 
     def quarantine(self, job_id: str, name: str, kills: int) -> None:
         """Off the queue for good: the job's definition to the quarantine list, a failed

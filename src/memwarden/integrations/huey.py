@@ -48,6 +48,8 @@ IDLE = 0.1
 #: A task put back goes through Huey's schedule, due this many seconds later, so that no
 #: thread of a consumer about to die can take it again (the next one's scheduler will).
 PUT_BACK_DELAY = 2.0
+#: Before a kill, how long to wait for fetches under way (Huey's Redis read timeout: 1 s).
+FETCH_WAIT = 2.0
 
 
 class LargestWorkerGauge:
@@ -97,6 +99,7 @@ class HueyGuard:
         self._pid = -1
         self._lock = threading.Lock()
         self._claimed: dict[str, Task] = {}  # taken from the queue, not finished
+        self._fetching = 0  # threads inside the storage's (blocking) fetch
         self._handled: set[str] = set()  # re-enqueued or quarantined before a kill
         self._dequeue = huey.dequeue
         self._execute = huey.execute
@@ -119,7 +122,7 @@ class HueyGuard:
             if self.warden is not None and self._pid == os.getpid():
                 return
             self._pid = os.getpid()
-            self._claimed, self._handled = {}, set()
+            self._claimed, self._handled, self._fetching = {}, set(), 0
             self.draining = self.leaving = False
             self.process_worker = multiprocessing.current_process().name != "MainProcess"
             hooks = Hooks(
@@ -152,15 +155,21 @@ class HueyGuard:
         if self.draining:
             time.sleep(IDLE)
             return None
-        task = self._dequeue()
-        if task is None:
-            return None
         with self._lock:
-            if self.draining:  # taken while the drain began: back to the queue
-                self.put_back(task)
+            self._fetching += 1
+        try:
+            task = self._dequeue()
+            if task is None:
                 return None
-            self._claimed[task.id] = task
-        return task
+            with self._lock:
+                if not self.draining:
+                    self._claimed[task.id] = task
+                    return task
+            self.put_back(task)  # taken while the drain began: back to the queue
+            return None
+        finally:
+            with self._lock:
+                self._fetching -= 1
 
     def execute(self, task: Task, timestamp: Any = None) -> Any:
         try:
@@ -191,13 +200,22 @@ class HueyGuard:
         return True
 
     def in_flight(self) -> list[dict[str, Any]]:
+        """Tasks taken and not finished; while draining, a fetch under way counts too (what
+        it brings back is put back before it ends)."""
         with self._lock:
-            return [{"job": t.name, "job_id": t.id} for t in self._claimed.values()]
+            jobs = [{"job": t.name, "job_id": t.id} for t in self._claimed.values()]
+            if self.draining and self._fetching:
+                jobs.append({"job": "(fetching)", "job_id": None})
+            return jobs
 
     def before_kill(self, in_flight: list[dict[str, Any]]) -> None:
         """Just before the hard kill: every task in flight back to the queue, or into
-        quarantine if it was running at ``poison_kills`` kills."""
+        quarantine if it was running at ``poison_kills`` kills. Fetches under way end first
+        (at most the storage's read timeout), so no task is taken and then lost."""
         self.draining = True
+        deadline = time.monotonic() + FETCH_WAIT
+        while self._fetching and time.monotonic() < deadline:
+            time.sleep(0.01)
         with self._lock:
             tasks = list(self._claimed.values())
         for task in tasks:

@@ -219,6 +219,7 @@ def test_200_growing_jobs_none_lost(arq_env: dict[str, str]) -> None:
     assert r.llen(quarantine) == 1
     with pytest.raises(JobExecutionFailed, match="2 hard kills: quarantined"):
         result_of(arq_env, poison_id)
+    r.delete(f"arq:result:{poison_id}")
 
     records = journal(arq_env)
     kills = [k for k in records if k["event"] == "kill"]

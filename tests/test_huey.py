@@ -95,8 +95,9 @@ def huey_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     }
     yield env
     r = redis.Redis.from_url(URL)
-    for key in r.scan_iter(f"*{name}*"):
-        r.delete(key)
+    for pattern in (f"*{name}*", f"huey.*{name.replace('-', '')}*"):  # huey drops the dashes
+        for key in r.scan_iter(pattern):
+            r.delete(key)
 
 
 def app(env: dict[str, str]) -> Any:

@@ -71,6 +71,7 @@ class WorkerSettings:
     poll_delay = 0.05
     job_timeout = 60
     max_tries = 20
+    keep_result = 0  # the tests count completions themselves; leave no result keys behind
     on_job_start = user_job_start
     after_job_end = user_job_end
 

@@ -27,7 +27,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
@@ -54,7 +53,8 @@ __all__ = ["ArqGuard", "guard"]
 #: worker can take it again, and the next worker runs it right after.
 PUT_BACK_DELAY = 2.0
 
-Hook = Callable[[dict[str, Any]], Awaitable[Any]]
+#: How long a quarantined job's failed result is kept when the worker keeps no results.
+QUARANTINE_RESULT = 24 * 3600
 
 
 class ArqGuard:
@@ -219,8 +219,8 @@ class ArqGuard:
         if raw:
             pipe.rpush(self.quarantine_key, raw)
         if result is not None:
-            keep = self.worker.keep_result_s if self.worker is not None else 3600
-            pipe.set(result_key_prefix + job_id, result, px=int(max(keep, 1) * 1000))
+            keep = self.worker.keep_result_s if self.worker is not None else 0
+            pipe.set(result_key_prefix + job_id, result, px=int((keep or QUARANTINE_RESULT) * 1000))
         pipe.delete(job_key_prefix + job_id, retry_key_prefix + job_id)
         pipe.delete(in_progress_key_prefix + job_id)
         pipe.execute()

@@ -27,6 +27,21 @@ from tests.conftest import need_service, wait_for
 APPS = Path(__file__).parent / "apps"
 URL = "redis://127.0.0.1:6379/5"  # Huey's Redis DB in this project's tests
 CONSUMER = str(Path(sys.executable).with_name("huey_consumer"))
+#: Greenlet workers need gevent's monkey-patching before anything else is imported.
+GEVENT_CONSUMER = [
+    sys.executable,
+    "-c",
+    "from gevent import monkey; monkey.patch_all()\n"
+    "from huey.bin.huey_consumer import consumer_main; consumer_main()",
+]
+
+
+def consumer(worker_type: str) -> list[str]:
+    if worker_type != "greenlet":
+        return [CONSUMER]
+    if importlib.util.find_spec("gevent") is None:
+        pytest.skip("greenlet workers need gevent (in the dev extra): pip install gevent")
+    return GEVENT_CONSUMER
 
 
 class Supervised:
@@ -34,6 +49,7 @@ class Supervised:
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.args, self.env, self.log = args, env, log
+        self.command = consumer(args[args.index("-k") + 1])
         self.starts: list[int] = []
         self.exits: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,7 +65,7 @@ class Supervised:
         with open(self.log, "ab") as out:
             while not self._stop.is_set():
                 self.proc = subprocess.Popen(
-                    [CONSUMER, "huey_app.huey", *self.args],
+                    [*self.command, "huey_app.huey", *self.args],
                     cwd=APPS,
                     env=self.env,
                     stdout=out,
@@ -148,7 +164,7 @@ def test_guard_rejects_a_bad_setting_and_starts_nothing_in_a_producer(
     assert producer.guard.warden is None
 
 
-@pytest.mark.parametrize("worker_type", ["thread", "process"])
+@pytest.mark.parametrize("worker_type", ["thread", "process", "greenlet"])
 def test_interrupted_task_is_enqueued_again(huey_env: dict[str, str], worker_type: str) -> None:
     """SIGTERM is huey's "stop now": the running task is interrupted and huey has already
     taken it off the queue. The guard puts it back; the restarted consumer finishes it."""
@@ -174,7 +190,11 @@ HOG_MB = 500  # over the 400 MB hard limit, held for seconds: the watchdog must 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("worker_type", "soft", "action"),
-    [("process", "150MB", "recycle"), ("thread", "120MB", "signal")],
+    [
+        ("process", "150MB", "recycle"),
+        ("thread", "120MB", "signal"),
+        ("greenlet", "120MB", "signal"),
+    ],
 )
 def test_200_growing_jobs_none_lost(
     huey_env: dict[str, str], worker_type: str, soft: str, action: str
@@ -223,7 +243,7 @@ def test_200_growing_jobs_none_lost(
     assert [(q["job_id"], q["kills"]) for q in quarantined] == [(poison_task.id, 2)]
     jobs = [r for r in records if r["event"] == "job" and r["job"] == "work"]
     assert len(jobs) >= JOBS and all(j["framework"] == "huey" for j in jobs)
-    if worker_type == "thread":
+    if worker_type != "process":
         assert len(sup.starts) >= len(restarts) + len(kills)  # each one came back
     else:
         assert len(sup.starts) == 1  # the consumer stayed; its children were replaced

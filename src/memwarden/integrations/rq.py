@@ -69,6 +69,13 @@ def poison_reason(kills: int, limit: int) -> str:
     )
 
 
+def _own_rss() -> int:
+    try:
+        return self_rss()
+    except Exception:  # never let a reading fail a job
+        return 0
+
+
 class WardenMixin:
     """The warden's side of an RQ worker; mixed into ``rq.Worker`` and ``rq.SimpleWorker``."""
 
@@ -296,8 +303,12 @@ class Worker(WardenMixin, rq.Worker):
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         if self.warden is None:
             return super().fork_work_horse(job, queue)
-        self._mw_report, self._mw_report_w = os.pipe()
         self._mw_wait = (None, None, None)
+        try:
+            self._mw_report, self._mw_report_w = os.pipe()
+        except OSError as exc:  # out of fds: run the job without its report
+            log.warning("memwarden: no report pipe for the horse: %s", exc)
+            return super().fork_work_horse(job, queue)
         try:
             super().fork_work_horse(job, queue)  # the horse never returns from here
         finally:
@@ -313,14 +324,12 @@ class Worker(WardenMixin, rq.Worker):
     def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
         if self._mw_horse_killed is not None and job.id == self._mw_horse_killed:
             self._mw_horse_killed = None
-            execution = kwargs.get("execution")
-            self._mw_requeue_safely(job, queue, execution)
-            return
+            try:
+                self._mw_requeue_or_quarantine(job, queue, kwargs.get("execution"), "parent")
+                return
+            except Exception:
+                log.exception("memwarden: could not re-enqueue RQ job %s; RQ fails it", job.id)
         super().handle_job_failure(job, queue, *args, **kwargs)
-
-    @swallow
-    def _mw_requeue_safely(self, job: Job, queue: Queue, execution: Any) -> None:
-        self._mw_requeue_or_quarantine(job, queue, execution, "parent")
 
     @swallow
     def _mw_after_horse(self) -> None:
@@ -365,7 +374,7 @@ class Worker(WardenMixin, rq.Worker):
     def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
         if not self.is_horse or self._mw_report_w < 0:  # type: ignore[attr-defined]
             return bool(super().perform_job(job, queue, execution))
-        t0, before = time.perf_counter(), self_rss()
+        t0, before = time.perf_counter(), _own_rss()
         ok = False
         try:
             ok = bool(super().perform_job(job, queue, execution))
@@ -381,7 +390,7 @@ class Worker(WardenMixin, rq.Worker):
                 "job_id": job.id,
                 "queue": queue.name,
                 "rss_before": before,
-                "rss_after": self_rss(),
+                "rss_after": _own_rss(),
                 "duration_s": round(took, 6),
                 "ok": ok,
                 "framework": "rq",

@@ -6,9 +6,9 @@ with the same limit: the kernel's OOM killer is the judge. A worker that exits i
 again, as a dyno or pod would be. Contenders:
 
 - ``none``: no guard;
-- ``celery-max-mem``: Celery's own ``--max-memory-per-child``, set to the same per-child share
-  as the guard's ``MEMWARDEN_CHILD_LIMIT`` (default a sixth of the limit); Celery checks a
-  child's peak RSS (``ru_maxrss``) after each task, the guard its current USS;
+- ``celery-max-mem``: Celery's own ``--max-memory-per-child``, set to the guard's per-child
+  share (``MEMWARDEN_CHILD_LIMIT``, by default the guard's own: soft limit / (concurrency +
+  1)); Celery checks a child's peak RSS (``ru_maxrss``) after a task, the guard its USS now;
 - ``memwarden-run``: ``memwarden run`` around the worker (restarts from outside);
 - ``guard-noreclaim`` / ``guard-reclaim``: ``memwarden.celery.guard(app)`` with reclaim
   off / on.
@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall", type=float, default=30.0, help="end after so long with no job done")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
-        "--child-share", type=float, default=1 / 6, help="per-child limit, part of the limit"
+        "--child-share",
+        type=float,
+        default=0.85 / (CONCURRENCY + 1),
+        help="per-child limit as a part of the limit (default: the guard's, soft / (c + 1))",
     )
     p.add_argument("--out", help="write bench-quota.md and bench-quota.png into this directory")
     p.add_argument("--readme", help="put the headline table into this file's marked block")

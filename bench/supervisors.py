@@ -14,7 +14,7 @@ child; on SIGTERM it finishes its job and exits without stopping the helper. Con
 
 Usage::
 
-    python bench/supervisors.py                 # 45 s per contender
+    python bench/supervisors.py                 # 40 s per contender
     python bench/supervisors.py --out docs/     # also docs/bench-supervisors.md and .png
     python bench/supervisors.py --duration 8    # a quick look
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contenders", default=",".join(ORDER), help="comma-separated subset")
     p.add_argument("--limit", default="256MiB", help="the cgroup limit (the quota)")
-    p.add_argument("--duration", type=float, default=45.0, help="seconds per contender")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds per contender")
     p.add_argument("--rate", type=float, default=8.0, help="MiB/s the command leaks")
     p.add_argument("--helper-mb", type=int, default=16)
     p.add_argument("--grace", type=float, default=1.0, help="memwarden grace, seconds")

@@ -177,6 +177,10 @@ class Run:
             Queue(self.queue).bind(conn.default_channel).delete()
         if self.broker.startswith("redis"):
             self.marks.delete(self.queue, f"_kombu.binding.{self.queue}")
+            for tag, raw in self.marks.hscan_iter("unacked"):  # held by the last worker
+                if self.queue.encode() in raw:
+                    self.marks.hdel("unacked", tag)
+                    self.marks.zrem("unacked_index", tag)
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])
@@ -205,6 +209,7 @@ JOBS = 200
 LEAK_EVERY, LEAK_MB = 5, 16  # 40 of the 200 jobs keep 16 MiB each: 640 MiB of real growth
 FRAGMENT_EVERY, FRAGMENT_MB = 10, 24  # 20 leave glibc fragmentation (reclaimable)
 HOG_MB = 480  # past the 338 MiB hard limit, step by step: the watchdog must catch it
+HOG_STEP_MB, HOG_PAUSE = 8, 0.1  # 80 MiB/s: the 46 MiB between hard limit and quota is 0.5 s
 
 
 @pytest.mark.slow
@@ -242,7 +247,7 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
         assert not run.records("kill") and "WorkerLostError" not in run.log.read_text()
 
         # 2. A job that grows past the hard limit mid-run: killed, back, done on a fresh worker.
-        hog = run.send("mwt.grow", HOG_MB, 16)
+        hog = run.send("mwt.grow", HOG_MB, 16, HOG_STEP_MB, HOG_PAUSE)
         wait_for(lambda: hog in run.done(), 90, 0.2, "the hog to come back and complete")
         key = f"{run.name}:grow:{hog}"
         assert int(run.marks.get(f"{key}:attempts") or 0) == 2
@@ -254,7 +259,7 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
         assert started[b"1"] != finished[b"2"]  # a fresh worker ran it to the end
 
         # 3. A poison job: killed twice, then quarantined; the queue behind it carries on.
-        poison = run.send("mwt.poison", HOG_MB)
+        poison = run.send("mwt.poison", HOG_MB, HOG_STEP_MB, HOG_PAUSE)
         behind = [run.send("mwt.work") for _ in range(10)]
         result = AsyncResult(poison, app=run.app)
         wait_for(lambda: result.state == "FAILURE", 120, 0.2, "the poison job to be failed")

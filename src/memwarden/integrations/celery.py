@@ -135,13 +135,15 @@ def redis_visibility_note(app: Celery) -> str | None:
     )
 
 
-def _redis_url(app: Celery, explicit: str | None) -> str | None:
+def _redis_url(app: Celery, explicit: str | None, config: Config) -> str | None:
+    """Where poison counts live: ``poison_url=``, else the broker or result backend when it
+    is Redis, else ``MEMWARDEN_REDIS_URL``, else ``REDIS_URL``."""
     if explicit:
         return explicit
     for url in (app.conf.broker_url, app.conf.result_backend):
         if isinstance(url, str) and url.startswith(("redis://", "rediss://")):
             return url
-    return os.environ.get("REDIS_URL")
+    return getattr(config, "redis_url", None) or os.environ.get("REDIS_URL")
 
 
 class CeleryGuard:
@@ -159,6 +161,9 @@ class CeleryGuard:
         self.poison: PoisonJobs | None = None
         self._recycle_at: int | None = None  # child: USS that asked for recycling
         self._quarantined: list[Any] = []
+        #: The Redis broker, whose unacked messages of a killed worker would otherwise wait
+        #: for the visibility timeout (AMQP requeues them when the connection drops).
+        self.redis_broker: Any = None
         self._uid = f"memwarden-{id(self)}"
 
     def __repr__(self) -> str:
@@ -198,13 +203,19 @@ class CeleryGuard:
             kill=self._kill,
         )
         self.warden = Warden(self.config, hooks=hooks, restarter=restarter, framework="celery")
-        url = _redis_url(self.app, self.poison_url)
+        url = _redis_url(self.app, self.poison_url, self.config)
         if url:
             self.poison = PoisonJobs.from_url(url, kills=self.config.poison_kills)
         else:
             log.warning("memwarden: no Redis URL for poison-job counts (pass poison_url=)")
         if self.pool == "prefork":
             self._set_child_share(worker)
+        with contextlib.suppress(Exception):
+            conn = self.app.connection_for_read()
+            if conn.transport.driver_type == "redis":
+                import redis  # celery[redis]
+
+                self.redis_broker = redis.Redis.from_url(conn.as_uri(include_password=True))
 
     def _set_child_share(self, worker: Any) -> None:
         assert self.warden is not None
@@ -282,6 +293,7 @@ class CeleryGuard:
         kids = [pid for pid in process_tree(me) if pid != me]
         if self.pool != "prefork" or not kids or not self.app.conf.task_reject_on_worker_lost:
             # The task runs in this process, or a child's death would fail it: all at once.
+            self._expire_unacked()
             kill_tree_and_self()
             return
         for pid in kids:
@@ -292,6 +304,28 @@ class CeleryGuard:
         while time.monotonic() < deadline:
             time.sleep(0.05)
         kill_tree_and_self()
+
+    def _expire_unacked(self) -> None:
+        """Before a kill that ends in-process tasks (Redis broker): mark this worker's
+        unacked messages as past their visibility timeout, so the next worker to start
+        restores them at once rather than an hour later. (Pushing them back to the queue
+        now would race this process's own pending BRPOP.)"""
+        tags = []
+        for request in reserved_requests():
+            tag = getattr(request.message, "delivery_tag", None)
+            if tag is not None and not request.acknowledged:
+                tags.append(tag)
+        if self.redis_broker is None or not tags:
+            return
+        opts = self.app.conf.broker_transport_options or {}
+        key = opts.get("global_keyprefix", "") + opts.get("unacked_index_key", "unacked_index")
+        try:
+            pipe = self.redis_broker.pipeline()
+            for tag in tags:
+                pipe.zadd(key, {tag: 0}, xx=True)
+            pipe.execute()
+        except Exception as exc:  # the kill goes ahead; the visibility timeout still holds
+            log.warning("memwarden: unacked messages not marked for restore: %s", exc)
 
     @swallow
     def _on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
@@ -393,6 +427,16 @@ class CeleryGuard:
 
 def _wake() -> None:
     """Nothing: being called is the point (the loop then sees acks and flags)."""
+
+
+def reserved_requests() -> list[Any]:
+    """The task messages this worker holds (prefetched or running), from Celery's state."""
+    for _ in range(5):
+        with contextlib.suppress(RuntimeError):  # set changed size: another thread
+            held = {id(r): r for r in list(worker_state.active_requests)}
+            held.update((id(r), r) for r in list(worker_state.reserved_requests))
+            return list(held.values())
+    return []
 
 
 def active_tasks() -> list[dict[str, Any]]:

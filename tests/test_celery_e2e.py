@@ -26,6 +26,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from tests.cgroups import TestCgroup, memory_cgroup
 from tests.conftest import need_service, wait_for
+from tests.fakeapi import FakeAPI, Reply
 
 APPS = Path(__file__).parent / "apps"
 RESULTS = "redis://127.0.0.1:6379/1"  # Celery's Redis DB in this project's tests
@@ -314,3 +315,34 @@ def test_solo_pool_restarts_and_warns_about_unsafe_settings(run_factory: Any) ->
     restarts = run.records("restart")
     assert restarts and {r["action"] for r in restarts} == {"signal"}
     assert {j["job_id"] for j in run.records("job")} >= set(batch)
+
+
+@pytest.mark.slow
+def test_heroku_restart_runs_once_per_drain_and_keeps_the_token_secret(run_factory: Any) -> None:
+    """``MEMWARDEN_RESTART=heroku``: after each warm shutdown the Platform API is asked,
+    exactly once, to restart the dyno (a real local HTTP server stands in for Heroku)."""
+    need_service("Redis", 6379)
+    token = f"canary-{uuid.uuid4().hex}"
+    with FakeAPI() as api:
+        api.script(Reply(202, {}))
+        run: Run = run_factory(
+            RESULTS,
+            "threads",
+            MEMWARDEN_RESTART="heroku",
+            MEMWARDEN_HEROKU_API_URL=api.url,
+            HEROKU_APP_NAME="mwt-app",
+            DYNO="worker.1",
+            HEROKU_API_TOKEN=token,
+        )
+        with run.worker() as (sup, _):
+            batch = [run.send("mwt.work", "leak", LEAK_MB) for _ in range(30)]
+            wait_for(lambda: set(batch) <= run.done(), 90, 0.2, "the 30 jobs to complete")
+            drains = [r for r in run.records("restart") if r["action"] == "heroku"]
+            wait_for(lambda: len(api.requests) >= len(drains) >= 1, 30, 0.1, "the API calls")
+            wait_for(lambda: len(sup.starts) > len(drains), 30, 0.1, "each drain to end the worker")
+        assert len(api.requests) == len(drains)  # once per drain, though two paths may call
+        for req in api.requests:
+            assert (req.method, req.path) == ("DELETE", "/apps/mwt-app/dynos/worker.1")
+            assert req.headers["accept"] == "application/vnd.heroku+json; version=3"
+            assert req.headers["authorization"] == f"Bearer {token}"
+    assert token not in run.log.read_text() and token not in run.journal.read_text()

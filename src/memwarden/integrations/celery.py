@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -86,14 +87,23 @@ class UssGauge:
 class AfterWarmShutdown:
     """The restart after Celery's warm shutdown. For ``signal`` and ``exit`` the warm
     shutdown already ends the process (a second SIGTERM is redundant, and ``os._exit``
-    would race the broker connection's clean close); other actions run as configured."""
+    would race the broker connection's clean close). Other actions (a platform API) run
+    once: from the warden when nothing is in flight, or from ``worker_shutdown`` if the
+    worker gets there first — which then waits for the call to finish before exiting."""
 
     def __init__(self, inner: Restarter) -> None:
         self.inner = inner
         self.name = inner.name
+        self._lock = threading.Lock()
+        self._done = False
 
     def restart(self, reason: str) -> None:
-        if self.inner.name not in ("signal", "exit"):
+        if self.inner.name in ("signal", "exit"):
+            return
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
             self.inner.restart(reason)
 
 
@@ -160,6 +170,8 @@ class CeleryGuard:
         self.child_share: int | None = None
         self.poison: PoisonJobs | None = None
         self._recycle_at: int | None = None  # child: USS that asked for recycling
+        self.restarter: AfterWarmShutdown | None = None
+        self.drained = False
         self._quarantined: list[Any] = []
         #: The Redis broker, whose unacked messages of a killed worker would otherwise wait
         #: for the visibility timeout (AMQP requeues them when the connection drops).
@@ -173,6 +185,7 @@ class CeleryGuard:
         for sig, handler in (
             (signals.worker_init, self._on_worker_init),
             (signals.worker_ready, self._on_worker_ready),
+            (signals.worker_shutdown, self._on_worker_shutdown),
             (signals.worker_process_init, self._on_process_init),
             (signals.task_prerun, self._on_prerun),
             (signals.task_postrun, self._on_postrun),
@@ -193,7 +206,7 @@ class CeleryGuard:
         note = redis_visibility_note(self.app)
         if note:
             log.info("memwarden: %s", note)
-        restarter = AfterWarmShutdown(make_restarter(self.config))
+        restarter = self.restarter = AfterWarmShutdown(make_restarter(self.config))
         self.pool = pool_kind(worker.pool_cls)
         hooks = Hooks(
             drain=self._drain,
@@ -269,7 +282,14 @@ class CeleryGuard:
     def _drain(self) -> None:
         """Celery's warm shutdown: stop consuming, finish the tasks in flight, exit."""
         code = self.config.exit_code if self.config.restart == "exit" else 0
+        self.drained = True
         worker_state.should_stop = code
+
+    @swallow
+    def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        """The warm shutdown is over: make sure a drain's restart action has run."""
+        if self.drained and self.restarter is not None and os.getpid() == self.main_pid:
+            self.restarter.restart("memwarden drain finished")
 
     def _before_kill(self, in_flight: list[dict[str, Any]]) -> None:
         if self.poison is None:

@@ -20,6 +20,7 @@ from memwarden.integrations.celery import (
     pool_kind,
     redis_visibility_note,
 )
+from memwarden.restart.exit import ExitRestarter
 from memwarden.units import SettingError
 
 MEMWARDEN = str(Path(sys.executable).with_name("memwarden"))
@@ -83,21 +84,27 @@ def test_pool_kinds() -> None:
     assert pool_kind("solo") == "solo"
 
 
-def test_signal_and_exit_restarts_are_the_warm_shutdown_itself() -> None:
-    calls: list[str] = []
+def test_restart_actions_after_the_warm_shutdown() -> None:
+    calls: list[tuple[str, bool]] = []
 
     class Fake:
         def __init__(self, name: str) -> None:
             self.name = name
 
         def restart(self, reason: str) -> None:
-            calls.append(self.name)
+            calls.append((self.name, reason == "end"))
 
-    for name in ("signal", "exit", "heroku"):
-        once = AfterWarmShutdown(Fake(name))
-        once.restart("drained")  # from the warden, nothing in flight
-        once.restart("memwarden drain finished")  # from worker_shutdown
-    assert calls == ["heroku"]  # a platform API restart runs once per drain
+    class FakeExit(ExitRestarter):
+        def restart(self, reason: str) -> None:
+            calls.append((self.name, reason == "end"))
+
+    for inner in (Fake("signal"), Fake("heroku"), FakeExit(75)):
+        after = AfterWarmShutdown(inner)
+        after.restart("drained")  # from the warden, nothing in flight
+        after.restart("end", at_shutdown=True)  # from worker_shutdown
+    # signal: the warm shutdown is enough; an API call once, at the first chance; an exit
+    # only at the end, after the broker connection's clean close.
+    assert calls == [("heroku", False), ("exit", True)]
 
 
 def test_poison_error_is_importable_for_result_backends() -> None:

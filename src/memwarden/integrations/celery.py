@@ -47,6 +47,7 @@ from memwarden.gauges.proc import children_of, process_tree, self_rss, smaps_rol
 from memwarden.gauges.quota import Quota, detect_platform
 from memwarden.poison import PoisonJobs
 from memwarden.restart import NoRestart, Restarter, make_restarter
+from memwarden.restart.exit import ExitRestarter
 from memwarden.units import format_size
 from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow
 
@@ -85,20 +86,25 @@ class UssGauge:
 
 
 class AfterWarmShutdown:
-    """The restart after Celery's warm shutdown. For ``signal`` and ``exit`` the warm
-    shutdown already ends the process (a second SIGTERM is redundant, and ``os._exit``
-    would race the broker connection's clean close). Other actions (a platform API) run
-    once: from the warden when nothing is in flight, or from ``worker_shutdown`` if the
-    worker gets there first — which then waits for the call to finish before exiting."""
+    """The restart action after Celery's warm shutdown, which itself ends the process.
+
+    - ``signal``: nothing more (the warm shutdown is what SIGTERM would do).
+    - exits (``exit``, ``systemd``, ``kubernetes`` without pod deletion): at the very end of
+      the warm shutdown (``worker_shutdown``), once the broker connection is closed cleanly,
+      so the exit status is theirs and no prefetched message is left to a timeout.
+    - platform APIs (``heroku``, pod deletion): once — from the warden when nothing is in
+      flight, or from ``worker_shutdown`` if the worker gets there first, which then waits
+      for the call to finish before exiting."""
 
     def __init__(self, inner: Restarter) -> None:
         self.inner = inner
         self.name = inner.name
+        self.exits = isinstance(inner, ExitRestarter)
         self._lock = threading.Lock()
         self._done = False
 
-    def restart(self, reason: str) -> None:
-        if self.inner.name in ("signal", "exit"):
+    def restart(self, reason: str, at_shutdown: bool = False) -> None:
+        if self.inner.name == "signal" or (self.exits and not at_shutdown):
             return
         with self._lock:
             if self._done:
@@ -281,7 +287,10 @@ class CeleryGuard:
 
     def _drain(self) -> None:
         """Celery's warm shutdown: stop consuming, finish the tasks in flight, exit."""
-        code = self.config.exit_code if self.config.restart == "exit" else 0
+        if self.config.restart == "none":
+            return  # recorded only: whoever watches from outside acts
+        exits = self.restarter is not None and self.restarter.exits
+        code = self.config.exit_code if exits else 0
         self.drained = True
         worker_state.should_stop = code
 
@@ -289,7 +298,7 @@ class CeleryGuard:
     def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
         """The warm shutdown is over: make sure a drain's restart action has run."""
         if self.drained and self.restarter is not None and os.getpid() == self.main_pid:
-            self.restarter.restart("memwarden drain finished")
+            self.restarter.restart("memwarden drain finished", at_shutdown=True)
 
     def _before_kill(self, in_flight: list[dict[str, Any]]) -> None:
         if self.poison is None:

@@ -332,4 +332,5 @@ def headline(results: Sequence[Result], columns: Sequence[tuple[str, str]]) -> s
     if base > 0 and len(results) > 1:
         shares = ", ".join(f"{r.name} {100 * r.jobs_per_s / base:.0f}%" for r in results[1:])
         out.append(f"\nThroughput against {results[0].name}: {shares}.")
+    out.append(f"\nOne run. Machine: {machine()}.")
     return "\n".join(out)

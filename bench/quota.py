@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         replace_block(os.path.join(a.out, "benchmarks.md"), "quota", text)
     if a.readme:
-        replace_block(a.readme, "quota-headline", headline(results, HEADLINE))
+        verdict = next((line for line in text.splitlines() if line.startswith("Goal")), "")
+        replace_block(a.readme, "quota-headline", headline(results, HEADLINE) + "\n\n" + verdict)
     print()
     for r in results:
         print(r.line())

@@ -20,7 +20,7 @@ from rq import Queue
 from rq.utils import import_worker_class
 
 import memwarden.rq
-from apps.rq_harness import REDIS_URL, WorkerLoop, journal, start_env
+from apps.rq_harness import REDIS_URL, WorkerLoop, forget, journal, start_env
 from cgroups import memory_cgroup
 from conftest import wait_for
 
@@ -55,19 +55,25 @@ def test_bad_setting_stops_the_worker_naming_it(tmp_path, redis_url):
     assert "MEMWARDEN_SOFT_LIMIT='lots'" in out.stderr and "for example" in out.stderr
 
 
-def _names(prefix: str) -> tuple[Queue, redis.Redis]:
+def _names(request: pytest.FixtureRequest, prefix: str) -> tuple[Queue, redis.Redis, list]:
+    """A fresh queue on our Redis DB, and a list for the test's job ids: every key naming
+    the queue or one of those jobs is deleted after the test."""
     conn = redis.Redis.from_url(REDIS_URL)
-    return Queue(f"{prefix}-{uuid.uuid4().hex[:10]}", connection=conn), conn
+    queue = Queue(f"{prefix}-{uuid.uuid4().hex[:10]}", connection=conn)
+    ids: list[str] = []
+    request.addfinalizer(lambda: forget(conn, queue.name, ids))
+    return queue, conn, ids
 
 
 @pytest.mark.slow
-def test_drain_finishes_the_job_takes_no_new_one_then_exits(tmp_path, redis_url):
+def test_drain_finishes_the_job_takes_no_new_one_then_exits(request, tmp_path, redis_url):
     """Over the soft limit mid-job: the job finishes, the next one is left for the fresh
     worker, and the ``exit`` restart ends the drained worker with status 75."""
-    queue, conn = _names("mw-rq-drain")
+    queue, conn, ids = _names(request, "mw-rq-drain")
     prefix = f"mwt:{queue.name}"
     first = queue.enqueue("apps.rq_jobs.mw_job", prefix, "leak_until_restart", 150)
     second = queue.enqueue("apps.rq_jobs.mw_job", prefix, "light", 0)
+    ids += [first.id, second.id]
     env = start_env(
         tmp_path,
         MEMWARDEN_SOFT_LIMIT="100MiB",
@@ -94,10 +100,10 @@ def test_drain_finishes_the_job_takes_no_new_one_then_exits(tmp_path, redis_url)
 
 
 @pytest.mark.slow
-def test_worker_pool_starts_restarted_workers_again(tmp_path, redis_url):
+def test_worker_pool_starts_restarted_workers_again(request, tmp_path, redis_url):
     """``rq worker-pool -w …``: a worker whose parent outgrows the soft limit drains and stops
     (RQ's warm shutdown); the pool starts a fresh one, which serves the next jobs."""
-    queue, conn = _names("mw-rq-pool")
+    queue, conn, ids = _names(request, "mw-rq-pool")
     prefix = f"mwt:{queue.name}"
     done = f"{prefix}:done"
     env = start_env(
@@ -122,11 +128,13 @@ def test_worker_pool_starts_restarted_workers_again(tmp_path, redis_url):
                                 preexec_fn=cg.join)  # fmt: skip
         try:
             first = [queue.enqueue("apps.rq_jobs.mw_job", prefix, "light", 0) for _ in range(40)]
+            ids += [j.id for j in first]
             wait_for(lambda: conn.hlen(done) == len(first), timeout=120, what="first batch")
             wait_for(restarted, timeout=60, what="a worker restarted by memwarden")
             gone = restarted()
             wait_for(lambda: not any(_is_rq(p) for p in gone), timeout=60, what="it stopped")
             then = [queue.enqueue("apps.rq_jobs.mw_job", prefix, "light", 0) for _ in range(20)]
+            ids += [j.id for j in then]
             total = len(first) + len(then)
             wait_for(lambda: conn.hlen(done) == total, timeout=120, what="second batch")
         finally:

@@ -24,7 +24,7 @@ import redis
 from rq import Queue
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from apps.rq_harness import REDIS_URL, WorkerLoop, journal, start_env
+from apps.rq_harness import REDIS_URL, WorkerLoop, forget, journal, start_env
 from cgroups import memory_cgroup
 from conftest import wait_for
 
@@ -40,6 +40,7 @@ def in_flight_ids(record: dict) -> set[str]:
 
 
 def run_scenario(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     worker_class: str,
     plan: list[tuple[str, int]],
@@ -67,6 +68,7 @@ def run_scenario(
         done = {k.decode() for k in conn.hkeys(f"{prefix}:done")}
         return all(i in done for i in others) and all(p in failed for p in poison)
 
+    request.addfinalizer(lambda: forget(conn, name, list(ids)))
     with memory_cgroup(1024 * MB) as cg, WorkerLoop(argv, env, tmp_path / "worker.log", cg) as loop:
         try:
             wait_for(finished, timeout=240, interval=0.2, what="every job done, poison failed")
@@ -152,12 +154,13 @@ def check_common(res: dict) -> dict:
     return by_event
 
 
-def test_forking_worker(tmp_path, redis_url):
+def test_forking_worker(request, tmp_path, redis_url):
     """``memwarden.rq.Worker`` (a subclass whose parent also grows): horses that bloat are
     recycled with their job, a parent that grows is drained and restarted, a horse over the
     hard limit is killed alone and its job re-enqueued by the surviving parent."""
     plan = plan_of(180, 24, ("fragment", 120), 400)
     res = run_scenario(
+        request,
         tmp_path,
         "apps.rq_jobs.ParentGrowsWorker",
         plan,
@@ -198,7 +201,7 @@ def test_forking_worker(tmp_path, redis_url):
     assert poison not in {r["job_id"] for r in by_event["job"]}
 
 
-def test_simple_worker(tmp_path, redis_url):
+def test_simple_worker(request, tmp_path, redis_url):
     """``memwarden.rq.SimpleWorker``: jobs bloat the worker itself; reclaim, then drain and
     restart; over the hard limit the job is re-enqueued from ``before_kill`` and the whole
     worker is killed (and started again by the loop)."""
@@ -206,6 +209,7 @@ def test_simple_worker(tmp_path, redis_url):
     for k in range(0, len(plan), 20):
         plan.insert(k, ("fragment", 60))
     res = run_scenario(
+        request,
         tmp_path,
         "memwarden.rq.SimpleWorker",
         plan,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
 import psutil
+import redis
 
 from memwarden.journal import read_records
 
@@ -55,6 +58,10 @@ class WorkerLoop:
             self._stop.set()
         proc = self.current
         if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # RQ's warm shutdown: it leaves Redis tidy
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+        if proc is not None and proc.poll() is None:
             with contextlib.suppress(psutil.Error):
                 tree = psutil.Process(proc.pid).children(recursive=True)
                 for p in tree:
@@ -89,3 +96,20 @@ def journal(tmp_path: Path) -> list[dict]:
         return []
     with open(path) as f:
         return read_records(f)[0]
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def forget(conn: redis.Redis, name: str, ids: list[str]) -> int:
+    """Delete what a test left in Redis: keys naming its queue or one of its job ids."""
+    jobs = set(ids)
+    doomed = []
+    for key in conn.scan_iter(count=1000):
+        text = key.decode()
+        if name in text or any(m in jobs for m in _UUID.findall(text)):
+            doomed.append(key)
+    for at in range(0, len(doomed), 500):
+        conn.delete(*doomed[at : at + 500])
+    conn.srem("rq:queues", f"rq:queue:{name}")
+    return len(doomed)

@@ -11,7 +11,9 @@ own signals.
   exits, with ``exit_code`` for ``exit``, and its supervisor starts it again). At the hard
   limit or after the shutdown timeout: the tasks in flight are counted as poison
   candidates, pool children are killed at once (their tasks are rejected back to the
-  queue), a cold shutdown gets the broker connection closed, then SIGKILL.
+  queue), a cold shutdown gets the broker connection closed, then SIGKILL. Where the task
+  runs in the worker itself (threads, solo) the worker is killed at once; on Redis its
+  unacked messages are first marked as timed out, so the next worker restores them.
 - **Prefork children** (``worker_process_init``): a ``job`` record per task from
   ``task_prerun``/``task_postrun``; after each task a child whose USS is over its share
   reclaims, then recycles by Celery's own ``worker_max_memory_per_child`` path — billiard's
@@ -229,6 +231,7 @@ class CeleryGuard:
             log.warning("memwarden: no Redis URL for poison-job counts (pass poison_url=)")
         if self.pool == "prefork":
             self._set_child_share(worker)
+            self._forget_stale_flags()
         with contextlib.suppress(Exception):
             conn = self.app.connection_for_read()
             if conn.transport.driver_type == "redis":
@@ -265,6 +268,15 @@ class CeleryGuard:
             self.warden,
             format_size(self.child_share),
         )
+
+    def _forget_stale_flags(self) -> None:
+        """Recycle flags left by children of a worker that was killed (pids get reused)."""
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.config.state_path):
+                pid = name.removeprefix("celery-recycle-")
+                if name.startswith("celery-recycle-") and pid.isdigit() and not alive(int(pid)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.config.state_path, name))
 
     def _flag(self, pid: int) -> str:
         return os.path.join(self.config.state_path, f"celery-recycle-{pid}")
@@ -456,6 +468,16 @@ class CeleryGuard:
 
 def _wake() -> None:
     """Nothing: being called is the point (the loop then sees acks and flags)."""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
 
 
 def reserved_requests() -> list[Any]:

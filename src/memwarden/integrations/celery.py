@@ -332,9 +332,10 @@ class CeleryGuard:
         puts prefetched messages back), and SIGKILL ends whatever is left."""
         me = os.getpid()
         kids = [pid for pid in process_tree(me) if pid != me]
+        held = self._held_tags()
         if self.pool != "prefork" or not kids or not self.app.conf.task_reject_on_worker_lost:
             # The task runs in this process, or a child's death would fail it: all at once.
-            self._expire_unacked()
+            self._expire_unacked(held)
             kill_tree_and_self()
             return
         for pid in kids:
@@ -344,18 +345,25 @@ class CeleryGuard:
         deadline = time.monotonic() + min(self.config.shutdown_timeout, COLD_STOP_WAIT)
         while time.monotonic() < deadline:
             time.sleep(0.05)
+        self._expire_unacked(held)  # whatever the cold stop did not give back
         kill_tree_and_self()
 
-    def _expire_unacked(self) -> None:
-        """Before a kill that ends in-process tasks (Redis broker): mark this worker's
-        unacked messages as past their visibility timeout, so the next worker to start
-        restores them at once rather than an hour later. (Pushing them back to the queue
-        now would race this process's own pending BRPOP.)"""
+    def _held_tags(self) -> list[Any]:
+        """Delivery tags of the messages this worker holds and has not acknowledged."""
+        if self.redis_broker is None:
+            return []
         tags = []
         for request in reserved_requests():
             tag = getattr(request.message, "delivery_tag", None)
             if tag is not None and not request.acknowledged:
                 tags.append(tag)
+        return tags
+
+    def _expire_unacked(self, tags: list[Any]) -> None:
+        """Before a kill (Redis broker): mark these unacked messages as past their
+        visibility timeout, so the next worker to start restores them at once rather than
+        an hour later. Only those still unacked are touched (``XX``). (Pushing them back to
+        the queue now would race this process's own pending BRPOP.)"""
         if self.redis_broker is None or not tags:
             return
         opts = self.app.conf.broker_transport_options or {}

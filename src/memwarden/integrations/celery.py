@@ -148,8 +148,9 @@ def redis_visibility_note(app: Celery) -> str | None:
         return None
     vt = (app.conf.broker_transport_options or {}).get("visibility_timeout", 3600)
     return (
-        f"Redis broker: tasks of a SIGKILLed worker come back after visibility_timeout "
-        f"({vt:g} s); tasks running longer than that are delivered twice"
+        f"Redis broker: tasks of a worker killed outside memwarden (kernel OOM, kill -9) "
+        f"come back after visibility_timeout ({vt:g} s); tasks running longer than that are "
+        "delivered twice"
     )
 
 

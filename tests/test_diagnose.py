@@ -169,11 +169,13 @@ CASES = [
     ("leak", 2000, 5, {"delayed_into": "B", "noise": 1.0 * MB, "spikes": 0.03}),
     ("leak", 1500, 6, {"lifetimes": 3, "same_pid": True}),
     ("leak", 2400, 7, {"lifetimes": 4, "interleave": True, "culprit": "E"}),
+    ("leak", 60000, 8, {"lifetimes": 3}),
     ("bloat", 300, 11, {}),
     ("bloat", 3000, 12, {}),
     ("bloat", 6000, 13, {"lifetimes": 5, "spikes": 0.03}),
     ("bloat", 1200, 14, {"lifetimes": 3, "same_pid": True, "culprit": "A"}),
     ("bloat", 2000, 15, {"lifetimes": 4, "interleave": True, "culprit": "E"}),
+    ("bloat", 40000, 17, {"lifetimes": 2, "spikes": 0.02}),
     ("stable", 300, 21, {}),
     ("stable", 5000, 22, {"spikes": 0.05, "noise": 1.5 * MB}),
     ("stable", 2000, 23, {"lifetimes": 4, "interleave": True}),
@@ -207,6 +209,17 @@ def test_a_kind_that_merely_runs_often_is_not_blamed():
     result = diagnose(records)
     assert first(result) == "C"
     assert all(s["job"] != "A" or s["share"] < 0.2 for s in result["suspects"])
+
+
+def test_same_pid_on_two_hosts_is_two_lifetimes():
+    one = synthetic("leak", 400, 44)
+    other = synthetic("leak", 400, 45)
+    for r in one:
+        r["host"] = "dyno-a"
+    for r in other:
+        r["host"], r["pid"] = "dyno-b", one[0]["pid"]
+    result = diagnose(one + other)
+    assert result["evidence"]["lifetimes"] == 2 and first(result) == "C"
 
 
 def test_malformed_and_truncated_lines_are_counted_and_skipped():

@@ -22,6 +22,7 @@ Pure functions over records (DESIGN.md "Journal schema"); no framework, no numpy
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 import sys
@@ -172,12 +173,12 @@ def lifetimes(records: Iterable[dict[str, Any]]) -> tuple[list[Lifetime], int]:
     by_pid: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     bad = 0
     for r in records:
-        if _valid(r):
-            by_pid[r.get("pid")].append(r)
+        if _valid(r):  # pids repeat across hosts (pid 1 in every container)
+            by_pid[(r.get("host") or r.get("hostname") or r.get("dyno"), r.get("pid"))].append(r)
         else:
             bad += 1
     out: list[Lifetime] = []
-    for pid, recs in by_pid.items():
+    for (_, pid), recs in by_pid.items():
         recs.sort(key=lambda r: r["ts"])
         life = Lifetime(pid)
         ended = None  # when a restart/kill was recorded: a new job or a drop after is a new process
@@ -270,8 +271,10 @@ def shape_of(life: Lifetime) -> Shape | None:
     tail_slope = theil_sen(half)
     tail_growth = tail_slope * (len(half) - 1)
     diffs = [ys[i] - ys[i - 1] for i in range(1, n)]
-    noise = 1.4826 * median([abs(d - median(diffs)) for d in diffs]) / math.sqrt(2)
-    rises = sorted((max(0.0, s[i] - max(s[:i])) for i in range(1, n)), reverse=True)
+    mid = median(diffs)
+    noise = 1.4826 * median([abs(d - mid) for d in diffs]) / math.sqrt(2)
+    marks = list(itertools.accumulate(s, max))  # the high-water mark after each job
+    rises = sorted((marks[i] - marks[i - 1] for i in range(1, n)), reverse=True)
     total_rise = sum(rises)
     step_share = sum(rises[:3]) / total_rise if total_rise > 0 else 0.0
     # plateau: jobs at the end with the sustained level within reach of its final level

@@ -21,6 +21,7 @@ Pure functions over records (DESIGN.md "Journal schema"); no framework, no numpy
 
 from __future__ import annotations
 
+import collections
 import gzip
 import itertools
 import json
@@ -77,16 +78,21 @@ def theil_sen(ys: Sequence[float], max_points: int = 120) -> float:
 
 
 def sustained(ys: Sequence[float], window: int) -> list[float]:
-    """``min(ys[i : i + window])``: the level that stays, spikes removed (monotone deque)."""
-    out: list[float] = [0.0] * len(ys)
-    q: list[int] = []  # indices with increasing values, scanned from the right
-    for i in range(len(ys) - 1, -1, -1):
+    """``min(ys[i : i + window])``: the level that stays, spikes removed (monotone deque).
+
+    In the last ``window - 1`` jobs a rise cannot be confirmed yet: the level is held."""
+    n = len(ys)
+    out: list[float] = [0.0] * n
+    q: collections.deque[int] = collections.deque()  # increasing values, from the right
+    for i in range(n - 1, -1, -1):
         while q and ys[q[-1]] >= ys[i]:
             q.pop()
         q.append(i)
         while q[0] >= i + window:
-            q.pop(0)
+            q.popleft()
         out[i] = float(ys[q[0]])
+    for i in range(max(1, n - window + 1), n):
+        out[i] = min(out[i], out[i - 1])
     return out
 
 
@@ -264,7 +270,7 @@ def shape_of(life: Lifetime) -> Shape | None:
     if n < MIN_JOBS:
         return None
     s = sustained(ys, window_for(n))
-    k = max(3, n // 10)
+    k = max(3, min(n // 10, 300))  # the start: after warm-up, before a long life's steps
     start, end = median(s[:k]), median(s[-k:])
     growth = end - start
     half = s[n // 2 :]
@@ -277,9 +283,9 @@ def shape_of(life: Lifetime) -> Shape | None:
     rises = sorted((marks[i] - marks[i - 1] for i in range(1, n)), reverse=True)
     total_rise = sum(rises)
     step_share = sum(rises[:3]) / total_rise if total_rise > 0 else 0.0
-    # plateau: jobs at the end with the sustained level within reach of its final level
+    # plateau: jobs since the high-water mark came within reach of its final height
     tol = max(3 * noise, 0.05 * max(growth, 0.0), 256 * 1024)
-    last_low = max((i for i, v in enumerate(s) if v < end - tol), default=-1)
+    last_low = max((i for i, v in enumerate(marks) if v < marks[-1] - tol), default=-1)
     plateau = n - 1 - last_low
     meaningful = max(4 * noise, 0.03 * start, 2 * MiB)
     live = life.live()
@@ -290,9 +296,10 @@ def shape_of(life: Lifetime) -> Shape | None:
     # a leak makes new highs: the end stands above everything the first half reached
     new_high = end - max(s[: n // 2])
     # a big step in the very first jobs (not warm-up-sized) that stays is a high-water mark
-    early = end - median(s[:3])
+    first = median(s[:3])
+    early = end - first
     verdict, conf = _verdict(growth, tail_growth, new_high, meaningful, plateau, n, live_tail)
-    if verdict == "stable" and early >= max(0.25 * start, 4 * meaningful):
+    if verdict == "stable" and early >= max(0.25 * first, 4 * meaningful):
         verdict, conf = "bloat", 0.6
     return Shape(
         life.pid,

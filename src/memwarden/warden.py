@@ -448,13 +448,14 @@ class Warden:
             )
 
     def _kill(self, decision: Decision) -> None:
-        if self.policy.killed:
-            return
-        if self.config.dry_run:
+        # The job path and the watchdog may both decide KILL: the first one acts.
+        with self._mutex:
+            if self.policy.killed:
+                return
             self.policy.did_kill()
+        if self.config.dry_run:
             self._record("kill", decision, dry_run=True)
             return
-        self.policy.did_kill()
         self.counts["kills"] += 1
         in_flight = self.in_flight()
         self._record("kill", decision)

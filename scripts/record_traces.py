@@ -7,6 +7,7 @@ workload *is* (the expected pattern and the kind to blame), not what diagnose sa
 
     .venv/bin/python scripts/record_traces.py            # all scenarios -> tests/data/traces
     .venv/bin/python scripts/record_traces.py leak mixed  # some of them
+    .venv/bin/python scripts/record_traces.py --out /tmp/traces  # elsewhere
 
 A journal is gzipped JSONL (``memwarden diagnose`` reads ``.gz`` as is).
 """
@@ -321,16 +322,19 @@ def main(argv: list[str]) -> None:
         name, journal, jobs, seed, state = argv[1:6]
         run_worker(name, journal, int(jobs), int(seed), state)
         return
-    os.makedirs(OUT, exist_ok=True)
+    out = OUT
+    if argv[:1] == ["--out"]:
+        out, argv = argv[1], argv[2:]
+    os.makedirs(out, exist_ok=True)
     wanted = [s for s in SCENARIOS if not argv or s.name in argv]
-    labels_path = os.path.join(OUT, "labels.json")
+    labels_path = os.path.join(out, "labels.json")
     labels = {}
     if os.path.exists(labels_path):
         with open(labels_path) as f:
             labels = json.load(f)
     for sc in wanted:
         t0 = time.monotonic()
-        path = record(sc, OUT)
+        path = record(sc, out)
         labels[sc.name] = {
             "file": os.path.basename(path),
             "pattern": sc.pattern,

@@ -40,6 +40,23 @@ def test_recorded_trace(name):
         assert 0.3 <= result["suspects"][0]["share"] <= 1.0
 
 
+LIVE = ("blocks", "blocks_before", "heap_in_use", "heap_in_use_before")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, label in LABELS.items() if label["live_memory"]))
+def test_recorded_trace_from_rss_alone(name):
+    """The same journals with the live-memory figures taken out: RSS records alone."""
+    label = LABELS[name]
+    records, bad = load([os.path.join(TRACES, label["file"])])
+    for r in records:
+        for key in LIVE:
+            r.pop(key, None)
+    result = diagnose(records, bad)
+    assert result["evidence"]["live_memory"] is False
+    assert result["pattern"] == label["pattern"], (name, result["evidence"]["shapes"][:2])
+    assert first(result) == label["first_suspect"], (name, result["suspects"])
+
+
 def test_recorded_delayed_leak_really_lands_in_another_job():
     """The point of the delayed_leak traces: per-job RSS deltas blame the wrong kind."""
     records, _ = load([os.path.join(TRACES, LABELS["delayed_leak_rss_only"]["file"])])
@@ -257,6 +274,13 @@ def test_samples_alone_give_a_pattern():
     ]
     assert diagnose(recs[:400])["pattern"] == "leak"
     assert diagnose(recs[400:])["pattern"] == "stable"
+    # three long jobs and the watchdog's samples in between: the samples tell the shape
+    jobs = [
+        {"event": "job", "ts": t, "pid": 9, "job": "etl", "rss_before": 1, "rss_after": 2}
+        for t in (100.5, 200.5, 300.5)
+    ]
+    result = diagnose(recs[:400] + jobs)
+    assert result["pattern"] == "leak" and result["evidence"]["shapes"][0]["jobs"] == 400
 
 
 def test_live_memory_tells_bloat_from_a_leak_on_the_same_rss():

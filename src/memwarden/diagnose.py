@@ -14,9 +14,10 @@ Pure functions over records (DESIGN.md "Journal schema"); no framework, no numpy
   leak (live memory grows) and bloat (RSS grows, live memory does not).
 - **Attribution.** RSS growth often lands in a different job than the one that caused it
   (a leak fills free arena space, the next job needing fresh arenas takes the jump). So a
-  leak is attributed by a non-negative least-squares fit of the level on how many times
-  each kind has run so far in its lifetime (per-lifetime intercepts), not by per-job deltas;
-  bloat by which kind's runs raised the sustained high-water mark.
+  leak is attributed from RSS by an event study over horizons of 4 to 64 jobs
+  (:func:`attribute_events`), not by per-job deltas; from live-memory figures, which have
+  no such delay, per job (:func:`attribute_leak`); bloat by which kind's runs raised the
+  sustained high-water mark, net of chance (:func:`attribute_bloat`).
 """
 
 from __future__ import annotations
@@ -144,10 +145,14 @@ class Lifetime:
         return min(firsts) if firsts else 0.0
 
     def levels(self) -> list[float]:
-        """Memory after each job (RSS); samples when there are no job records."""
-        if self.jobs:
-            return [float(j["rss_after"]) for j in self.jobs]
+        """Memory after each job (RSS); the watchdog's samples when jobs are too few (long
+        jobs, or a pool parent that runs none)."""
+        if len(self.jobs) >= MIN_JOBS or len(self.samples) < MIN_JOBS:
+            return self.job_levels()
         return [float(s.get("rss") or s.get("total") or 0) for s in self.samples]
+
+    def job_levels(self) -> list[float]:
+        return [float(j["rss_after"]) for j in self.jobs]
 
     def live(self) -> list[float] | None:
         """Live memory after each job (``heap_in_use`` + ``blocks`` × 64), when recorded."""
@@ -409,7 +414,7 @@ def attribute_leak(
         n = len(life.jobs)
         if n < MIN_JOBS:
             continue
-        series = life.live() if live else sustained(life.levels(), window_for(n))
+        series = life.live() if live else sustained(life.job_levels(), window_for(n))
         if series is None:
             continue
         skip = n // 5
@@ -439,6 +444,85 @@ def attribute_leak(
     return out
 
 
+def _trimmed(xs: list[float], cut: float = 0.1) -> tuple[float, float, int]:
+    """Mean, variance and count of ``xs`` without the lowest and highest ``cut`` share."""
+    s = sorted(xs)
+    k = int(len(s) * cut)
+    s = s[k : len(s) - k] or s
+    m = sum(s) / len(s)
+    return m, sum((x - m) ** 2 for x in s) / max(1, len(s) - 1), len(s)
+
+
+HORIZONS = (4, 8, 16, 32, 64)
+
+
+def attribute_events(lives: list[Lifetime]) -> dict[str, dict[str, float]]:
+    """Bytes per run for each kind from RSS, as an event study over several horizons.
+
+    For each run of a kind: the sustained level's change from just before it to ``h`` jobs
+    past it, against the same change after any job (trimmed means: a fragmentation step
+    or a trim in a few stretches cannot steer it). Growth a kind causes may land in a later
+    job (a leak fills free arena space, the next job needing fresh heap takes the jump),
+    so short horizons blame the job that showed it; but that job's effect does not last —
+    the next time it has less to pay back — while the cause's keeps growing with ``h``.
+    So the evidence for a kind is its z-score summed over horizons 4 to 64 jobs, and its
+    bytes per run the mean of its positive estimates, shrunk by (evidence / the best
+    kind's evidence)² so a weakly supported kind's noisy estimate cannot outweigh the
+    clear culprit. A difference of means against the
+    overall rate, not a regression on counts (window counts add up to the window length
+    and let a frequent kind stand in for the drift)."""
+    levels = []
+    for life in lives:
+        n = len(life.jobs)
+        if n >= MIN_JOBS:
+            levels.append((life, sustained(life.job_levels(), window_for(n)), max(1, n // 5)))
+    # the sustained level at i already sees a few jobs ahead (a rise just after job i
+    # can show in it): the "before" reference is taken a few jobs back (at most 5: longer
+    # stretches gather the big swings of a fragmented heap)
+    runs: Counter[str] = Counter()
+    for life, _, skip in levels:
+        runs.update(j["job"] for j in life.jobs[skip:])
+    total = sum(runs.values())
+    z: Counter[str] = Counter()
+    estimates: dict[str, list[float]] = defaultdict(list)
+    longest = max((len(s) - skip for _, s, skip in levels), default=0)
+    for h in HORIZONS:
+        if h > max(HORIZONS[0], longest // 8):  # a few independent stretches at least
+            break
+        gains: dict[str, list[float]] = defaultdict(list)
+        every: list[float] = []
+        for life, s, skip in levels:
+            back = min(window_for(len(s)), 5)
+            for i in range(max(skip, back), len(s) - h):
+                g = s[i + h] - s[i - back]
+                gains[life.jobs[i]["job"]].append(g)
+                every.append(g)
+        if len(every) < 20:
+            continue
+        mb, vb, nb = _trimmed(every)
+        for kind, g in gains.items():
+            if len(g) < 5:
+                continue
+            m, v, nk = _trimmed(g)
+            effect = (m - mb) / max(1e-9, 1 - runs[kind] / total)
+            se = math.sqrt(v / nk + vb / nb)
+            z[kind] += effect / se if se > 0 else 0.0
+            estimates[kind].append(effect)
+    out: dict[str, dict[str, float]] = {}
+    best = max(z.values(), default=0.0)
+    for kind, zs in z.items():
+        positive = [e for e in estimates[kind] if e > 0]
+        per_run = sum(positive) / len(positive) if zs > 0 and positive else 0.0
+        per_run *= min(1.0, zs / best) ** 2 if best > 0 else 0.0
+        out[kind] = {
+            "per_run_bytes": per_run,
+            "growth_bytes": per_run * runs[kind],
+            "runs": runs[kind],
+            "evidence": zs,
+        }
+    return out
+
+
 def attribute_bloat(lives: list[Lifetime]) -> dict[str, dict[str, float]]:
     """Bytes each kind added to the sustained high-water mark, less what any kind adds by
     chance per run (the median kind's rate: noise lifts the mark in whichever job runs).
@@ -452,7 +536,7 @@ def attribute_bloat(lives: list[Lifetime]) -> dict[str, dict[str, float]]:
         n = len(life.jobs)
         if n < 2:
             continue
-        s = sustained(life.levels(), window_for(n))
+        s = sustained(life.job_levels(), window_for(n))
         top = s[0]
         for i, j in enumerate(life.jobs):
             runs[j["job"]] += 1
@@ -498,6 +582,8 @@ def diagnose(records: Iterable[dict[str, Any]], skipped_lines: int = 0) -> dict[
     live_used = bool(with_live) and len(with_live) * 2 >= len([li for li in lives if li.jobs])
     if pattern == "leak":
         attrib = attribute_leak(with_live, live=True) if live_used else {}
+        if not rank(attrib):
+            attrib = attribute_events(lives)
         if not rank(attrib):
             attrib = attribute_leak(lives)
         if not rank(attrib):  # the regression found nothing: fall back to the high-water mark

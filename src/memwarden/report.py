@@ -83,9 +83,13 @@ def memory_chart(lives: list[Lifetime]) -> Any:
             for r in recs:
                 y = r.get("total") or r.get("rss_before") or r.get("rss_after") or 0
                 markers[event].append(((r["ts"] - t0) / per, y / MiB))
+    top = max((y for line in ax.get_lines() for y in line.get_ydata()), default=0.0)
     for key, style, name in (("limit", "--", "soft limit"), ("hard", ":", "hard limit")):
         if limits[key]:
             xs, ys = zip(*sorted(limits[key]), strict=True)
+            if top and max(ys) > 3 * top:  # far above the curve: a note, not a line
+                name += f" {max(ys):,.0f} MiB (off the chart)"
+                ys = tuple(float("nan") for _ in ys)
             ax.step(xs, ys, where="post", ls=style, color="0.35", lw=1, label=name)
     for event, (marker, color) in {
         "reclaim": ("^", "tab:green"),

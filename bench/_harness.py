@@ -20,7 +20,6 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -122,7 +121,6 @@ class Sampler:
         self.period = period
         self.t0 = time.monotonic()
         self.points: list[tuple[float, int]] = []
-        self.procs_max = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
 
@@ -284,10 +282,6 @@ def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def python() -> str:
-    return sys.executable
 
 
 def bench_env(**extra: str) -> dict[str, str]:

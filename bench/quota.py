@@ -132,16 +132,11 @@ def available() -> dict[str, str | None]:
     """Contender -> None when it can run here, else why not."""
     from memwarden.cli import COMMANDS
 
-    guard = any(
-        importlib.util.find_spec(m) is not None
-        for m in ("memwarden.integrations.celery", "memwarden.celery")
-        if _spec_ok(m)
-    )
-    why_guard = None if guard else "memwarden.celery.guard is not in this tree yet"
+    why_guard = None if _spec_ok("memwarden.celery") else "memwarden.celery is not in this tree"
     return {
         "none": None,
         "celery-max-mem": None,
-        "memwarden-run": None if "run" in COMMANDS else "`memwarden run` is not in this tree yet",
+        "memwarden-run": None if "run" in COMMANDS else "`memwarden run` is not in this tree",
         "guard-noreclaim": why_guard,
         "guard-reclaim": why_guard,
     }
@@ -328,7 +323,7 @@ def report(results: list[Result], s: Settings, skipped: dict[str, str], argv: li
         f"hard {format_size(s.hard)}; {s.jobs} jobs; Celery prefork -c {CONCURRENCY}, "
         f"Redis broker.",
         f"Machine: {machine()}.",
-        f"Command: `python bench/quota.py {' '.join(argv)}`".rstrip() + "",
+        f"Command: `python bench/quota.py {' '.join(argv)}`",
         "",
         table(results, COLUMNS),
     ]

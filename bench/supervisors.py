@@ -107,7 +107,7 @@ def available() -> dict[str, str | None]:
         "none": None,
         "supervisord-memmon": memmon_missing,
         "supervisord-memmon-70": memmon_missing,
-        "memwarden-run": None if "run" in COMMANDS else "`memwarden run` is not in this tree yet",
+        "memwarden-run": None if "run" in COMMANDS else "`memwarden run` is not in this tree",
     }
 
 
@@ -222,6 +222,11 @@ def run_contender(name: str, s: Settings, workdir: str) -> Result:
             )
 
         proc = start()
+        ready_by = time.monotonic() + 60
+        while events(event_file)[0] == 0:  # the clock starts once the command runs
+            if time.monotonic() > ready_by:
+                raise SystemExit(f"bench: {name}: the command did not start in 60 s")
+            time.sleep(0.05)
         t0 = time.monotonic()
         while time.monotonic() - t0 < s.duration:
             if proc.poll() is not None:

@@ -40,10 +40,8 @@ _redis = redis.Redis.from_url(BROKER)
 
 GUARD = os.environ.get("BENCH_GUARD", "")
 if GUARD:
-    try:
-        from memwarden.celery import guard
-    except ImportError:
-        from memwarden.integrations.celery import guard
+    from memwarden.celery import guard
+
     guard(app, reclaim=GUARD == "reclaim")
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tracemalloc
 
+import pytest
+
 from memwarden.diagnose import diagnose, load
 from memwarden.trace import Claim, LiveFigures, live_figures
 
@@ -77,8 +79,10 @@ def test_trace_names_the_leaking_line_and_diagnose_shows_it(tmp_path):
     assert suspect["trace"][0]["where"] == top["where"]
 
 
-def test_trace_auto_picks_the_kind_to_blame(tmp_path):
-    records, _ = run_worker(tmp_path, {"MEMWARDEN_TRACE": "auto"}, jobs=320)
+@pytest.mark.parametrize("live", ["true", "false"])
+def test_trace_auto_picks_the_kind_to_blame(tmp_path, live):
+    env = {"MEMWARDEN_TRACE": "auto", "MEMWARDEN_LIVE_MEMORY": live}
+    records, _ = run_worker(tmp_path, env, jobs=320)
     traces = [r for r in records if r["event"] == "trace"]
     assert [t["job"] for t in traces] == ["invoice"]
     assert traces[0]["top"][0]["where"] == f"worker.py:{leak_line()}"

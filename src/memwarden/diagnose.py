@@ -560,15 +560,16 @@ def rank(attrib: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
         share = v["growth_bytes"] / total
         if share < 0.02:
             continue
-        out.append(
-            {
-                "job": kind,
-                "growth_bytes": int(v["growth_bytes"]),
-                "share": round(share, 3),
-                "runs": int(v["runs"]),
-                "per_run_bytes": int(v["per_run_bytes"]),
-            }
-        )
+        entry = {
+            "job": kind,
+            "growth_bytes": int(v["growth_bytes"]),
+            "share": round(share, 3),
+            "runs": int(v["runs"]),
+            "per_run_bytes": int(v["per_run_bytes"]),
+        }
+        if "evidence" in v:  # the event study's z-score, summed over horizons
+            entry["evidence"] = round(v["evidence"], 1)
+        out.append(entry)
     return out
 
 

@@ -234,11 +234,13 @@ class Tracer:
         return True
 
     def _blame(self) -> str | None:
-        from memwarden.diagnose import Lifetime, attribute_leak, rank
+        from memwarden.diagnose import Lifetime, attribute_events, attribute_leak, rank
 
         life = Lifetime(os.getpid(), jobs=list(self._history))
-        live = life.live() is not None
-        suspects = rank(attribute_leak([life], live=live))
+        if life.live() is not None:
+            suspects = rank(attribute_leak([life], live=True))
+        else:
+            suspects = rank(attribute_events([life]))
         if not suspects:
             if len(self._history) >= 10 * AUTO_AFTER:
                 self._history = self._history[-5 * AUTO_AFTER :]

@@ -168,3 +168,17 @@ def test_invariants(readings):
         if d.action is Action.RECLAIM:
             p.did_reclaim(now)
     assert restarts <= 1
+
+
+def test_a_heap_that_bloats_again_is_reclaimed_again_inside_the_cooldown():
+    p = policy(reclaim_regrow=50 * MB)
+    assert p.observe(850 * MB, 100).action is Action.RECLAIM
+    p.did_reclaim(100, 700 * MB)  # reclaim brought it back under
+    assert p.observe(740 * MB, 101).action is Action.OK
+    # over again but grown less than 50 MiB since the reclaim: no second reclaim yet
+    p2 = policy(reclaim_regrow=50 * MB, reclaim=True)
+    p2.observe(850 * MB, 100)
+    p2.did_reclaim(100, 820 * MB)
+    assert p2.observe(840 * MB, 105).action is Action.WAIT
+    # grown 50 MiB more: reclaim again, though the 30 s cooldown has not passed
+    assert p2.observe(870 * MB, 110).action is Action.RECLAIM

@@ -247,3 +247,20 @@ def test_restart_history_caps_restarts_across_lifetimes(tmp_path):
     w.policy.starts_above = False
     d = w.check()
     assert d.action is Action.WAIT and "2 restarts in the last" in d.reason
+
+
+def test_the_watchdog_samples_faster_over_the_soft_limit(tmp_path):
+    kw = dict(
+        measure="process",
+        restart="none",
+        state_dir=str(tmp_path),
+        interval=2,
+        alert_interval=0.05,
+        reclaim=False,
+    )
+    calm = Warden(soft_limit="100GB", **kw)
+    calm.check()
+    assert calm.watch_interval() == 2
+    hot = Warden(soft_limit="1KB", **kw)
+    hot.check()
+    assert hot.watch_interval() == 0.05

@@ -41,6 +41,10 @@ class Limits:
     restart_window: float = 3600.0
     reclaim: bool = True
     reclaim_cooldown: float = 30.0
+    #: Growth since the last reclaim that earns another one inside the cooldown: a heap
+    #: that bloats again within seconds is trimmed again, not restarted (default: 10% of
+    #: the first limit).
+    reclaim_regrow: int | None = None
     can_recycle: bool = False
 
     @property
@@ -68,6 +72,7 @@ class Policy:
     past_restarts: Sequence[float] = ()
     over_since: float | None = None
     reclaimed_at: float | None = None
+    reclaimed_total: int | None = None
     recycled_in_episode: bool = False
     restarting: bool = False
     killed: bool = False
@@ -92,7 +97,7 @@ class Policy:
         if lim.hard is not None and total >= lim.hard:
             if self.over_since is None:
                 self.over_since = now
-            if lim.reclaim and not self._reclaimed_recently(now):
+            if lim.reclaim and not self._reclaimed_recently(now, total):
                 return Decision(Action.RECLAIM, "over hard limit", total, lim.hard)
             return Decision(
                 Action.KILL,
@@ -107,7 +112,7 @@ class Policy:
         if self.over_since is None:
             self.over_since = now
         over = f"{format_size(total)} over soft limit {format_size(lim.soft)}"
-        if lim.reclaim and not self._reclaimed_recently(now):
+        if lim.reclaim and not self._reclaimed_recently(now, total):
             return Decision(Action.RECLAIM, over, total, lim.soft)
         if lim.can_recycle and not self.recycled_in_episode:
             return Decision(Action.RECYCLE_CHILD, over, total, lim.soft)
@@ -143,14 +148,18 @@ class Policy:
             return Decision(Action.WAIT, why, total, lim.soft, alarm=True)
         return Decision(Action.OK, "starts under the soft limit", total, lim.soft)
 
-    def _reclaimed_recently(self, now: float) -> bool:
-        return (
-            self.reclaimed_at is not None and now - self.reclaimed_at < self.limits.reclaim_cooldown
-        )
+    def _reclaimed_recently(self, now: float, total: int) -> bool:
+        if self.reclaimed_at is None or now - self.reclaimed_at >= self.limits.reclaim_cooldown:
+            return False
+        regrow = self.limits.reclaim_regrow
+        if regrow is None or self.reclaimed_total is None:
+            return True
+        return total - self.reclaimed_total < regrow
 
-    # What the caller did, so the next decision knows.
-    def did_reclaim(self, now: float) -> None:
+    def did_reclaim(self, now: float, total_after: int | None = None) -> None:
+        """A reclaim ran at ``now``; ``total_after`` is the reading after it."""
         self.reclaimed_at = now
+        self.reclaimed_total = total_after
 
     def did_recycle(self) -> None:
         self.recycled_in_episode = True

@@ -95,6 +95,7 @@ def resolve_limits(config: Config, quota: Quota, can_recycle: bool = False) -> L
             f"the hard limit must not be below the soft limit ({format_size(soft)})",
             "1GB",
         )
+    first = soft if soft is not None else hard
     return Limits(
         soft=soft,
         hard=hard,
@@ -103,6 +104,7 @@ def resolve_limits(config: Config, quota: Quota, can_recycle: bool = False) -> L
         max_restarts=config.max_restarts,
         restart_window=config.restart_window,
         reclaim=config.reclaim,
+        reclaim_regrow=None if first is None else first // 10,
         can_recycle=can_recycle,
     )
 
@@ -363,6 +365,7 @@ class Warden:
             return decision
         got = reclaim_mod.reclaim(self_rss)
         after = self.read()
+        self.policy.did_reclaim(now, after.total)
         self.counts["reclaims"] += 1
         self.counts["freed"] += got.freed
         self.journal.write(
@@ -501,7 +504,15 @@ class Warden:
     def _watch(self) -> None:
         while not self._stop.is_set():
             self.watch_once()
-            self._stop.wait(self.config.interval)
+            self._stop.wait(self.watch_interval())
+
+    def watch_interval(self) -> float:
+        """``interval``, or ``alert_interval`` while the last reading is over the soft limit:
+        near the quota a fast-growing job must be seen before it crosses the hard limit."""
+        last = self.last_sample
+        if last is not None and last.total >= self._first_limit:
+            return min(self.config.interval, self.config.alert_interval)
+        return self.config.interval
 
     @swallow
     def watch_once(self) -> Decision | None:

@@ -69,21 +69,16 @@ def test_hard_limit_ignores_uptime_and_restart_cap():
     assert p.observe(990 * MB, 6).action is Action.WAIT  # kill under way: once only
 
 
-def test_recycle_child_comes_before_restart_one_child_per_quarter_grace():
-    p = policy(reclaim=False, can_recycle=True)  # grace 60
+def test_recycle_child_comes_before_restart():
+    p = policy(reclaim=False, can_recycle=True)
     assert p.observe(850 * MB, 100).action is Action.RECYCLE_CHILD
-    p.did_recycle(100)
+    p.did_recycle()
     assert p.observe(850 * MB, 101).action is Action.WAIT
-    assert p.observe(850 * MB, 115).action is Action.RECYCLE_CHILD  # the next child
-    p.did_recycle(115)
-    assert p.observe(850 * MB, 129).action is Action.WAIT
-    assert p.observe(850 * MB, 145).action is Action.RECYCLE_CHILD
-    p.did_recycle(145)
-    assert p.observe(850 * MB, 160).action is Action.RESTART  # recycling did not do it
-    # a new episode may recycle at once
+    assert p.observe(850 * MB, 160).action is Action.RESTART
+    # a new episode may recycle again
     p2 = policy(reclaim=False, can_recycle=True)
     p2.observe(850 * MB, 1)
-    p2.did_recycle(1)
+    p2.did_recycle()
     p2.observe(100 * MB, 2)
     assert p2.observe(850 * MB, 3).action is Action.RECYCLE_CHILD
 

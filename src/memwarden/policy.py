@@ -73,7 +73,7 @@ class Policy:
     over_since: float | None = None
     reclaimed_at: float | None = None
     reclaimed_total: int | None = None
-    recycled_at: float | None = None
+    recycled_in_episode: bool = False
     restarting: bool = False
     killed: bool = False
     starts_above: bool = False
@@ -107,17 +107,14 @@ class Policy:
             )
         if lim.soft is None or total < lim.soft:
             self.over_since = None
-            self.recycled_at = None
+            self.recycled_in_episode = False
             return Decision(Action.OK, "under soft limit", total, lim.soft)
         if self.over_since is None:
             self.over_since = now
         over = f"{format_size(total)} over soft limit {format_size(lim.soft)}"
         if lim.reclaim and not self._reclaimed_recently(now, total):
             return Decision(Action.RECLAIM, over, total, lim.soft)
-        if lim.can_recycle and (
-            self.recycled_at is None  # the first child at once, then one per quarter grace
-            or (now - self.over_since < lim.grace and now - self.recycled_at >= lim.grace / 4)
-        ):
+        if lim.can_recycle and not self.recycled_in_episode:
             return Decision(Action.RECYCLE_CHILD, over, total, lim.soft)
         if self.starts_above:
             why = f"{over} since start: a restart cannot help, soft restarts are off"
@@ -164,10 +161,8 @@ class Policy:
         self.reclaimed_at = now
         self.reclaimed_total = total_after
 
-    def did_recycle(self, now: float) -> None:
-        """One pool child was asked to recycle; the next may follow a quarter grace later,
-        and the whole worker restarts only if memory is still over after the grace."""
-        self.recycled_at = now
+    def did_recycle(self) -> None:
+        self.recycled_in_episode = True
 
     def did_restart(self, now: float) -> None:
         self.restarting = True

@@ -344,7 +344,7 @@ class Warden:
         if action is Action.RECLAIM:
             return self._reclaim(decision)
         if action is Action.RECYCLE_CHILD:
-            self.policy.did_recycle(time.time())
+            self.policy.did_recycle()
             if self.config.dry_run:
                 self._record("restart", decision, action="recycle", dry_run=True)
             elif self.hooks.recycle is not None and self.hooks.recycle(decision.reason):

@@ -108,6 +108,19 @@ class WardenMixin:
         self._mw_kill_lock = threading.Lock()
         self._mw_kill_target: str | None = None  # "horse" or "all" once a kill is decided
 
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if self.warden is None:
+            return super().execute_job(job, queue)  # type: ignore[misc]
+        self._mw_current = (job, queue)
+        try:
+            return super().execute_job(job, queue)  # type: ignore[misc]
+        finally:
+            self._mw_current = None
+            self._mw_after_job()
+
+    def _mw_after_job(self) -> None:
+        """After ``execute_job``: the forking worker reads its horse's report here."""
+
     # ----------------------------------------------------------------- set-up
     def _mw_hooks(self) -> Hooks:
         return Hooks(
@@ -290,15 +303,8 @@ class Worker(WardenMixin, rq.Worker):
         return hooks
 
     # ----------------------------------------------------------------- parent
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        if self.warden is None:
-            return super().execute_job(job, queue)
-        self._mw_current = (job, queue)
-        try:
-            return super().execute_job(job, queue)
-        finally:
-            self._mw_current = None
-            self._mw_after_horse()
+    def _mw_after_job(self) -> None:
+        self._mw_after_horse()
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         if self.warden is None:
@@ -440,15 +446,6 @@ class Worker(WardenMixin, rq.Worker):
 
 class SimpleWorker(WardenMixin, rq.SimpleWorker):
     """``rq.SimpleWorker`` guarded by memwarden: jobs run in the worker's own process."""
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        if self.warden is None:
-            return super().execute_job(job, queue)
-        self._mw_current = (job, queue)
-        try:
-            return super().execute_job(job, queue)
-        finally:
-            self._mw_current = None
 
     def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
         if self.warden is None:

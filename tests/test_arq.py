@@ -8,13 +8,9 @@ checked, not assumed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,56 +22,12 @@ from arq.connections import RedisSettings, create_pool
 from arq.jobs import Job
 from arq.worker import JobExecutionFailed
 from tests.conftest import need_service, wait_for
+from tests.supervised import Supervised
 
 APPS = Path(__file__).parent / "apps"
 DB = 6  # arq's Redis DB in this project's tests
 URL = f"redis://127.0.0.1:6379/{DB}"
-ARQ = str(Path(sys.executable).with_name("arq"))
-
-
-class Supervised:
-    """``arq arq_app.WorkerSettings`` restarted whenever it exits (as a dyno or pod would)."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
-        self.starts: list[int] = []
-        self.exits: list[int] = []
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Supervised:
-        self._thread.start()
-        wait_for(lambda: self.starts, 30, what="the worker to start")
-        return self
-
-    def _run(self) -> None:
-        with open(self.log, "ab") as out:
-            while not self._stop.is_set():
-                self.proc = subprocess.Popen(
-                    [ARQ, "arq_app.WorkerSettings"],
-                    cwd=APPS,
-                    env=self.env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-                self.starts.append(self.proc.pid)
-                self.exits.append(self.proc.wait())
-                self._kill_session(self.proc.pid)
-
-    @staticmethod
-    def _kill_session(pgid: int) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(pgid, signal.SIGKILL)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self.proc is not None:
-            self._kill_session(self.proc.pid)
-        self._thread.join(30)
-        if self.proc is not None:
-            self._kill_session(self.proc.pid)
+ARQ_WORKER = [str(Path(sys.executable).with_name("arq")), "arq_app.WorkerSettings"]
 
 
 @pytest.fixture
@@ -171,7 +123,9 @@ def test_restart_drains_a_running_job_to_its_end(arq_env: dict[str, str]) -> Non
     job finish (one attempt, not cut and retried), then restarts; the queued job behind it
     runs in the next worker."""
     arq_env.update(MEMWARDEN_SOFT_LIMIT="150MB", MEMWARDEN_HARD_LIMIT="2GB")
-    with Supervised(arq_env, Path(arq_env["MEMWARDEN_STATE_DIR"] + ".log")) as sup:
+    with Supervised(
+        ARQ_WORKER, arq_env, Path(arq_env["MEMWARDEN_STATE_DIR"] + ".log"), APPS
+    ) as sup:
         enqueue(arq_env, ("nap", 1, 3.0))
         wait_for(lambda: counts(arq_env, "attempts").get(1), 30, what="the slow job to start")
         enqueue(arq_env, ("work", 2, 150.0))  # pushes the worker over its soft limit
@@ -201,7 +155,9 @@ def test_200_growing_jobs_none_lost(arq_env: dict[str, str]) -> None:
     once, poison = JOBS, JOBS + 1
     quarantine = f"memwarden:arq:{arq_env['ARQ_TEST_QUEUE']}:quarantine"
     r = redis.Redis.from_url(URL)
-    with Supervised(arq_env, Path(arq_env["MEMWARDEN_STATE_DIR"] + ".log")) as sup:
+    with Supervised(
+        ARQ_WORKER, arq_env, Path(arq_env["MEMWARDEN_STATE_DIR"] + ".log"), APPS
+    ) as sup:
         enqueue(arq_env, *[("work", n, GROW_MB if n % GROW_EVERY == 0 else 0) for n in range(JOBS)])
         wait_for(lambda: len(counts(arq_env, "done")) == JOBS, 120, 0.2, "the first 200 jobs")
         # One at a time: a kill counts against every job in flight (README, "arq").

@@ -7,14 +7,11 @@ lost" is checked, not assumed.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 from tests.conftest import need_service, wait_for
+from tests.supervised import Supervised
 
 APPS = Path(__file__).parent / "apps"
 URL = "redis://127.0.0.1:6379/5"  # Huey's Redis DB in this project's tests
@@ -44,50 +42,9 @@ def consumer(worker_type: str) -> list[str]:
     return GEVENT_CONSUMER
 
 
-class Supervised:
-    """``huey_consumer`` restarted whenever it exits (as a dyno or pod would be)."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log = args, env, log
-        self.command = consumer(args[args.index("-k") + 1])
-        self.starts: list[int] = []
-        self.exits: list[int] = []
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Supervised:
-        self._thread.start()
-        wait_for(lambda: self.starts, 30, what="the consumer to start")
-        return self
-
-    def _run(self) -> None:
-        with open(self.log, "ab") as out:
-            while not self._stop.is_set():
-                self.proc = subprocess.Popen(
-                    [*self.command, "huey_app.huey", *self.args],
-                    cwd=APPS,
-                    env=self.env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-                self.starts.append(self.proc.pid)
-                self.exits.append(self.proc.wait())
-                self._kill_session(self.proc.pid)
-
-    @staticmethod
-    def _kill_session(pgid: int) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(pgid, signal.SIGKILL)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self.proc is not None:
-            self._kill_session(self.proc.pid)
-        self._thread.join(30)
-        if self.proc is not None:
-            self._kill_session(self.proc.pid)
+def consumer_argv(args: list[str]) -> list[str]:
+    """The consumer command line for ``huey_consumer`` arguments ``args`` (``-k`` chosen)."""
+    return [*consumer(args[args.index("-k") + 1]), "huey_app.huey", *args]
 
 
 @pytest.fixture
@@ -171,7 +128,8 @@ def test_interrupted_task_is_enqueued_again(huey_env: dict[str, str], worker_typ
     producer = app(huey_env)
     huey_env["MEMWARDEN_SOFT_LIMIT"] = "4GB"
     args = ["-k", worker_type, "-w", "1", "-c", "0.5"]
-    with Supervised(args, huey_env, Path(huey_env["MEMWARDEN_STATE_DIR"] + ".log")) as sup:
+    log = Path(huey_env["MEMWARDEN_STATE_DIR"] + ".log")
+    with Supervised(consumer_argv(args), huey_env, log, APPS) as sup:
         producer.nap(1, 4.0)
         wait_for(lambda: attempts(huey_env, 1) == 1, 60, what="the task to start")
         first = sup.starts[0]
@@ -208,7 +166,7 @@ def test_200_growing_jobs_none_lost(
     args = ["-k", worker_type, "-w", "2", "-c", "0.5"]
     log = Path(huey_env["MEMWARDEN_STATE_DIR"] + ".log")
     once, poison = JOBS, JOBS + 1
-    with Supervised(args, huey_env, log) as sup:
+    with Supervised(consumer_argv(args), huey_env, log, APPS) as sup:
         for n in range(JOBS):
             producer.work(n, GROW_MB if n % GROW_EVERY == 0 else 0)
         wait_for(lambda: len(done(huey_env)) == JOBS, 120, 0.2, "the first 200 jobs")

@@ -15,15 +15,19 @@ peak_bytes=<int> restarts=<int> [more key=value pairs]
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,3 +332,36 @@ def headline(results: Sequence[Result], columns: Sequence[tuple[str, str]]) -> s
         out.append(f"\nThroughput against {results[0].name}: {shares}.")
     out.append(f"\nOne run. Machine: {machine()}.")
     return "\n".join(out)
+
+
+def choose(
+    parser: argparse.ArgumentParser,
+    text: str,
+    order: Sequence[str],
+    why_not: Mapping[str, str | None],
+) -> tuple[list[str], dict[str, str]]:
+    """The contenders named in ``text`` (comma-separated), in ``order``, and those skipped
+    with the reason ``why_not`` gives (a tool missing on this machine)."""
+    wanted = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in order]
+    if unknown:
+        parser.error(f"unknown contender(s) {unknown}; choose from {', '.join(order)}")
+    skipped = {c: str(why_not[c]) for c in wanted if why_not[c]}
+    return [c for c in order if c in wanted and c not in skipped], skipped
+
+
+def run_each(names: Sequence[str], run: Callable[[str, str], Result]) -> list[Result]:
+    """``run(name, workdir)`` for each contender in one temporary work dir, removed after
+    (kept, and named, when ``BENCH_KEEP`` is set)."""
+    workdir = tempfile.mkdtemp(prefix="memwarden-bench-")
+    results = []
+    try:
+        for name in names:
+            print(f"# {name} ...", file=sys.stderr, flush=True)
+            results.append(run(name, workdir))
+    finally:
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"# kept {workdir}", file=sys.stderr)
+    return results

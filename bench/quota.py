@@ -32,10 +32,8 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -51,10 +49,12 @@ from _harness import (
     Sampler,
     bench_env,
     chart,
+    choose,
     dyno,
     headline,
     machine,
     replace_block,
+    run_each,
     stop,
     table,
     write_text,
@@ -389,24 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         child_part=a.child_share,
     )
-    wanted = [c.strip() for c in a.contenders.split(",") if c.strip()]
-    unknown = [c for c in wanted if c not in ORDER]
-    if unknown:
-        p.error(f"unknown contender(s) {unknown}; choose from {', '.join(ORDER)}")
-    why_not = available()
-    skipped = {c: why_not[c] for c in wanted if why_not[c]}
-    workdir = tempfile.mkdtemp(prefix="memwarden-bench-")
-    results = []
-    try:
+    names, skipped = choose(p, a.contenders, ORDER, available())
+
+    def run(name: str, workdir: str) -> Result:
         with open(os.path.join(workdir, "workers.log"), "ab") as log:
-            for name in (c for c in ORDER if c in wanted and c not in skipped):
-                print(f"# {name} ...", file=sys.stderr, flush=True)
-                results.append(run_contender(name, s, workdir, log))
-    finally:
-        if not os.environ.get("BENCH_KEEP"):
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"# kept {workdir}", file=sys.stderr)
+            return run_contender(name, s, workdir, log)
+
+    results = run_each(names, run)
     text = report(results, s, skipped, argv)
     print(text)
     if a.out:

@@ -31,7 +31,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -44,11 +43,13 @@ from _harness import (
     Sampler,
     bench_env,
     chart,
+    choose,
     descendants,
     dyno,
     headline,
     machine,
     replace_block,
+    run_each,
     stop,
     table,
     write_text,
@@ -273,23 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         grace=a.grace,
         interval=a.interval,
     )
-    wanted = [c.strip() for c in a.contenders.split(",") if c.strip()]
-    unknown = [c for c in wanted if c not in ORDER]
-    if unknown:
-        p.error(f"unknown contender(s) {unknown}; choose from {', '.join(ORDER)}")
-    why_not = available()
-    skipped = {c: why_not[c] for c in wanted if why_not[c]}
-    workdir = tempfile.mkdtemp(prefix="memwarden-bench-")
-    results = []
-    try:
-        for name in (c for c in ORDER if c in wanted and c not in skipped):
-            print(f"# {name} ...", file=sys.stderr, flush=True)
-            results.append(run_contender(name, s, workdir))
-    finally:
-        if not os.environ.get("BENCH_KEEP"):
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"# kept {workdir}", file=sys.stderr)
+    names, skipped = choose(p, a.contenders, ORDER, available())
+    results = run_each(names, lambda name, workdir: run_contender(name, s, workdir))
     lines = [
         f"Limit {format_size(s.limit)} (cgroup, no swap); soft {format_size(s.soft)}, hard "
         f"{format_size(s.hard)}; the command leaks {s.rate:g} MiB/s and keeps a "

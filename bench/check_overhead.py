@@ -7,6 +7,10 @@ shells out to ``ps -o rss=`` after every job; psutil's ``memory_info()`` opens a
 ``/proc/<pid>/statm`` each time; ``getrusage`` is cheap but gives the *peak* (``ru_maxrss``),
 so it is shown for scale only — it cannot tell whether memory came back down.
 
+Second table: one watchdog reading of the cgroup working set (where this process has a memory
+cgroup): the kept-fd ``working_set()`` the watchdog uses, beside a full ``read()`` (four files
+opened and parsed: usage, stat, OOM counter, limit) and the tree PSS gauge.
+
     python bench/check_overhead.py            # last line: check_us=… ps_us=… psutil_us=… ratio_ps=…
 """
 
@@ -23,7 +27,8 @@ from collections.abc import Callable
 import psutil
 
 from memwarden import Warden
-from memwarden.gauges.proc import self_rss
+from memwarden.gauges.cgroup import Cgroup
+from memwarden.gauges.proc import self_rss, tree_pss
 
 
 def per_call_us(fn: Callable[[], object], n: int, repeat: int = 5) -> float:
@@ -81,10 +86,25 @@ def main() -> None:
         ("ps -o rss= (the seed's way)", ps_us),
     ]:
         print(f"{name:<34} {us:>10.2f} {us / check_us:>12.1f}x")
-    print(
+    last = (
         f"check_us={check_us:.3f} ps_us={ps_us:.1f} psutil_us={psutil_us:.3f} "
         f"ratio_ps={ps_us / check_us:.0f}"
     )
+    cgroup = Cgroup.of_self()
+    if cgroup is not None:
+        ws_us = per_call_us(cgroup.working_set, args.n // 20)
+        full_us = per_call_us(cgroup.read, args.n // 200)
+        tree_us = per_call_us(lambda: tree_pss(os.getpid()), args.n // 200)
+        print()
+        print(f"{'watchdog reading':<34} {'µs/read':>10} {'vs kept fds':>13}")
+        for name, us in [
+            ("cgroup working_set() (kept fds)", ws_us),
+            ("cgroup read() (all four files)", full_us),
+            ("tree PSS (smaps_rollup)", tree_us),
+        ]:
+            print(f"{name:<34} {us:>10.2f} {us / ws_us:>12.1f}x")
+        last += f" cgroup_ws_us={ws_us:.1f} cgroup_read_us={full_us:.1f}"
+    print(last)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,24 @@ def test_hybrid_prefers_the_v1_memory_controller(tmp_path):
     assert mem.limit == 512 * MB
     assert mem.usage == 400 * MB
     assert mem.working_set == 400 * MB - 12865536  # usage − total_inactive_file
+    assert cg.working_set() == mem.working_set  # the watchdog's cheap read agrees
     assert mem.anon == 302301952  # total_rss, not the local rss
     assert mem.oom_kills == 2
+
+
+def test_working_set_reads_afresh_through_its_kept_files(tmp_path):
+    """The kept fds are read from the start each time: new contents, new figure; a v1
+    cgroup without hierarchy totals falls back to its own inactive file cache."""
+    v1_tree(tmp_path, 512 * MB)
+    cg = Cgroup.of_self(str(tmp_path))
+    assert cg is not None
+    assert cg.working_set() == 400 * MB - 12865536
+    d = Path(cg.path)
+    (d / "memory.usage_in_bytes").write_text(str(450 * MB))
+    (d / "memory.stat").write_text("cache 1\ninactive_file 1048576\nactive_file 5\n")
+    assert cg.working_set() == 449 * MB
+    cg.close()
+    assert cg.working_set() == 449 * MB  # opens again after close
 
 
 def test_v1_unlimited_is_none(tmp_path):
@@ -127,6 +143,7 @@ def test_v2_smallest_limit_up_the_ancestors(tmp_path):
     mem = cg.read()
     assert mem.limit == 768 * MB
     assert mem.working_set == 300 * MB - 52428800
+    assert cg.working_set() == mem.working_set
     assert mem.anon == 104857600
     assert mem.oom_kills == 1
 
@@ -198,4 +215,5 @@ def test_this_machine_is_read_for_real():
         pytest.skip("no memory cgroup on this machine")
     mem = cg.read()
     assert 0 < mem.working_set <= mem.usage
+    assert abs(cg.working_set() - mem.working_set) < 64 * MB  # bytes, the same figure
     assert os.path.isdir(cg.path)

@@ -96,7 +96,7 @@ class CgroupGauge:
         self.cgroup = cgroup
 
     def read(self) -> Sample:
-        return Sample(time.time(), self.cgroup.read().working_set, self_rss(), "cgroup")
+        return Sample(time.time(), self.cgroup.working_set(), self_rss(), "cgroup")
 
 
 def choose_gauge(

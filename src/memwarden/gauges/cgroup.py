@@ -13,7 +13,9 @@ controller. ``root`` lets tests point every path at a fixture tree of real file 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 UNLIMITED_V1 = 1 << 62  # v1 reports "no limit" as a page-rounded 2**63 - 1
@@ -79,6 +81,10 @@ class Cgroup:
         self.path = path
         self.version = version
         self.top = top or path  # the mount point: v2 limits are searched up to here
+        # working_set()'s kept files: cgroup files read the same from any process, so the
+        # fds may be inherited across fork; pread on one is serialized by the kernel.
+        self._fds: tuple[int, int] | None = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Cgroup(v{self.version}, {self.path!r})"
@@ -164,4 +170,51 @@ class Cgroup:
         )
 
     def working_set(self) -> int:
-        return self.read().working_set
+        """The working set alone, cheaply: ``pread`` on two kept fds and one search in
+        ``memory.stat`` (about 20 µs on v1, where :meth:`read` opens four files: 350 µs).
+        The watchdog reads this; near the quota it reads it every ``alert_interval``."""
+        fds = self._fds or self._open()
+        usage = int(os.pread(fds[0], 64, 0))
+        stat = b"\n" + _pread_all(fds[1])
+        key = INACTIVE_KEY[self.version]
+        at = stat.find(key)
+        if at < 0 and self.version == 1:  # no hierarchy totals: the cgroup's own figure
+            key = INACTIVE_KEY[2]
+            at = stat.find(key)
+        inactive = 0 if at < 0 else int(stat[at + len(key) : stat.find(b"\n", at + 1)])
+        return max(0, usage - inactive)
+
+    def _open(self) -> tuple[int, int]:
+        usage = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
+        with self._lock:
+            if self._fds is None:
+                flags = os.O_RDONLY | os.O_CLOEXEC
+                first = os.open(os.path.join(self.path, usage), flags)
+                try:
+                    self._fds = (first, os.open(os.path.join(self.path, "memory.stat"), flags))
+                except OSError:
+                    os.close(first)
+                    raise
+            return self._fds
+
+    def close(self) -> None:
+        """Close the kept fds of :meth:`working_set` (it opens them again when needed)."""
+        with self._lock:
+            fds, self._fds = self._fds, None
+        for fd in fds or ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+#: The inactive file cache line of ``memory.stat``: v1 hierarchical total, v2 (or v1 own).
+INACTIVE_KEY = {1: b"\ntotal_inactive_file ", 2: b"\ninactive_file "}
+
+
+def _pread_all(fd: int) -> bytes:
+    """A whole small file by ``pread`` from offset 0 (memory.stat: 1–4 KiB)."""
+    size = 16384
+    while True:
+        data = os.pread(fd, size, 0)
+        if len(data) < size:
+            return data
+        size *= 4

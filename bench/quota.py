@@ -94,7 +94,7 @@ class Settings:
     grow_mb: int
     frag_mb: tuple[int, int]
     grace: float
-    interval: float
+    interval: float | None  # None: memwarden's default
     stall: float
     seed: int
     child_part: float
@@ -182,8 +182,7 @@ def worker_command(name: str, s: Settings, journal: str) -> list[str]:
             f"{s.hard}B",
             "--grace",
             f"{s.grace:g}",
-            "--interval",
-            f"{s.interval:g}",
+            *(["--interval", f"{s.interval:g}"] if s.interval is not None else []),
             "--journal",
             journal,
             "--",
@@ -203,12 +202,13 @@ def contender_env(name: str, s: Settings, prefix: str, journal: str, state: str)
             MEMWARDEN_HARD_LIMIT=f"{s.hard}B",
             MEMWARDEN_CHILD_LIMIT=f"{s.child_share}B",
             MEMWARDEN_GRACE=f"{s.grace:g}",
-            MEMWARDEN_INTERVAL=f"{s.interval:g}",
             MEMWARDEN_MIN_UPTIME="0",
             MEMWARDEN_MAX_RESTARTS="1000",
             MEMWARDEN_JOURNAL=journal,
             MEMWARDEN_STATE_DIR=state,
         )
+        if s.interval is not None:
+            env["MEMWARDEN_INTERVAL"] = f"{s.interval:g}"
     return env
 
 
@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grow-mb", type=int, default=112, help="how far a grow job grows")
     p.add_argument("--frag-mb", default="40-160", help="fragment job sizes, MiB (min-max)")
     p.add_argument("--grace", type=float, default=5.0, help="memwarden grace, seconds")
-    p.add_argument("--interval", type=float, default=0.25, help="memwarden watchdog interval")
+    p.add_argument(
+        "--interval", type=float, default=None, help="watchdog interval (default: memwarden's)"
+    )
     p.add_argument("--stall", type=float, default=30.0, help="end after so long with no job done")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(

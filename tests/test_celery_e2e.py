@@ -247,7 +247,8 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
         assert any(r["freed"] > 0 for r in run.records("reclaim"))  # fragmentation given back
         assert not run.records("kill") and "WorkerLostError" not in run.log.read_text()
 
-        # 2. A job that grows past the hard limit mid-run: killed, back, done on a fresh worker.
+        # 2. A job that grows past the hard limit mid-run: killed, back, done on a fresh worker
+        # (prefork: its pool child alone is killed).
         hog = run.send("mwt.grow", HOG_MB, 16, HOG_STEP_MB, HOG_PAUSE)
         wait_for(lambda: hog in run.done(), 90, 0.2, "the hog to come back and complete")
         key = f"{run.name}:grow:{hog}"
@@ -258,6 +259,12 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
         assert len(kills) == 1 and hog in {j["job_id"] for j in kills[0]["in_flight"]}
         started = run.marks.hgetall(f"{key}:started")
         assert started[b"1"] != finished[b"2"]  # a fresh worker ran it to the end
+        if pool == "prefork":  # only the hog's pool child died
+            assert kills[0]["target"] == "child"
+            assert kills[0]["in_flight"] == [{"job": "mwt.grow", "job_id": hog}]
+            assert kills[0]["child_pid"] == int(started[b"1"].split(b":")[0])
+        else:
+            assert "target" not in kills[0]
 
         # 3. A poison job: killed twice, then quarantined; the queue behind it carries on.
         poison = run.send("mwt.poison", HOG_MB, HOG_STEP_MB, HOG_PAUSE)

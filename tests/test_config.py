@@ -17,7 +17,8 @@ MB = 1024 * 1024
 
 def test_defaults():
     c = Config.from_env({})
-    assert c.grace == 120 and c.shutdown_timeout == 25 and c.interval == 1
+    assert c.grace == 120 and c.shutdown_timeout == 25 and c.interval == 0.1
+    assert c.alert_interval == 0.02
     assert c.reclaim and c.restart == "signal" and not c.dry_run and c.measure == "auto"
 
 

@@ -8,7 +8,7 @@ from memwarden.policy import Action, Limits, Policy
 MB = 1024 * 1024
 
 
-def policy(**kw):
+def policy(lookahead=0.0, **kw):
     limits = dict(
         soft=800 * MB,
         hard=950 * MB,
@@ -21,7 +21,7 @@ def policy(**kw):
     )
     past = kw.pop("past", ())
     limits.update(kw)
-    p = Policy(Limits(**limits), started_at=0.0, past_restarts=past)
+    p = Policy(Limits(**limits), started_at=0.0, past_restarts=past, lookahead=lookahead)
     assert p.at_start(100 * MB).action is Action.OK
     return p
 
@@ -182,3 +182,54 @@ def test_a_heap_that_bloats_again_is_reclaimed_again_inside_the_cooldown():
     assert p2.observe(840 * MB, 105).action is Action.WAIT
     # grown 50 MiB more: reclaim again, though the 30 s cooldown has not passed
     assert p2.observe(870 * MB, 110).action is Action.RECLAIM
+
+
+def test_a_sustained_rise_near_the_quota_is_a_crossing_before_it_crosses():
+    """Over soft and rising 400 MiB/s for two intervals: 20 ms ahead is past the hard limit,
+    so it is killed now, without a reclaim (memory allocated that fast is live)."""
+    p = policy(lookahead=0.02)
+    assert p.observe(860 * MB, 10.00).action is Action.RECLAIM
+    p.did_reclaim(10.00, 860 * MB)
+    assert p.observe(868 * MB, 10.02).action is Action.WAIT  # one rise: not yet sustained
+    d = p.observe(945 * MB, 10.04)  # 5 MiB short of hard, 3.8 GiB/s, before that 400 MiB/s
+    assert d.action is Action.KILL and "rising" in d.reason and d.total < 950 * MB
+    assert 390 * MB < p.rate < 410 * MB  # the smaller of the two rises
+
+
+def test_a_single_jump_or_a_slow_rise_is_judged_on_the_reading_alone():
+    p = policy(lookahead=0.02, reclaim=False)
+    p.observe(700 * MB, 1.0)
+    assert p.observe(940 * MB, 1.02).action is Action.WAIT  # one jump, then it stops
+    assert p.observe(940 * MB, 1.04).action is Action.WAIT
+    assert p.rate == 0
+    slow = policy(lookahead=0.02, reclaim=False)
+    for i in range(10):  # 10 MiB/s: 20 ms ahead is 0.2 MiB further
+        assert slow.observe((900 + i) * MB, 1.0 + i).action is Action.WAIT
+    assert slow.observe(949 * MB, 20.0).action is Action.WAIT
+
+
+def test_no_lookahead_under_the_soft_limit_or_when_off():
+    under = policy(lookahead=1.0)
+    for i, t in enumerate((1.0, 1.1, 1.2)):  # 1 GiB/s, but still under soft
+        assert under.observe((500 + 100 * i) * MB, t).action is Action.OK
+    off = policy(lookahead=0.0, reclaim=False)
+    for i, t in enumerate((1.0, 1.1, 1.2)):
+        assert off.observe((900 + 20 * i) * MB, t).action is Action.WAIT
+
+
+def test_readings_too_close_together_do_not_make_a_rate():
+    p = policy(lookahead=0.02, reclaim=False)
+    p.observe(900 * MB, 1.0)
+    p.observe(905 * MB, 1.02)
+    assert p.observe(945 * MB, 1.021).action is Action.WAIT  # 1 ms apart: no rate from it
+    assert p.rate == 0
+
+
+def test_a_rise_is_projected_no_further_than_max_lookahead():
+    """However far off the next reading is (a dear gauge), a rise is projected at most
+    ``MAX_LOOKAHEAD`` ahead: 300 MiB/s over 1 s would be 300 MiB, over 0.1 s it is 30."""
+    p = policy(lookahead=1.0, reclaim=False)
+    for i, t in enumerate((1.0, 1.1, 1.2)):
+        d = p.observe((850 + 30 * i) * MB, t)
+    assert d.action is Action.WAIT  # 910 MiB + 30 MiB < 950 MiB
+    assert p.observe(925 * MB, 1.25).action is Action.KILL  # 925 + 30 >= 950

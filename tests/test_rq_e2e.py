@@ -174,6 +174,7 @@ def test_forking_worker(request, tmp_path, redis_url):
     poison = next(i for i, k in res["ids"].items() if k == "hog")
     # Horse-only kills: the parent that reaped the horse re-enqueued the job.
     assert {r["by"] for r in by_event["requeue"]} == {"parent"}
+    assert {r.get("target") for r in by_event["kill"]} == {"horse"}  # the record says so
     kill_pids = {r["pid"] for r in by_event["kill"]}
     parents = {r["worker_pid"] for r in by_event["job"]}
     assert kill_pids <= parents

@@ -55,9 +55,9 @@ class Config:
     shutdown_timeout: float = _setting(
         25.0, "duration", "Drain time before the hard kill (inside Heroku's 30 s)"
     )
-    interval: float = _setting(1.0, "duration", "Watchdog sampling interval")
+    interval: float = _setting(0.1, "duration", "Watchdog sampling interval")
     alert_interval: float = _setting(
-        0.1, "duration", "Watchdog interval while over the soft limit (fast growth near the quota)"
+        0.02, "duration", "Watchdog interval while over the soft limit (fast growth near the quota)"
     )
     min_uptime: float = _setting(
         30.0, "duration", "No soft restart before this uptime; doubles per recent restart"

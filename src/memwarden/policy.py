@@ -5,6 +5,12 @@ child where the framework has one, then — if memory stays over for ``grace`` s
 restart the worker. At the hard limit: reclaim once more if it has not just been tried, then
 kill at once (the kernel or platform would do worse a moment later).
 
+Near the quota the hard limit is judged on where memory will be at the next reading, not
+only where it is: over the soft limit, a rise sustained over the last two intervals that
+would carry memory past the hard limit within ``lookahead`` seconds is a crossing (a job
+growing hundreds of MiB/s crosses the last few percent between two readings, and the kernel
+does not wait). Such a crossing skips the reclaim: memory allocated that fast is live.
+
 Restarts are held back by a minimum uptime that doubles with each restart in the window
 (back-off), and by a cap on restarts per window. A process whose very first reading is
 already over the soft limit gets no soft restarts at all: restarting it cannot help (the
@@ -27,6 +33,13 @@ class Action(str, Enum):
     RECYCLE_CHILD = "recycle_child"
     RESTART = "restart"
     KILL = "kill"
+
+
+#: Readings closer together than this (s) do not update the growth rate.
+MIN_RATE_DT = 0.005
+#: The furthest ahead (s) a rise is projected, however far off the next reading is: a
+#: projection is a guess, and a wrong one kills a job that would have stayed under.
+MAX_LOOKAHEAD = 0.1
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,16 @@ class Policy:
     restarting: bool = False
     killed: bool = False
     starts_above: bool = False
+    #: Over the soft limit, a sustained rise that reaches the hard limit within this many
+    #: seconds counts as reaching it: the delay to the next reading, which the watchdog
+    #: sets (0: judge each reading alone).
+    lookahead: float = 0.0
+    #: Sustained growth, bytes/s: the smaller of the last two intervals' rises (0 unless
+    #: both rose).
+    rate: float = 0.0
     _restarts: list[float] = field(default_factory=list, repr=False)
+    _prev: tuple[float, int] | None = field(default=None, repr=False)
+    _prev_rate: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
         self._restarts = sorted(self.past_restarts)
@@ -92,8 +114,14 @@ class Policy:
 
     def observe(self, total: int, now: float) -> Decision:
         lim = self.limits
+        self._track(total, now)
         if self.killed:
             return Decision(Action.WAIT, "kill under way", total, lim.hard)
+        crossing = self._crossing(total)
+        if crossing is not None:
+            if self.over_since is None:
+                self.over_since = now
+            return crossing
         if lim.hard is not None and total >= lim.hard:
             if self.over_since is None:
                 self.over_since = now
@@ -136,6 +164,36 @@ class Policy:
             )
             return Decision(Action.WAIT, why, total, lim.soft)
         return Decision(Action.RESTART, f"{over} for {format_duration(waited)}", total, lim.soft)
+
+    def _track(self, total: int, now: float) -> None:
+        """Update :attr:`rate` from this reading (readings closer than ``MIN_RATE_DT`` apart
+        are too close to judge and leave the base as it was)."""
+        if self._prev is not None:
+            then, before = self._prev
+            dt = now - then
+            if dt < MIN_RATE_DT:
+                return
+            rise = (total - before) / dt
+            self.rate = min(rise, self._prev_rate) if rise > 0 and self._prev_rate > 0 else 0.0
+            self._prev_rate = rise
+        self._prev = (now, total)
+
+    def _crossing(self, total: int) -> Decision | None:
+        """KILL when a sustained rise over the soft limit reaches the hard one within
+        :attr:`lookahead`; None otherwise."""
+        lim = self.limits
+        if lim.hard is None or total >= lim.hard or self.lookahead <= 0 or self.rate <= 0:
+            return None
+        if lim.soft is not None and total < lim.soft:
+            return None
+        ahead = total + self.rate * min(self.lookahead, MAX_LOOKAHEAD)
+        if ahead < lim.hard:
+            return None
+        why = (
+            f"{format_size(total)} rising {format_size(self.rate)}/s: over hard limit "
+            f"{format_size(lim.hard)} within {min(self.lookahead, MAX_LOOKAHEAD):g}s"
+        )
+        return Decision(Action.KILL, why, total, lim.hard)
 
     def at_start(self, total: int) -> Decision:
         """The reading taken when the process starts. Over the soft limit already: a restart

@@ -44,6 +44,11 @@ log = logging.getLogger("memwarden")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: The most of a core the watchdog's readings may take.
+READ_BUDGET = 0.02
+#: Seconds between two ``sample`` records of a quiet watchdog.
+SAMPLE_EVERY = 1.0
+
 #: The after-job decision while well under the limits (no allocation on the fast path).
 UNDER = Decision(Action.OK, "under soft limit", 0)
 
@@ -73,8 +78,11 @@ class Hooks:
     #: Recycle one pool child; True if it will happen.
     recycle: Callable[[str], bool] | None = None
     #: Called with the jobs in flight just before a hard kill (poison counting, re-enqueue).
-    before_kill: Callable[[list[dict[str, Any]]], None] | None = None
-    #: The hard kill itself; default SIGKILL to our children, then ourselves.
+    #: It may return fields for the ``kill`` record: ``in_flight`` (the jobs that die when
+    #: the kill takes less than the whole worker), ``target``, ``child_pid``.
+    before_kill: Callable[[list[dict[str, Any]]], dict[str, Any] | None] | None = None
+    #: The hard kill itself; default SIGKILL to our children, then ourselves. A kill that
+    #: takes only a pool child calls ``warden.policy.did_recover()``: we live on.
     kill: Callable[[], None] | None = None
 
 
@@ -104,7 +112,10 @@ def resolve_limits(config: Config, quota: Quota, can_recycle: bool = False) -> L
         max_restarts=config.max_restarts,
         restart_window=config.restart_window,
         reclaim=config.reclaim,
-        reclaim_regrow=None if first is None else first // 10,
+        # Regrowth re-arms a reclaim where the next remedy is a restart; where a pool child
+        # can be recycled, that comes first (a second trim within the cooldown costs as much
+        # in page faults as a fresh child, and keeps the first one's leftovers).
+        reclaim_regrow=None if first is None or can_recycle else first // 10,
         can_recycle=can_recycle,
     )
 
@@ -186,6 +197,11 @@ class Warden:
         first = self.limits.soft if self.limits.soft is not None else self.limits.hard
         self._first_limit = first if first is not None else 1 << 62
         self.last_sample: Sample | None = None
+        #: True once a drain has overrun the shutdown timeout: the kill then takes the whole
+        #: worker, whatever a ``kill`` hook could take instead.
+        self.overrun = False
+        self._read_cost = 0.0  # seconds per full reading (decaying max)
+        self._sampled_at = 0.0  # monotonic time of the last ``sample`` record
         self.last_culprit: str | None = None
         self.counts = {"jobs": 0, "reclaims": 0, "freed": 0, "restarts": 0, "kills": 0}
         self._said_off = False
@@ -297,7 +313,12 @@ class Warden:
     # ----------------------------------------------------------------- checking
     def read(self) -> Sample:
         """A full reading from the configured gauge (also resets the fast estimate)."""
+        t0 = time.thread_time()  # CPU, not wall: waiting for the GIL costs nothing
         sample = self.gauge.read()
+        took = time.thread_time() - t0
+        # What a reading costs (a slow one weighs at once, a fast one slowly): the watchdog
+        # never spends more than READ_BUDGET of a core on readings.
+        self._read_cost = max(took, 0.8 * self._read_cost + 0.2 * took)
         self._base = sample
         self.last_sample = sample
         return sample
@@ -387,8 +408,14 @@ class Warden:
         )
         return self._respond(self.policy.observe(after.total, time.time()))
 
-    def _record(self, event: str, decision: Decision, **fields: Any) -> None:
-        in_flight = self.in_flight()
+    def _record(
+        self,
+        event: str,
+        decision: Decision,
+        in_flight: list[dict[str, Any]] | None = None,
+        **fields: Any,
+    ) -> None:
+        in_flight = self.in_flight() if in_flight is None else in_flight
         self.journal.write(
             event,
             reason=decision.reason,
@@ -441,6 +468,7 @@ class Warden:
             return
         # Still here after the shutdown timeout: the graceful way did not end us.
         if not self._stop.wait(timeout) and not self.policy.killed:
+            self.overrun = True
             self._kill(
                 Decision(
                     Action.KILL,
@@ -461,12 +489,13 @@ class Warden:
             return
         self.counts["kills"] += 1
         in_flight = self.in_flight()
-        self._record("kill", decision)
+        fields: dict[str, Any] = {}
         if self.hooks.before_kill is not None:
             try:
-                self.hooks.before_kill(in_flight)
+                fields = self.hooks.before_kill(in_flight) or {}
             except Exception:
                 log.exception("memwarden: before_kill hook failed; killing anyway")
+        self._record("kill", decision, **fields)
         self.journal.close()
         if self.hooks.kill is not None:
             self.hooks.kill()
@@ -507,28 +536,50 @@ class Warden:
             self._stop.wait(self.watch_interval())
 
     def watch_interval(self) -> float:
-        """``interval``, or ``alert_interval`` while the last reading is over the soft limit:
-        near the quota a fast-growing job must be seen before it crosses the hard limit."""
+        """Seconds to the next reading after the last one: ``interval``, or
+        ``alert_interval`` while it was over the soft limit (near the quota a fast-growing
+        job must be seen before it crosses the hard limit). Both stretch where readings are
+        dear (a tree of many processes by PSS) so that they never take more than
+        ``READ_BUDGET`` of a core."""
         last = self.last_sample
-        if last is not None and last.total >= self._first_limit:
-            return min(self.config.interval, self.config.alert_interval)
-        return self.config.interval
+        return self._interval_after(last.total if last is not None else 0)
+
+    def _interval_after(self, total: int) -> float:
+        return reading_interval(self.config, total >= self._first_limit, self._read_cost)
 
     @swallow
     def watch_once(self) -> Decision | None:
-        """One watchdog tick: a full reading, a ``sample`` record, a decision."""
+        """One watchdog tick: a full reading, a decision, and a ``sample`` record (at most
+        one per ``SAMPLE_EVERY``, and whenever it acts)."""
         if not self.enabled:
             return self._check(fast_rss=None)
         sample = self.read()
-        self.journal.write(
-            "sample",
-            rss=sample.rss,
-            total=sample.total,
-            limit=self.limits.soft,
-            hard=self.limits.hard,
-            gauge=sample.source,
-        )
-        return self._respond(self.policy.observe(sample.total, time.time()))
+        # The policy judges the hard limit on where memory will be at the next reading.
+        self.policy.lookahead = self._interval_after(sample.total)
+        decision = self._respond(self.policy.observe(sample.total, time.time()))
+        now = time.monotonic()
+        quiet = decision.action in (Action.OK, Action.WAIT)
+        if not quiet or now - self._sampled_at >= max(SAMPLE_EVERY, self.config.interval):
+            self._sampled_at = now
+            self.journal.write(
+                "sample",
+                rss=sample.rss,
+                total=sample.total,
+                limit=self.limits.soft,
+                hard=self.limits.hard,
+                gauge=sample.source,
+            )
+        return decision
+
+
+def reading_interval(config: Config, over_soft: bool, read_cost: float) -> float:
+    """Seconds to the next reading: ``interval``, or ``alert_interval`` over the soft limit,
+    stretched so that readings costing ``read_cost`` seconds take at most ``READ_BUDGET`` of
+    a core."""
+    interval = config.interval
+    if over_soft:
+        interval = min(interval, config.alert_interval)
+    return max(interval, read_cost / READ_BUDGET)
 
 
 def kill_tree_and_self() -> None:

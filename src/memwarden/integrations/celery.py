@@ -9,9 +9,12 @@ own signals.
   tasks finish, closes its broker connection so prefetched messages go back) and the
   restart action; for ``signal``/``exit`` the warm shutdown is the restart (the process
   exits, with ``exit_code`` for ``exit``, and its supervisor starts it again). At the hard
-  limit or after the shutdown timeout: the tasks in flight are counted as poison
-  candidates, pool children are killed at once (their tasks are rejected back to the
-  queue), a cold shutdown gets the broker connection closed, then SIGKILL. Where the task
+  limit (or on course to cross it before the next reading) a prefork worker loses only its
+  largest pool child when that alone brings it under: that child's task is counted as a
+  poison candidate and rejected back to the queue, billiard forks a new child, the worker
+  serves on. Otherwise, and after the shutdown timeout: the tasks in flight are counted as
+  poison candidates, pool children are killed at once (their tasks are rejected back to
+  the queue), a cold shutdown gets the broker connection closed, then SIGKILL. Where the task
   runs in the worker itself (threads, solo) the worker is killed at once; on Redis its
   unacked messages are first marked as timed out, so the next worker restores them.
 - **Prefork children** (``worker_process_init``): a ``job`` record per task from
@@ -68,6 +71,8 @@ __all__ = [
 NEVER = 10 * 365 * 24 * 3600.0
 #: Longest wait for the cold shutdown to close the broker connection before SIGKILL.
 COLD_STOP_WAIT = 10.0
+#: Longest wait for a pool child killed at the hard limit to give its memory back.
+CHILD_EXIT_WAIT = 2.0
 #: Event-loop wake-up period for the threads pool (celery#6941).
 WAKE_EVERY = 0.1
 
@@ -179,6 +184,7 @@ class CeleryGuard:
         self.child_share: int | None = None
         self.poison: PoisonJobs | None = None
         self._recycle_at: int | None = None  # child: USS that asked for recycling
+        self._child_to_kill: tuple[int, int] | None = None  # main: (pid, USS) at a hard kill
         self.restarter: AfterWarmShutdown | None = None
         self.drained = False
         self._quarantined: list[Any] = []
@@ -313,9 +319,20 @@ class CeleryGuard:
         if self.drained and self.restarter is not None and os.getpid() == self.main_pid:
             self.restarter.restart("memwarden drain finished", at_shutdown=True)
 
-    def _before_kill(self, in_flight: list[dict[str, Any]]) -> None:
+    def _before_kill(self, in_flight: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Choose what dies and count its tasks as poison candidates. A prefork worker at
+        its hard limit loses only its largest pool child when that alone brings it under:
+        the kernel's OOM killer would take that child too, but later, and then the whole
+        cgroup may stall first. During a drain that is still true (the warm shutdown then
+        ends cleanly); a drain that overran its shutdown timeout takes the worker."""
+        self._child_to_kill = self._kill_one_child()
+        fields: dict[str, Any] | None = None
+        if self._child_to_kill is not None:
+            pid, uss = self._child_to_kill
+            in_flight = child_tasks(pid)
+            fields = {"in_flight": in_flight, "target": "child", "child_pid": pid, "uss": uss}
         if self.poison is None:
-            return
+            return fields
         for job in in_flight:
             if job.get("job_id") is not None:
                 kills = self.poison.record_kill(job["job_id"])
@@ -326,11 +343,57 @@ class CeleryGuard:
                     kills,
                     self.poison.kills,
                 )
+        return fields
+
+    def _kill_one_child(self) -> tuple[int, int] | None:
+        """(pid, USS) of the pool child whose death alone brings the worker under its hard
+        limit, or None when the worker itself must go."""
+        warden = self.warden
+        if (
+            self.pool != "prefork"
+            or warden is None
+            or warden.overrun
+            or warden.limits.hard is None
+            or warden.last_sample is None
+            or not self.app.conf.task_reject_on_worker_lost
+        ):
+            return None
+        sizes = []
+        for pid in children_of(os.getpid()):
+            mem = smaps_rollup(pid)
+            if mem is not None:
+                sizes.append((mem.uss, pid))
+        if not sizes:
+            return None
+        uss, pid = max(sizes)
+        if warden.last_sample.total - uss >= warden.limits.hard:
+            return None
+        return pid, uss
 
     def _kill(self) -> None:
-        """Cold stop, then kill: pool children die now (their memory goes, their tasks are
-        rejected back to the queue), a cold shutdown closes the broker connection (Redis
+        """At the hard limit, the largest pool child alone when that suffices (its task is
+        rejected back to the queue, billiard forks a new child, the worker serves on).
+        Otherwise cold stop, then kill: pool children die now (their memory goes, their tasks
+        are rejected back to the queue), a cold shutdown closes the broker connection (Redis
         puts prefetched messages back), and SIGKILL ends whatever is left."""
+        target, self._child_to_kill = self._child_to_kill, None
+        if target is not None and self.warden is not None:
+            pid, uss = target
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                log.warning(
+                    "memwarden: pool child %d (USS %s) killed at the hard limit; its task "
+                    "goes back to the queue",
+                    pid,
+                    format_size(uss),
+                )
+            # Judge afresh once its memory is gone (it is freed before the zombie is reaped),
+            # or the next reading would take the other child too.
+            deadline = time.monotonic() + CHILD_EXIT_WAIT
+            while holds_memory(pid) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.warden.policy.did_recover()
+            return
         me = os.getpid()
         kids = [pid for pid in process_tree(me) if pid != me]
         held = self._held_tags()
@@ -479,6 +542,15 @@ def _wake() -> None:
     """Nothing: being called is the point (the loop then sees acks and flags)."""
 
 
+def holds_memory(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has given its memory back)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split(None, 1)[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -496,6 +568,18 @@ def reserved_requests() -> list[Any]:
             held = {id(r): r for r in list(worker_state.active_requests)}
             held.update((id(r), r) for r in list(worker_state.reserved_requests))
             return list(held.values())
+    return []
+
+
+def child_tasks(pid: int) -> list[dict[str, Any]]:
+    """Tasks running in pool child ``pid`` now (main process)."""
+    for _ in range(5):
+        with contextlib.suppress(RuntimeError):  # set changed size: another thread
+            return [
+                {"job": r.name, "job_id": r.id}
+                for r in list(worker_state.active_requests)
+                if r.worker_pid == pid
+            ]
     return []
 
 

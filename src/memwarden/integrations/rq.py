@@ -210,19 +210,21 @@ class WardenMixin:
             time.sleep(0.5)
         return None
 
-    def _mw_before_kill(self, in_flight: list[dict[str, Any]]) -> None:
+    def _mw_before_kill(self, in_flight: list[dict[str, Any]]) -> dict[str, Any] | None:
         with self._mw_kill_lock:
             if self._mw_kill_target is not None:
-                return
+                return None
             self._mw_kill_target = "horse" if self._mw_horse_kill_suffices() else "all"
             if self._mw_kill_target == "horse":
-                return  # the parent re-enqueues once it has reaped the horse
+                # The parent re-enqueues once it has reaped the horse.
+                return {"target": "horse", "child_pid": self.horse_pid}
             current = self._mw_current
             if current is not None:
                 job, queue = current
                 self._mw_requeue_or_quarantine(job, queue, self._mw_execution(), "watchdog")
             with contextlib.suppress(Exception):
                 self.register_death()  # type: ignore[attr-defined]
+        return None
 
     def _mw_horse_kill_suffices(self) -> bool:
         return False

@@ -321,3 +321,27 @@ def test_alert_ticks_are_not_all_journaled(tmp_path):
     samples = [r for r in journal(tmp_path) if r["event"] == "sample"]
     assert ticks >= 50
     assert 2 <= len(samples) <= 4  # about one a second: at 0, 1 and 2 s
+
+
+def test_a_fast_rise_under_the_soft_limit_already_brings_the_alert_pace(tmp_path):
+    """Under the soft limit but growing fast enough to pass it by the next regular reading:
+    the watchdog already reads at the alert interval; a slow rise does not."""
+    soft = 4 * 1024 * MB  # far above this process
+    w = Warden(
+        measure="process",
+        soft_limit=f"{soft // 1024}",
+        restart="none",
+        reclaim=False,
+        state_dir=str(tmp_path),
+        interval=1,
+        alert_interval=0.02,
+    )
+    w.watch_once()
+    assert w.watch_interval() == 1
+    # Readings rising 4 GiB/s (told to the policy): 1 s ahead is past the soft limit.
+    t = time.time()
+    w.policy.observe(0, t + 1)
+    w.policy.observe(soft, t + 2)
+    assert w.policy.rise == soft and w.watch_interval() == 0.02
+    w.policy.observe(soft + 1024, t + 3)  # 1 KiB/s: nowhere near
+    assert w.watch_interval() == 1

@@ -165,6 +165,11 @@ class Policy:
             return Decision(Action.WAIT, why, total, lim.soft)
         return Decision(Action.RESTART, f"{over} for {format_duration(waited)}", total, lim.soft)
 
+    @property
+    def rise(self) -> float:
+        """The last interval's growth, bytes/s (negative when memory fell)."""
+        return self._prev_rate
+
     def _track(self, total: int, now: float) -> None:
         """Update :attr:`rate` from this reading (readings closer than ``MIN_RATE_DT`` apart
         are too close to judge and leave the base as it was)."""

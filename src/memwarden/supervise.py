@@ -499,9 +499,13 @@ class Supervisor:
 
     def _next_interval(self) -> float:
         """``interval``, or ``alert_interval`` while the last reading was over the soft
-        limit; stretched where readings are dear (as the in-process watchdog does)."""
+        limit or rising to pass it by the next regular reading; stretched where readings
+        are dear (as the in-process watchdog does)."""
         first = self.limits.soft if self.limits.soft is not None else self.limits.hard
-        over = first is not None and self.last_total is not None and self.last_total >= first
+        child = self.child
+        rise = max(0.0, child.policy.rise) if child is not None else 0.0
+        ahead = (self.last_total or 0) + rise * self.config.interval
+        over = first is not None and self.last_total is not None and ahead >= first
         return reading_interval(self.config, over, self._read_cost)
 
     def _sample(self, child: Lifetime) -> None:

@@ -545,7 +545,11 @@ class Warden:
         return self._interval_after(last.total if last is not None else 0)
 
     def _interval_after(self, total: int) -> float:
-        return reading_interval(self.config, total >= self._first_limit, self._read_cost)
+        """Alert pace over the soft limit, and under it when the last rise would carry
+        memory over it by the next regular reading (a fast job is then followed closely
+        from before it crosses, so the lookahead has readings to go on)."""
+        ahead = total + max(0.0, self.policy.rise) * self.config.interval
+        return reading_interval(self.config, ahead >= self._first_limit, self._read_cost)
 
     @swallow
     def watch_once(self) -> Decision | None:

@@ -46,7 +46,7 @@ from memwarden.gauges.quota import Quota, detect_quota
 from memwarden.journal import Journal
 from memwarden.policy import Action, Decision, Limits, Policy
 from memwarden.units import SettingError, format_duration, format_size
-from memwarden.warden import SAMPLE_EVERY, reading_interval, resolve_limits
+from memwarden.warden import Pace, resolve_limits
 
 log = logging.getLogger("memwarden.run")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -349,8 +349,8 @@ class Supervisor:
         self.counts = {"starts": 0, "restarts": 0, "kills": 0, "early_exits": 0}
         self.peak = 0
         self.last_total: int | None = None
-        self._read_cost = 0.0  # seconds per reading (decaying max)
-        self._sampled_at = 0.0  # monotonic time of the last ``sample`` record
+        first = self.limits.soft if self.limits.soft is not None else self.limits.hard
+        self.pace = Pace(self.config, first)
         self._stopping: int | None = None  # the signal that asked us to stop
         self._pending: list[int] = []
         self._wake_r = self._wake_w = -1
@@ -498,34 +498,21 @@ class Supervisor:
                     self._ask_to_stop(child, signal.SIGTERM, forward=True)
 
     def _next_interval(self) -> float:
-        """``interval``, or ``alert_interval`` while the last reading was over the soft
-        limit or rising to pass it by the next regular reading; stretched where readings
-        are dear (as the in-process watchdog does)."""
-        first = self.limits.soft if self.limits.soft is not None else self.limits.hard
-        child = self.child
-        rise = max(0.0, child.policy.rise) if child is not None else 0.0
-        ahead = (self.last_total or 0) + rise * self.config.interval
-        over = first is not None and self.last_total is not None and ahead >= first
-        return reading_interval(self.config, over, self._read_cost)
+        """As the in-process watchdog paces itself (:class:`Pace`)."""
+        rise = self.child.policy.rise if self.child is not None else 0.0
+        return self.pace.interval_after(self.last_total or 0, rise)
 
     def _sample(self, child: Lifetime) -> None:
-        t0 = time.thread_time()
         try:
-            sample = child.gauge.read()
+            sample = self.pace.timed(child.gauge.read)
         except OSError as exc:
             log.debug("memwarden run: no reading: %s", exc)
             return
-        took = time.thread_time() - t0
-        self._read_cost = max(took, 0.8 * self._read_cost + 0.2 * took)
         if child.returncode is not None:
             return
         self.last_total = sample.total
         self.peak = max(self.peak, sample.total)
-        now = time.monotonic()
-        if self.journal_samples and now - self._sampled_at >= max(
-            SAMPLE_EVERY, self.config.interval
-        ):
-            self._sampled_at = now
+        if self.journal_samples and self.pace.record_due():
             self.journal.write(
                 "sample",
                 pid=child.pid,

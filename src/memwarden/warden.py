@@ -196,12 +196,11 @@ class Warden:
         self._exact_fast = isinstance(self.gauge, ProcessGauge)
         first = self.limits.soft if self.limits.soft is not None else self.limits.hard
         self._first_limit = first if first is not None else 1 << 62
+        self.pace = Pace(self.config, first)
         self.last_sample: Sample | None = None
         #: True once a drain has overrun the shutdown timeout: the kill then takes the whole
         #: worker, whatever a ``kill`` hook could take instead.
         self.overrun = False
-        self._read_cost = 0.0  # seconds per full reading (decaying max)
-        self._sampled_at = 0.0  # monotonic time of the last ``sample`` record
         self.last_culprit: str | None = None
         self.counts = {"jobs": 0, "reclaims": 0, "freed": 0, "restarts": 0, "kills": 0}
         self._said_off = False
@@ -313,12 +312,7 @@ class Warden:
     # ----------------------------------------------------------------- checking
     def read(self) -> Sample:
         """A full reading from the configured gauge (also resets the fast estimate)."""
-        t0 = time.thread_time()  # CPU, not wall: waiting for the GIL costs nothing
-        sample = self.gauge.read()
-        took = time.thread_time() - t0
-        # What a reading costs (a slow one weighs at once, a fast one slowly): the watchdog
-        # never spends more than READ_BUDGET of a core on readings.
-        self._read_cost = max(took, 0.8 * self._read_cost + 0.2 * took)
+        sample = self.pace.timed(self.gauge.read)
         self._base = sample
         self.last_sample = sample
         return sample
@@ -542,14 +536,7 @@ class Warden:
         dear (a tree of many processes by PSS) so that they never take more than
         ``READ_BUDGET`` of a core."""
         last = self.last_sample
-        return self._interval_after(last.total if last is not None else 0)
-
-    def _interval_after(self, total: int) -> float:
-        """Alert pace over the soft limit, and under it when the last rise would carry
-        memory over it by the next regular reading (a fast job is then followed closely
-        from before it crosses, so the lookahead has readings to go on)."""
-        ahead = total + max(0.0, self.policy.rise) * self.config.interval
-        return reading_interval(self.config, ahead >= self._first_limit, self._read_cost)
+        return self.pace.interval_after(last.total if last is not None else 0, self.policy.rise)
 
     @swallow
     def watch_once(self) -> Decision | None:
@@ -559,12 +546,9 @@ class Warden:
             return self._check(fast_rss=None)
         sample = self.read()
         # The policy judges the hard limit on where memory will be at the next reading.
-        self.policy.lookahead = self._interval_after(sample.total)
+        self.policy.lookahead = self.pace.interval_after(sample.total, self.policy.rise)
         decision = self._respond(self.policy.observe(sample.total, time.time()))
-        now = time.monotonic()
-        quiet = decision.action in (Action.OK, Action.WAIT)
-        if not quiet or now - self._sampled_at >= max(SAMPLE_EVERY, self.config.interval):
-            self._sampled_at = now
+        if self.pace.record_due(quiet=decision.action in (Action.OK, Action.WAIT)):
             self.journal.write(
                 "sample",
                 rss=sample.rss,
@@ -576,14 +560,45 @@ class Warden:
         return decision
 
 
-def reading_interval(config: Config, over_soft: bool, read_cost: float) -> float:
-    """Seconds to the next reading: ``interval``, or ``alert_interval`` over the soft limit,
-    stretched so that readings costing ``read_cost`` seconds take at most ``READ_BUDGET`` of
-    a core."""
-    interval = config.interval
-    if over_soft:
-        interval = min(interval, config.alert_interval)
-    return max(interval, read_cost / READ_BUDGET)
+class Pace:
+    """When the next reading is due, and which readings are journaled: one for the
+    in-process watchdog and for ``memwarden run``."""
+
+    def __init__(self, config: Config, first_limit: int | None) -> None:
+        self.config = config
+        self.first_limit = first_limit  # the soft limit, else the hard one
+        self.read_cost = 0.0  # CPU seconds per reading (decaying max)
+        self._recorded_at = 0.0  # monotonic time of the last ``sample`` record
+
+    def timed(self, read: Callable[[], Sample]) -> Sample:
+        """``read()``, keeping what readings cost: CPU, not wall time (waiting for the GIL
+        costs nothing); a slow one weighs at once, a fast one slowly."""
+        t0 = time.thread_time()
+        sample = read()
+        took = time.thread_time() - t0
+        self.read_cost = max(took, 0.8 * self.read_cost + 0.2 * took)
+        return sample
+
+    def interval_after(self, total: int, rise: float) -> float:
+        """Seconds to the next reading after one of ``total`` bytes, rising ``rise``
+        bytes/s: ``interval``, or ``alert_interval`` over the first limit and under it when
+        the rise would carry memory over it by the next regular reading (a fast job is then
+        followed closely from before it crosses, so the lookahead has readings to go on).
+        Stretched so that readings take at most ``READ_BUDGET`` of a core."""
+        interval = self.config.interval
+        ahead = total + max(0.0, rise) * interval
+        if self.first_limit is not None and ahead >= self.first_limit:
+            interval = min(interval, self.config.alert_interval)
+        return max(interval, self.read_cost / READ_BUDGET)
+
+    def record_due(self, quiet: bool = True) -> bool:
+        """True when a ``sample`` record is due: at most one per ``SAMPLE_EVERY`` (or per
+        ``interval`` if longer) while ``quiet``, always when the reading was acted on."""
+        now = time.monotonic()
+        if quiet and now - self._recorded_at < max(SAMPLE_EVERY, self.config.interval):
+            return False
+        self._recorded_at = now
+        return True
 
 
 def kill_tree_and_self() -> None:

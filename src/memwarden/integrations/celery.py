@@ -290,14 +290,10 @@ class CeleryGuard:
 
     def _recycle_largest_child(self, reason: str) -> bool:
         """The pool child holding the most (USS) leaves after its current task."""
-        sizes = []
-        for pid in children_of(os.getpid()):
-            mem = smaps_rollup(pid)
-            if mem is not None:
-                sizes.append((mem.uss, pid))
-        if not sizes:
+        largest = largest_child()
+        if largest is None:
             return False
-        uss, pid = max(sizes)
+        uss, pid = largest
         os.makedirs(self.config.state_path, exist_ok=True)
         with open(self._flag(pid), "w") as f:
             f.write(reason)
@@ -358,14 +354,10 @@ class CeleryGuard:
             or not self.app.conf.task_reject_on_worker_lost
         ):
             return None
-        sizes = []
-        for pid in children_of(os.getpid()):
-            mem = smaps_rollup(pid)
-            if mem is not None:
-                sizes.append((mem.uss, pid))
-        if not sizes:
+        largest = largest_child()
+        if largest is None:
             return None
-        uss, pid = max(sizes)
+        uss, pid = largest
         if warden.last_sample.total - uss >= warden.limits.hard:
             return None
         return pid, uss
@@ -540,6 +532,16 @@ class CeleryGuard:
 
 def _wake() -> None:
     """Nothing: being called is the point (the loop then sees acks and flags)."""
+
+
+def largest_child() -> tuple[int, int] | None:
+    """(USS, pid) of this process's child holding the most private memory, if any."""
+    sizes = []
+    for pid in children_of(os.getpid()):
+        mem = smaps_rollup(pid)
+        if mem is not None:
+            sizes.append((mem.uss, pid))
+    return max(sizes, default=None)
 
 
 def holds_memory(pid: int) -> bool:

@@ -365,3 +365,28 @@ def run_each(names: Sequence[str], run: Callable[[str, str], Result]) -> list[Re
         else:
             print(f"# kept {workdir}", file=sys.stderr)
     return results
+
+
+def publish(
+    bench: str,
+    text: str,
+    results: Sequence[Result],
+    limits: tuple[int, int],
+    title: str,
+    out: str | None,
+    readme: str | None,
+    readme_text: str,
+) -> None:
+    """Print the report; with ``out`` write ``bench-<bench>.md`` and ``.png`` there and the
+    ``<bench>`` block of its ``benchmarks.md``; with ``readme`` its ``<bench>-headline``
+    block; last, one ``key=value`` line per contender."""
+    print(text)
+    if out:
+        write_text(os.path.join(out, f"bench-{bench}.md"), text + "\n")
+        chart(results, *limits, os.path.join(out, f"bench-{bench}.png"), title)
+        replace_block(os.path.join(out, "benchmarks.md"), bench, text)
+    if readme:
+        replace_block(readme, f"{bench}-headline", readme_text)
+    print()
+    for r in results:
+        print(r.line())

@@ -48,16 +48,14 @@ from _harness import (
     Result,
     Sampler,
     bench_env,
-    chart,
     choose,
     dyno,
     headline,
     machine,
-    replace_block,
+    publish,
     run_each,
     stop,
     table,
-    write_text,
 )
 from memwarden.units import format_size, parse_size
 
@@ -399,24 +397,17 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_each(names, run)
     text = report(results, s, skipped, argv)
-    print(text)
-    if a.out:
-        write_text(os.path.join(a.out, "bench-quota.md"), text + "\n")
-        chart(
-            results,
-            s.limit,
-            s.hard,
-            os.path.join(a.out, "bench-quota.png"),
-            "Celery worker memory (cgroup working set) per contender",
-        )
-    if a.out:
-        replace_block(os.path.join(a.out, "benchmarks.md"), "quota", text)
-    if a.readme:
-        verdict = next((line for line in text.splitlines() if line.startswith("Goal")), "")
-        replace_block(a.readme, "quota-headline", headline(results, HEADLINE) + "\n\n" + verdict)
-    print()
-    for r in results:
-        print(r.line())
+    verdict = next((line for line in text.splitlines() if line.startswith("Goal")), "")
+    publish(
+        "quota",
+        text,
+        results,
+        (s.limit, s.hard),
+        "Celery worker memory (cgroup working set) per contender",
+        a.out,
+        a.readme,
+        headline(results, HEADLINE) + "\n\n" + verdict,
+    )
     return 0
 
 

@@ -42,13 +42,12 @@ from _harness import (
     Result,
     Sampler,
     bench_env,
-    chart,
     choose,
     descendants,
     dyno,
     headline,
     machine,
-    replace_block,
+    publish,
     run_each,
     stop,
     table,
@@ -287,23 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += [f"- {name}: not run ({why})" for name, why in skipped.items()]
     text = "\n".join(lines)
-    print(text)
-    if a.out:
-        write_text(os.path.join(a.out, "bench-supervisors.md"), text + "\n")
-        chart(
-            results,
-            s.limit,
-            s.hard,
-            os.path.join(a.out, "bench-supervisors.png"),
-            "A bloating command under each supervisor (cgroup working set)",
-        )
-    if a.out:
-        replace_block(os.path.join(a.out, "benchmarks.md"), "supervisors", text)
-    if a.readme:
-        replace_block(a.readme, "supervisors-headline", headline(results, HEADLINE))
-    print()
-    for r in results:
-        print(r.line())
+    publish(
+        "supervisors",
+        text,
+        results,
+        (s.limit, s.hard),
+        "A bloating command under each supervisor (cgroup working set)",
+        a.out,
+        a.readme,
+        headline(results, HEADLINE),
+    )
     return 0
 
 

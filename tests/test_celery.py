@@ -16,6 +16,7 @@ from memwarden.celery import PoisonJobError, guard
 from memwarden.integrations.celery import (
     AfterWarmShutdown,
     CeleryGuard,
+    default_child_share,
     no_loss_problems,
     pool_kind,
     redis_visibility_note,
@@ -38,6 +39,17 @@ def test_guard_rejects_a_bad_setting_naming_the_env_var() -> None:
     assert "512MB" in str(err.value)  # an example of a good value
     with pytest.raises(SettingError, match="MEMWARDEN_CHILD_LIMIT"):
         guard(fresh_app(), child_limit="-3MB")
+
+
+def test_a_child_share_is_what_the_main_process_leaves_under_the_soft_limit() -> None:
+    mib = 1024 * 1024
+    # 435 MiB soft, a 61 MiB worker before its pool: two children share the 374 MiB left.
+    assert default_child_share(435 * mib, 61 * mib, 2) == 187 * mib
+    assert default_child_share(435 * mib, 61 * mib, 1) == 374 * mib
+    # A main process as big as a share (or bigger) leaves the old floor: soft / (c + 1).
+    assert default_child_share(300 * mib, 200 * mib, 2) == 100 * mib
+    assert default_child_share(300 * mib, 400 * mib, 2) == 100 * mib
+    assert default_child_share(300 * mib, 0, 0) == 300 * mib  # no concurrency read: one child
 
 
 def test_guard_in_a_process_that_only_sends_tasks_starts_nothing() -> None:

@@ -79,7 +79,8 @@ class Config:
         None,
         "size",
         "A pool child's share: recycle it after a job when its USS is over this "
-        "(Celery prefork; default soft limit / (concurrency + 1))",
+        "(Celery prefork; default: what the worker leaves under the soft limit before its "
+        "pool starts, split between the children)",
     )
     state_dir: str | None = _setting(
         None, "path", "Host lock and restart history (default: the temp dir)"

@@ -254,7 +254,8 @@ class CeleryGuard:
             share = int(own) * 1024
         soft = self.warden.limits.soft
         if share is None and soft is not None:
-            share = soft // (int(worker.concurrency or 1) + 1)
+            base = self.warden.last_sample or self.warden.read()  # before the pool forks
+            share = default_child_share(soft, base.total, int(worker.concurrency or 1))
         self.child_share = share
         if share is not None:
             # billiard's after-task check needs a limit to run at all; we answer it.
@@ -532,6 +533,13 @@ class CeleryGuard:
 
 def _wake() -> None:
     """Nothing: being called is the point (the loop then sees acks and flags)."""
+
+
+def default_child_share(soft: int, base: int, concurrency: int) -> int:
+    """A pool child's share when none is set: what the worker leaves under the soft limit
+    before its pool starts (``base``: the main process, the cgroup's other memory), split
+    between the children; never less than soft / (concurrency + 1)."""
+    return max(soft // (concurrency + 1), (soft - base) // max(1, concurrency))
 
 
 def largest_child() -> tuple[int, int] | None:

@@ -28,7 +28,7 @@ bench: $(STAMP)
 # Side by side in real memory cgroups (Redis on localhost); rewrite docs/ tables, charts and
 # the README's headline tables. A few minutes each; run them on a quiet machine.
 bench-quota: $(STAMP)
-	$(BIN)/python bench/quota.py --out docs --readme README.md
+	$(BIN)/python bench/quota.py --rounds 3 --out docs --readme README.md
 
 bench-supervisors: $(STAMP)
 	$(BIN)/python bench/supervisors.py --out docs --readme README.md

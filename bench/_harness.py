@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,6 +166,7 @@ class Result:
     restarts: int
     extra: dict[str, Any] = field(default_factory=dict)
     series: list[tuple[float, int]] = field(default_factory=list, repr=False)
+    rounds: list[Result] = field(default_factory=list, repr=False)
 
     def line(self) -> str:
         head = (
@@ -323,14 +325,35 @@ def replace_block(path: str, name: str, text: str) -> bool:
     return True
 
 
+def share(r: Result, base: Result) -> float:
+    """``r``'s throughput as a part of ``base``'s: the median of the per-round ratios when
+    both ran in rounds (each round's contenders ran side by side), else the plain ratio."""
+    if r.rounds and len(r.rounds) == len(base.rounds):
+        return statistics.median(
+            a.jobs_per_s / b.jobs_per_s if b.jobs_per_s > 0 else 0.0
+            for a, b in zip(r.rounds, base.rounds, strict=True)
+        )
+    return r.jobs_per_s / base.jobs_per_s if base.jobs_per_s > 0 else 0.0
+
+
+def runs_note(results: Sequence[Result]) -> str:
+    """How the figures were taken: one run, or one run of rounds."""
+    n = len(results[0].rounds) if results else 0
+    if n < 2:
+        return "One run."
+    return (
+        f"One run of {n} rounds, contenders in turn: jobs/s is the median round, peak the "
+        "highest, every other figure the sum over the rounds."
+    )
+
+
 def headline(results: Sequence[Result], columns: Sequence[tuple[str, str]]) -> str:
     """A short table for the README, throughput also as a share of the first contender's."""
-    base = results[0].jobs_per_s if results else 0.0
     out = [table(results, columns)]
-    if base > 0 and len(results) > 1:
-        shares = ", ".join(f"{r.name} {100 * r.jobs_per_s / base:.0f}%" for r in results[1:])
+    if len(results) > 1 and results[0].jobs_per_s > 0:
+        shares = ", ".join(f"{r.name} {100 * share(r, results[0]):.0f}%" for r in results[1:])
         out.append(f"\nThroughput against {results[0].name}: {shares}.")
-    out.append(f"\nOne run. Machine: {machine()}.")
+    out.append(f"\n{runs_note(results)} Machine: {machine()}.")
     return "\n".join(out)
 
 
@@ -350,21 +373,51 @@ def choose(
     return [c for c in order if c in wanted and c not in skipped], skipped
 
 
-def run_each(names: Sequence[str], run: Callable[[str, str], Result]) -> list[Result]:
-    """``run(name, workdir)`` for each contender in one temporary work dir, removed after
-    (kept, and named, when ``BENCH_KEEP`` is set)."""
+def run_each(
+    names: Sequence[str], run: Callable[[str, str], Result], rounds: int = 1
+) -> list[Result]:
+    """``run(name, workdir)`` for each contender, ``rounds`` times in turn (each round starts
+    one contender later, so no contender always runs first), in one temporary work dir,
+    removed after (kept, and named, when ``BENCH_KEEP`` is set). With more than one round,
+    each contender's rounds are combined (:func:`combine`)."""
     workdir = tempfile.mkdtemp(prefix="memwarden-bench-")
-    results = []
+    per: dict[str, list[Result]] = {name: [] for name in names}
     try:
-        for name in names:
-            print(f"# {name} ...", file=sys.stderr, flush=True)
-            results.append(run(name, workdir))
+        for k in range(rounds):
+            for name in [*names[k % len(names) :], *names[: k % len(names)]] if names else []:
+                tag = f" (round {k + 1}/{rounds})" if rounds > 1 else ""
+                print(f"# {name}{tag} ...", file=sys.stderr, flush=True)
+                per[name].append(run(name, workdir))
     finally:
         if not os.environ.get("BENCH_KEEP"):
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"# kept {workdir}", file=sys.stderr)
-    return results
+    return [results[0] if rounds == 1 else combine(results) for results in per.values()]
+
+
+def combine(rounds: Sequence[Result]) -> Result:
+    """One contender's rounds as one result: jobs/s the median, peak the highest, every
+    other figure (lost, OOM kills, seconds over, restarts, counts in ``extra``) the sum;
+    the chart shows the first round. The rounds themselves stay in ``rounds``."""
+    first = rounds[0]
+    extra: dict[str, Any] = {}
+    for key in first.extra:
+        values = [r.extra.get(key, 0) for r in rounds]
+        extra[key] = max(values) if key.endswith("_max") else sum(values)
+    extra["rounds"] = len(rounds)
+    return Result(
+        name=first.name,
+        jobs_per_s=statistics.median(r.jobs_per_s for r in rounds),
+        lost=sum(r.lost for r in rounds),
+        oom_kills=sum(r.oom_kills for r in rounds),
+        over_limit_s=sum(r.over_limit_s for r in rounds),
+        peak_bytes=max(r.peak_bytes for r in rounds),
+        restarts=sum(r.restarts for r in rounds),
+        extra=extra,
+        series=first.series,
+        rounds=list(rounds),
+    )
 
 
 def publish(

@@ -7,8 +7,9 @@ again, as a dyno or pod would be. Contenders:
 
 - ``none``: no guard;
 - ``celery-max-mem``: Celery's own ``--max-memory-per-child``, set to the guard's per-child
-  share (``MEMWARDEN_CHILD_LIMIT``, by default the guard's own: soft limit / (concurrency +
-  1)); Celery checks a child's peak RSS (``ru_maxrss``) after a task, the guard its USS now;
+  share (``--child-share``; by default the share the guard gives itself, measured from a
+  worker started first: (soft limit − the worker before its pool forks) / concurrency);
+  Celery checks a child's peak RSS (``ru_maxrss``) after a task, the guard its USS now;
 - ``memwarden-run``: ``memwarden run`` around the worker (restarts from outside);
 - ``guard-noreclaim`` / ``guard-reclaim``: ``memwarden.celery.guard(app)`` with reclaim
   off / on.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -54,9 +56,12 @@ from _harness import (
     machine,
     publish,
     run_each,
+    runs_note,
+    share,
     stop,
     table,
 )
+from memwarden.integrations.celery import default_child_share
 from memwarden.units import format_size, parse_size
 
 REDIS = "redis://127.0.0.1:6379/9"  # this bench's own Redis DB
@@ -71,6 +76,7 @@ COLUMNS = [
     ("restarts+recycles", "restarts"),
     ("worker restarts", "worker_restarts"),
     ("recycles", "recycles"),
+    ("guard kills", "guard_kills"),
     ("reclaims", "reclaims"),
     ("freed", "freed"),
     ("duplicates", "duplicates"),
@@ -81,6 +87,7 @@ HEADLINE = [
     ("OOM kills", "oom_kills"),
     ("s over hard limit", "over_limit_s"),
     ("restarts+recycles", "restarts"),
+    ("guard kills", "guard_kills"),
     ("reclaims", "reclaims"),
 ]
 
@@ -95,7 +102,10 @@ class Settings:
     interval: float | None  # None: memwarden's default
     stall: float
     seed: int
-    child_part: float
+    #: Each pool child's share, ``MEMWARDEN_CHILD_LIMIT`` (None: the guard's default)...
+    child_share: int | None
+    #: ...and Celery's ``--max-memory-per-child`` (the same share, measured when None above).
+    celery_share: int = 0
 
     @property
     def soft(self) -> int:
@@ -104,11 +114,6 @@ class Settings:
     @property
     def hard(self) -> int:
         return int(self.limit * 0.95)
-
-    @property
-    def child_share(self) -> int:
-        """Each pool child's share (``MEMWARDEN_CHILD_LIMIT`` / ``--max-memory-per-child``)."""
-        return int(self.limit * self.child_part)
 
 
 def job_mix(s: Settings) -> list[tuple[str, int, int]]:
@@ -166,7 +171,7 @@ def worker_command(name: str, s: Settings, journal: str) -> list[str]:
         "--without-heartbeat",
     ]
     if name == "celery-max-mem":
-        per_child_kib = s.child_share // 1024
+        per_child_kib = s.celery_share // 1024
         celery.append(f"--max-memory-per-child={per_child_kib}")
     if name == "memwarden-run":
         return [
@@ -198,7 +203,6 @@ def contender_env(name: str, s: Settings, prefix: str, journal: str, state: str)
         env.update(
             MEMWARDEN_SOFT_LIMIT=f"{s.soft}B",
             MEMWARDEN_HARD_LIMIT=f"{s.hard}B",
-            MEMWARDEN_CHILD_LIMIT=f"{s.child_share}B",
             MEMWARDEN_GRACE=f"{s.grace:g}",
             MEMWARDEN_MIN_UPTIME="0",
             MEMWARDEN_MAX_RESTARTS="1000",
@@ -207,12 +211,15 @@ def contender_env(name: str, s: Settings, prefix: str, journal: str, state: str)
         )
         if s.interval is not None:
             env["MEMWARDEN_INTERVAL"] = f"{s.interval:g}"
+        if s.child_share is not None:
+            env["MEMWARDEN_CHILD_LIMIT"] = f"{s.child_share}B"
     return env
 
 
-def journal_totals(path: str) -> tuple[int, int]:
-    """(reclaims, bytes freed) from a memwarden journal (and its rotated files)."""
-    reclaims = freed = 0
+def journal_totals(path: str) -> dict[str, int]:
+    """From a memwarden journal (and its rotated files): reclaims, bytes freed, hard kills
+    and, of those, kills of one pool child (the pool forks a new one: not a recycle)."""
+    totals = dict.fromkeys(("reclaims", "freed", "kills", "child_kills"), 0)
     for p in [path, *(f"{path}.{i}" for i in range(1, 4))]:
         with contextlib.suppress(OSError), open(p) as f:
             for line in f:
@@ -220,10 +227,15 @@ def journal_totals(path: str) -> tuple[int, int]:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if rec.get("event") == "reclaim" and not rec.get("dry_run"):
-                    reclaims += 1
-                    freed += int(rec.get("freed") or 0)
-    return reclaims, freed
+                if rec.get("dry_run"):
+                    continue
+                if rec.get("event") == "reclaim":
+                    totals["reclaims"] += 1
+                    totals["freed"] += int(rec.get("freed") or 0)
+                if rec.get("event") == "kill":
+                    totals["kills"] += 1
+                    totals["child_kills"] += rec.get("target") == "child"
+    return totals
 
 
 def forget_run(r: redis.Redis, prefix: str, ids: list[str]) -> None:
@@ -236,6 +248,36 @@ def forget_run(r: redis.Redis, prefix: str, ids: list[str]) -> None:
         if prefix.encode() in payload:
             r.hdel("unacked", tag)
             r.zrem("unacked_index", tag)
+
+
+def guard_share(s: Settings, workdir: str) -> int:
+    """The share the guard gives each pool child by default, for ``celery-max-mem``: a worker
+    is started in a dyno until it records what it holds before its pool forks."""
+    prefix = f"memwarden-bench:{uuid.uuid4().hex[:10]}"
+    journal = os.path.join(workdir, "probe.jsonl")
+    env = contender_env("none", s, prefix, journal, os.path.join(workdir, "probe-state"))
+    r = redis.Redis.from_url(REDIS)
+    try:
+        with dyno(s.limit) as cg, open(os.path.join(workdir, "workers.log"), "ab") as log:
+            proc = subprocess.Popen(
+                worker_command("none", s, journal),
+                env=env,
+                preexec_fn=cg.join,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.monotonic() + 90
+            while (base := r.get(f"{prefix}:base")) is None and proc.poll() is None:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            stop(proc)
+    finally:
+        forget_run(r, prefix, [])
+        r.close()
+    if base is None:
+        raise SystemExit("bench: the probe worker did not record its size in 90 s")
+    return default_child_share(s.soft, int(base), CONCURRENCY)
 
 
 def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
@@ -290,9 +332,11 @@ def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
     finally:
         forget_run(r, prefix, ids)
         r.close()
-    reclaims, freed = journal_totals(journal)
+    totals = journal_totals(journal)
     worker_restarts = max(0, workers - 1)
-    recycles = max(0, children - CONCURRENCY * workers - oom_kills)
+    # Every pool child beyond the first of each worker replaced one that left: recycled,
+    # OOM-killed or killed by the guard.
+    recycles = max(0, children - CONCURRENCY * workers - oom_kills - totals["child_kills"])
     return Result(
         name=name,
         jobs_per_s=done / max(1e-3, last - t0),
@@ -304,8 +348,9 @@ def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
         extra={
             "worker_restarts": worker_restarts,
             "recycles": recycles,
-            "reclaims": reclaims,
-            "freed": freed,
+            "guard_kills": totals["kills"],
+            "reclaims": totals["reclaims"],
+            "freed": totals["freed"],
             "duplicates": completions - done,
             "jobs": len(ids),
             "platform_restarts": platform_restarts,
@@ -320,16 +365,41 @@ def report(results: list[Result], s: Settings, skipped: dict[str, str], argv: li
         f"Limit {format_size(s.limit)} (cgroup, no swap); soft {format_size(s.soft)}, "
         f"hard {format_size(s.hard)}; {s.jobs} jobs; Celery prefork -c {CONCURRENCY}, "
         f"Redis broker.",
+        "Pool child share: "
+        + (
+            f"{format_size(s.child_share)} (`--child-share`)"
+            if s.child_share is not None
+            else "the guard's own default"
+        )
+        + (
+            f"; celery-max-mem: `--max-memory-per-child` {format_size(s.celery_share)}."
+            if s.celery_share
+            else "."
+        ),
         f"Machine: {machine()}.",
         f"Command: `python bench/quota.py {' '.join(argv)}`",
         "",
         table(results, COLUMNS),
+        "",
+        runs_note(results),
     ]
     if base is not None and base.jobs_per_s > 0:
         lines.append("")
         for r in results:
-            pct = 100 * r.jobs_per_s / base.jobs_per_s
-            lines.append(f"- {r.name}: throughput {pct:.0f}% of no guard")
+            per_round = ""
+            if len(r.rounds) > 1 and len(r.rounds) == len(base.rounds):
+                per_round = (
+                    " (rounds: "
+                    + ", ".join(
+                        f"{100 * a.jobs_per_s / b.jobs_per_s:.0f}%"
+                        for a, b in zip(r.rounds, base.rounds, strict=True)
+                        if b.jobs_per_s > 0
+                    )
+                    + ")"
+                )
+            lines.append(
+                f"- {r.name}: throughput {100 * share(r, base):.0f}% of no guard{per_round}"
+            )
     for name, why in skipped.items():
         lines.append(f"- {name}: not run ({why})")
     goal = next((r for r in results if r.name == "guard-reclaim"), None)
@@ -346,10 +416,11 @@ def goal_verdict(goal: Result, base: Result | None, results: list[Result]) -> st
         ("0 s over the hard limit", goal.over_limit_s == 0),
     ]
     if base is not None and base.jobs_per_s > 0:
-        checks.append(("throughput >= 95% of no guard", goal.jobs_per_s >= 0.95 * base.jobs_per_s))
+        checks.append(("throughput >= 95% of no guard", share(goal, base) >= 0.95))
     if noreclaim is not None:
         checks.append(("fewer restarts than without reclaim", goal.restarts < noreclaim.restarts))
-    return "Goal (guard-reclaim): " + "; ".join(
+    over = " over all rounds" if len(goal.rounds) > 1 else ""
+    return f"Goal (guard-reclaim{over}): " + "; ".join(
         f"{what}: {'met' if ok else 'NOT met'}" for what, ok in checks
     )
 
@@ -369,10 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall", type=float, default=30.0, help="end after so long with no job done")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every contender this many times, in turn (jobs/s: the median round)",
+    )
+    p.add_argument(
         "--child-share",
         type=float,
-        default=0.85 / (CONCURRENCY + 1),
-        help="per-child limit as a part of the limit (default: the guard's, soft / (c + 1))",
+        help="per-child limit as a part of the limit (default: the guard's own share)",
     )
     p.add_argument("--out", help="write bench-quota.md and bench-quota.png into this directory")
     p.add_argument("--readme", help="put the headline table into this file's marked block")
@@ -387,15 +463,21 @@ def main(argv: list[str] | None = None) -> int:
         interval=a.interval,
         stall=a.stall,
         seed=a.seed,
-        child_part=a.child_share,
+        child_share=None if a.child_share is None else int(parse_size(a.limit) * a.child_share),
     )
     names, skipped = choose(p, a.contenders, ORDER, available())
 
     def run(name: str, workdir: str) -> Result:
+        nonlocal s
+        if name == "celery-max-mem" and not s.celery_share:
+            share = s.child_share or guard_share(s, workdir)
+            s = dataclasses.replace(s, celery_share=share)
         with open(os.path.join(workdir, "workers.log"), "ab") as log:
             return run_contender(name, s, workdir, log)
 
-    results = run_each(names, run)
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1, e.g. --rounds 3 (got {a.rounds})")
+    results = run_each(names, run, a.rounds)
     text = report(results, s, skipped, argv)
     verdict = next((line for line in text.splitlines() if line.startswith("Goal")), "")
     publish(

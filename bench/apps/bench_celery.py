@@ -6,7 +6,8 @@ threads allocate and free mixed-size buffers: the glibc stair-step that stays in
 
 Every completion is recorded in Redis under the run's prefix (``BENCH_PREFIX``): the set of
 done ids (lost = enqueued − done), a completion counter (duplicates = counter − done) and the
-time of the last one. Worker and pool-child starts are recorded too (restarts, recycles).
+time of the last one. Worker and pool-child starts are recorded too (restarts, recycles), and
+the cgroup's working set as the first worker starts, before its pool forks.
 ``BENCH_GUARD``: empty (no guard), ``reclaim`` or ``noreclaim`` (``memwarden.celery.guard``).
 """
 
@@ -19,6 +20,7 @@ import redis
 from celery import Celery, signals
 
 from memwarden import workload
+from memwarden.gauges.cgroup import Cgroup
 
 MB = 1024 * 1024
 BROKER = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/9")
@@ -48,6 +50,9 @@ if GUARD:
 @signals.worker_init.connect
 def _worker_started(**_: object) -> None:
     _redis.incr(f"{PREFIX}:workers")
+    cgroup = Cgroup.of_self()
+    if cgroup is not None:  # what the worker holds before its pool forks (the guard's base)
+        _redis.set(f"{PREFIX}:base", cgroup.working_set(), nx=True)
 
 
 @signals.worker_ready.connect

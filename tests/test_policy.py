@@ -182,6 +182,12 @@ def test_a_heap_that_bloats_again_is_reclaimed_again_inside_the_cooldown():
     assert p2.observe(840 * MB, 105).action is Action.WAIT
     # grown 50 MiB more: reclaim again, though the 30 s cooldown has not passed
     assert p2.observe(870 * MB, 110).action is Action.RECLAIM
+    # Regrowth counts from the low point after the reclaim, not from the reading just after.
+    p3 = policy(reclaim_regrow=50 * MB)
+    p3.observe(850 * MB, 100)
+    p3.did_reclaim(100, 845 * MB)  # the pool's trims had not landed yet
+    assert p3.observe(700 * MB, 100.3).action is Action.OK
+    assert p3.observe(810 * MB, 104).action is Action.RECLAIM  # 110 MiB over the low point
 
 
 def test_a_sustained_rise_near_the_quota_is_a_crossing_before_it_crosses():
@@ -233,3 +239,15 @@ def test_a_rise_is_projected_no_further_than_max_lookahead():
         d = p.observe((850 + 30 * i) * MB, t)
     assert d.action is Action.WAIT  # 910 MiB + 30 MiB < 950 MiB
     assert p.observe(925 * MB, 1.25).action is Action.KILL  # 925 + 30 >= 950
+
+
+def test_a_reclaim_asked_of_the_pool_holds_the_recycle_until_it_settles():
+    p = policy(can_recycle=True)
+    assert p.observe(850 * MB, 100).action is Action.RECLAIM
+    p.did_ask(100.5)  # the children trim beside their tasks
+    p.did_reclaim(100, 850 * MB)
+    d = p.observe(850 * MB, 100.1)
+    assert d.action is Action.WAIT and "reclaim in the pool" in d.reason
+    assert p.observe(960 * MB, 100.2).action is Action.KILL  # the hard limit never waits
+    p.did_recover()
+    assert p.observe(850 * MB, 100.6).action is Action.RECYCLE_CHILD  # it did not suffice

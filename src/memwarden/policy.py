@@ -1,6 +1,7 @@
 """When to act: a pure state machine over (memory, time). No I/O, no clock of its own.
 
-Cheapest remedy first. Over the soft limit: reclaim (gc + malloc_trim), then recycle one pool
+Cheapest remedy first. Over the soft limit: reclaim (gc + malloc_trim; in a prefork worker
+also in its pool children, whose result is waited for a moment), then recycle one pool
 child where the framework has one, then — if memory stays over for ``grace`` seconds —
 restart the worker. At the hard limit: reclaim once more if it has not just been tried, then
 kill at once (the kernel or platform would do worse a moment later).
@@ -87,6 +88,9 @@ class Policy:
     reclaimed_at: float | None = None
     reclaimed_total: int | None = None
     recycled_in_episode: bool = False
+    #: Until then, a reclaim asked of other processes (pool children) may still show:
+    #: the next soft remedy waits for it.
+    settles_at: float | None = None
     restarting: bool = False
     killed: bool = False
     starts_above: bool = False
@@ -115,6 +119,10 @@ class Policy:
     def observe(self, total: int, now: float) -> Decision:
         lim = self.limits
         self._track(total, now)
+        if self.reclaimed_total is not None and total < self.reclaimed_total:
+            # Regrowth counts from the lowest point after a reclaim: memory may go on
+            # falling once it has run (the pool children's trims land a moment later).
+            self.reclaimed_total = total
         if self.killed:
             return Decision(Action.WAIT, "kill under way", total, lim.hard)
         crossing = self._crossing(total)
@@ -142,6 +150,8 @@ class Policy:
         over = f"{format_size(total)} over soft limit {format_size(lim.soft)}"
         if lim.reclaim and not self._reclaimed_recently(now, total):
             return Decision(Action.RECLAIM, over, total, lim.soft)
+        if self.settles_at is not None and now < self.settles_at:
+            return Decision(Action.WAIT, f"{over}, reclaim in the pool under way", total, lim.soft)
         if lim.can_recycle and not self.recycled_in_episode:
             return Decision(Action.RECYCLE_CHILD, over, total, lim.soft)
         if self.starts_above:
@@ -223,6 +233,10 @@ class Policy:
         """A reclaim ran at ``now``; ``total_after`` is the reading after it."""
         self.reclaimed_at = now
         self.reclaimed_total = total_after
+
+    def did_ask(self, settles_at: float) -> None:
+        """Other processes were asked to reclaim; their memory may fall until ``settles_at``."""
+        self.settles_at = settles_at
 
     def did_recycle(self) -> None:
         self.recycled_in_episode = True

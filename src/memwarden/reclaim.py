@@ -9,14 +9,19 @@ Elsewhere (musl, macOS) reclaim is ``gc.collect()`` alone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+
+log = logging.getLogger(__name__)
 
 MALLCTL_ARENAS_ALL = 4096  # jemalloc's "all arenas" index
 
@@ -147,3 +152,61 @@ def reclaim(measure: Callable[[], int]) -> Reclaimed:
     trimmed = malloc_trim()
     after = measure()
     return Reclaimed(before, after, collected, trimmed, time.perf_counter() - start)
+
+
+class ReclaimRequests:
+    """Reclaim on request from another process: a FIFO at ``path`` and a daemon thread that
+    runs ``on_request()`` for every write to it (several writes waiting: one run).
+
+    A prefork pool's memory is in its children, so the worker's cheapest remedy is a
+    reclaim *there*, while their jobs go on in their main threads (``gc`` takes the GIL,
+    ``malloc_trim`` the allocator's arena locks: both are safe beside running code). The
+    thread opens the FIFO read-write, so a writer never blocks and a FIFO with no live
+    reader (its process gone) refuses writers (:func:`ask_to_reclaim` returns False).
+    """
+
+    def __init__(self, path: str, on_request: Callable[[], object]) -> None:
+        self.path = path
+        self.on_request = on_request
+        self._fd: int | None = None
+
+    def listen(self) -> ReclaimRequests:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        os.mkfifo(self.path, 0o600)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        threading.Thread(target=self._serve, name="memwarden-reclaim", daemon=True).start()
+        return self
+
+    def _serve(self) -> None:
+        fd = self._fd
+        while fd is not None:
+            try:
+                if not os.read(fd, 4096):
+                    return
+            except OSError:
+                return
+            try:
+                self.on_request()
+            except Exception:  # never let the ear die of one bad reclaim
+                log.exception("memwarden: reclaim on request failed")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def ask_to_reclaim(path: str) -> bool:
+    """Ask the process listening at ``path`` (:class:`ReclaimRequests`) to reclaim; False
+    when nothing listens there (no such FIFO, or its process is gone)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # ENOENT: never listened; ENXIO: no reader any more
+        return False
+    try:
+        return os.write(fd, b"r") == 1
+    except OSError:  # EAGAIN: requests already waiting, which is as good
+        return True
+    finally:
+        os.close(fd)

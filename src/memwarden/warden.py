@@ -48,6 +48,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 READ_BUDGET = 0.02
 #: Seconds between two ``sample`` records of a quiet watchdog.
 SAMPLE_EVERY = 1.0
+#: Seconds a reclaim asked of the pool children has to show before the next soft remedy
+#: (a child trims 150 MiB in 40-150 ms; the hard limit is judged meanwhile as ever).
+RECLAIM_SETTLE = 0.5
 
 #: The after-job decision while well under the limits (no allocation on the fast path).
 UNDER = Decision(Action.OK, "under soft limit", 0)
@@ -77,6 +80,9 @@ class Hooks:
     in_flight: Callable[[], list[dict[str, Any]]] | None = None
     #: Recycle one pool child; True if it will happen.
     recycle: Callable[[str], bool] | None = None
+    #: Ask the processes that hold the memory (pool children) to reclaim too, beside our
+    #: own; returns how many were asked. Their reclaims run while we go on watching.
+    reclaim: Callable[[str], int] | None = None
     #: Called with the jobs in flight just before a hard kill (poison counting, re-enqueue).
     #: It may return fields for the ``kill`` record: ``in_flight`` (the jobs that die when
     #: the kill takes less than the whole worker), ``target``, ``child_pid``.
@@ -86,7 +92,9 @@ class Hooks:
     kill: Callable[[], None] | None = None
 
 
-def resolve_limits(config: Config, quota: Quota, can_recycle: bool = False) -> Limits:
+def resolve_limits(
+    config: Config, quota: Quota, can_recycle: bool = False, pool_reclaim: bool = False
+) -> Limits:
     """Bytes for the soft/hard limits: explicit settings, else defaults by platform."""
     q = quota.limit
     soft, hard = config.size("soft_limit", q), config.size("hard_limit", q)
@@ -112,10 +120,12 @@ def resolve_limits(config: Config, quota: Quota, can_recycle: bool = False) -> L
         max_restarts=config.max_restarts,
         restart_window=config.restart_window,
         reclaim=config.reclaim,
-        # Regrowth re-arms a reclaim where the next remedy is a restart; where a pool child
-        # can be recycled, that comes first (a second trim within the cooldown costs as much
-        # in page faults as a fresh child, and keeps the first one's leftovers).
-        reclaim_regrow=None if first is None or can_recycle else first // 10,
+        # Regrowth re-arms a reclaim where the next remedy is a restart, or where the reclaim
+        # reaches the pool children (a trim there is cheaper than any recycle); where only
+        # our own heap would be trimmed but a child can be recycled, the recycle comes first.
+        reclaim_regrow=(
+            None if first is None or (can_recycle and not pool_reclaim) else first // 10
+        ),
         can_recycle=can_recycle,
     )
 
@@ -173,7 +183,12 @@ class Warden:
         cgroup = Cgroup.of_self()
         self.quota = quota or detect_quota(env, cgroup, self.config.quota, self.config.dyno_size)
         self.gauge = gauge or choose_gauge(self.config.measure, self.quota, cgroup)
-        self.limits = resolve_limits(self.config, self.quota, self.hooks.recycle is not None)
+        self.limits = resolve_limits(
+            self.config,
+            self.quota,
+            can_recycle=self.hooks.recycle is not None,
+            pool_reclaim=self.hooks.reclaim is not None,
+        )
         self.restarter = restarter or make_restarter(self.config)
         self.journal = journal or Journal(
             self.config.journal, max_bytes=self.config.size("journal_max_bytes") or 20 * 10**6
@@ -379,6 +394,9 @@ class Warden:
             self._record("reclaim", decision, freed=0, rss_after=self_rss(), dry_run=True)
             return decision
         got = reclaim_mod.reclaim(self_rss)
+        asked = self._ask_reclaim(decision.reason)
+        if asked:
+            self.policy.did_ask(now + RECLAIM_SETTLE)
         after = self.read()
         self.policy.did_reclaim(now, after.total)
         self.counts["reclaims"] += 1
@@ -393,6 +411,7 @@ class Warden:
             trimmed=got.trimmed,
             seconds=round(got.seconds, 6),
             reason=decision.reason,
+            **({"children_asked": asked} if asked else {}),
         )
         log.info(
             "memwarden: reclaimed %s (%s -> %s)",
@@ -401,6 +420,24 @@ class Warden:
             format_size(after.total),
         )
         return self._respond(self.policy.observe(after.total, time.time()))
+
+    def _ask_reclaim(self, reason: str) -> int:
+        if self.hooks.reclaim is None:
+            return 0
+        try:
+            return self.hooks.reclaim(reason)
+        except Exception:  # the own reclaim still counts: no retry every reading
+            log.exception("memwarden: asking the pool to reclaim failed")
+            return 0
+
+    @swallow
+    def reclaim_now(self, reason: str) -> Decision | None:
+        """Reclaim at once, asked from outside (a pool child asked by its worker), then
+        decide as after any reclaim."""
+        if not self.enabled:
+            return None
+        total = self.read().total
+        return self._reclaim(Decision(Action.RECLAIM, reason, total, self.limits.soft))
 
     def _record(
         self,

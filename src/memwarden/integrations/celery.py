@@ -51,6 +51,7 @@ from memwarden.gauges import Sample
 from memwarden.gauges.proc import children_of, process_tree, self_rss, smaps_rollup
 from memwarden.gauges.quota import Quota, detect_platform
 from memwarden.poison import PoisonJobs
+from memwarden.reclaim import ReclaimRequests, ask_to_reclaim
 from memwarden.restart import NoRestart, Restarter, make_restarter
 from memwarden.restart.exit import ExitRestarter
 from memwarden.units import format_size
@@ -184,6 +185,7 @@ class CeleryGuard:
         self.child_share: int | None = None
         self.poison: PoisonJobs | None = None
         self._recycle_at: int | None = None  # child: USS that asked for recycling
+        self._requests: ReclaimRequests | None = None  # child: the worker's reclaim asks
         self._child_to_kill: tuple[int, int] | None = None  # main: (pid, USS) at a hard kill
         self.restarter: AfterWarmShutdown | None = None
         self.drained = False
@@ -202,6 +204,7 @@ class CeleryGuard:
             (signals.worker_ready, self._on_worker_ready),
             (signals.worker_shutdown, self._on_worker_shutdown),
             (signals.worker_process_init, self._on_process_init),
+            (signals.worker_process_shutdown, self._on_process_shutdown),
             (signals.task_prerun, self._on_prerun),
             (signals.task_postrun, self._on_postrun),
             (signals.task_received, self._on_received),
@@ -227,6 +230,11 @@ class CeleryGuard:
             drain=self._drain,
             in_flight=active_tasks,
             recycle=self._recycle_largest_child if self.pool == "prefork" else None,
+            reclaim=(
+                self._ask_children_to_reclaim
+                if self.pool == "prefork" and self.config.reclaim
+                else None
+            ),
             before_kill=self._before_kill,
             kill=self._kill,
         )
@@ -278,16 +286,24 @@ class CeleryGuard:
         )
 
     def _forget_stale_flags(self) -> None:
-        """Recycle flags left by children of a worker that was killed (pids get reused)."""
+        """Recycle flags and reclaim FIFOs left by children that are gone (pids get reused)."""
         with contextlib.suppress(OSError):
             for name in os.listdir(self.config.state_path):
-                pid = name.removeprefix("celery-recycle-")
-                if name.startswith("celery-recycle-") and pid.isdigit() and not alive(int(pid)):
+                pid = name.removeprefix("celery-recycle-").removeprefix("celery-reclaim-")
+                if pid != name and pid.isdigit() and not alive(int(pid)):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(self.config.state_path, name))
 
     def _flag(self, pid: int) -> str:
         return os.path.join(self.config.state_path, f"celery-recycle-{pid}")
+
+    def _ear(self, pid: int) -> str:
+        return os.path.join(self.config.state_path, f"celery-reclaim-{pid}")
+
+    def _ask_children_to_reclaim(self, reason: str) -> int:
+        """Every pool child that listens reclaims now, beside its running task."""
+        self._forget_stale_flags()
+        return sum(ask_to_reclaim(self._ear(pid)) for pid in children_of(os.getpid()))
 
     def _recycle_largest_child(self, reason: str) -> bool:
         """The pool child holding the most (USS) leaves after its current task."""
@@ -498,6 +514,17 @@ class CeleryGuard:
             min_uptime=0.0,
         )
         billiard.pool.mem_rss = self._child_memory_kib
+        if self.config.reclaim:
+            warden = self.warden
+            self._requests = ReclaimRequests(
+                self._ear(os.getpid()),
+                lambda: warden.reclaim_now("asked by the worker: over its soft limit"),
+            ).listen()
+
+    @swallow
+    def _on_process_shutdown(self, **_: Any) -> None:
+        if self._requests is not None:  # a child leaving (recycled): its FIFO goes too
+            self._requests.close()
 
     def _recycle(self, reason: str) -> bool:
         sample = self.warden.last_sample if self.warden is not None else None

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from memwarden.gauges.cgroup import Cgroup
+from memwarden.gauges.cgroup import Cgroup, _stat
 from memwarden.gauges.proc import children_of
 from memwarden.units import format_size
 
@@ -87,6 +87,13 @@ class BenchCgroup:
 
     def oom_kills(self) -> int:
         return self.cgroup.read().oom_kills
+
+    def major_faults(self) -> int:
+        """Page faults that had to read from disk (``pgmajfault`` of ``memory.stat``): near
+        its limit the kernel evicts the cgroup's file pages, the interpreter's own code too,
+        and every one read back is a major fault."""
+        stat = _stat(os.path.join(self.path, "memory.stat"))
+        return stat.get("total_pgmajfault", stat.get("pgmajfault", 0))
 
     def remove(self) -> None:
         """Kill whatever is left inside, then remove the directory."""

@@ -80,6 +80,7 @@ COLUMNS = [
     ("reclaims", "reclaims"),
     ("freed", "freed"),
     ("duplicates", "duplicates"),
+    ("major faults", "major_faults"),
 ]
 HEADLINE = [
     ("jobs/s", "jobs_per_s"),
@@ -281,10 +282,11 @@ def guard_share(s: Settings, workdir: str) -> int:
 
 
 def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
-    prefix = f"memwarden-bench:{uuid.uuid4().hex[:10]}"
+    run_id = uuid.uuid4().hex[:10]
+    prefix = f"memwarden-bench:{run_id}"
     r = redis.Redis.from_url(REDIS)
-    journal = os.path.join(workdir, f"{name}.jsonl")
-    state = os.path.join(workdir, f"{name}-state")
+    journal = os.path.join(workdir, f"{name}-{run_id}.jsonl")  # one per round
+    state = os.path.join(workdir, f"{name}-{run_id}-state")
     env = contender_env(name, s, prefix, journal, state)
     cmd = worker_command(name, s, journal)
     sender = Celery("bench-sender", broker=REDIS)
@@ -325,6 +327,7 @@ def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
                 time.sleep(0.2)
             stop(proc)
             oom_kills = cg.oom_kills()
+            major_faults = cg.major_faults()
         last = float(r.get(f"{prefix}:last") or t0)
         completions = int(r.get(f"{prefix}:completions") or 0)
         workers = int(r.get(f"{prefix}:workers") or 1)
@@ -352,6 +355,7 @@ def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
             "reclaims": totals["reclaims"],
             "freed": totals["freed"],
             "duplicates": completions - done,
+            "major_faults": major_faults,
             "jobs": len(ids),
             "platform_restarts": platform_restarts,
         },
@@ -388,18 +392,14 @@ def report(results: list[Result], s: Settings, skipped: dict[str, str], argv: li
         for r in results:
             per_round = ""
             if len(r.rounds) > 1 and len(r.rounds) == len(base.rounds):
-                per_round = (
-                    " (rounds: "
-                    + ", ".join(
-                        f"{100 * a.jobs_per_s / b.jobs_per_s:.0f}%"
-                        for a, b in zip(r.rounds, base.rounds, strict=True)
-                        if b.jobs_per_s > 0
-                    )
-                    + ")"
+                pairs = list(zip(r.rounds, base.rounds, strict=True))
+                ratios = ", ".join(
+                    f"{100 * a.jobs_per_s / b.jobs_per_s:.0f}%" for a, b in pairs if b.jobs_per_s
                 )
-            lines.append(
-                f"- {r.name}: throughput {100 * share(r, base):.0f}% of no guard{per_round}"
-            )
+                rates = ", ".join(f"{a.jobs_per_s:.1f}" for a, _ in pairs)
+                per_round = f" (rounds: {ratios}; jobs/s {rates})"
+            pct = 100 * share(r, base)
+            lines.append(f"- {r.name}: throughput {pct:.0f}% of no guard{per_round}")
     for name, why in skipped.items():
         lines.append(f"- {name}: not run ({why})")
     goal = next((r for r in results if r.name == "guard-reclaim"), None)

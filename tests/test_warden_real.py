@@ -15,9 +15,11 @@ import pytest
 
 from conftest import wait_for
 from memwarden import Warden
+from memwarden.config import Config
 from memwarden.coordination import HostLock
 from memwarden.gauges import ProcessGauge
 from memwarden.policy import Action
+from memwarden.warden import Pace
 
 MB = 1024 * 1024
 PRELUDE = """
@@ -343,5 +345,14 @@ def test_a_fast_rise_under_the_soft_limit_already_brings_the_alert_pace(tmp_path
     w.policy.observe(0, t + 1)
     w.policy.observe(soft, t + 2)
     assert w.policy.rise == soft and w.watch_interval() == 0.02
-    w.policy.observe(soft + 1024, t + 3)  # 1 KiB/s: nowhere near
-    assert w.watch_interval() == 1
+    # A slow rise now, but a job of this worker grew 4 GiB/s: that is within reach.
+    w.policy.observe(soft + 1024, t + 3)
+    assert w.policy.rise == 1024 and w.watch_interval() == 0.02
+
+
+def test_the_fastest_rise_seen_keeps_the_alert_pace_where_it_would_reach_the_limit():
+    pace = Pace(Config.from_env({}, interval="0.1", alert_interval="0.02"), 435 * MB)
+    assert pace.interval_after(420 * MB, 0.0) == 0.1  # quiet, and no fast job seen yet
+    assert pace.interval_after(200 * MB, 800 * MB) == 0.1  # fast, but 280 MiB next time
+    assert pace.interval_after(420 * MB, 0.0) == 0.02  # 800 MiB/s from 420 passes 435
+    assert pace.interval_after(300 * MB, 0.0) == 0.1  # from 300 it would not

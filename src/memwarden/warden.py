@@ -605,6 +605,7 @@ class Pace:
         self.config = config
         self.first_limit = first_limit  # the soft limit, else the hard one
         self.read_cost = 0.0  # CPU seconds per reading (decaying max)
+        self.fastest_rise = 0.0  # bytes/s: the fastest rise between readings seen so far
         self._recorded_at = 0.0  # monotonic time of the last ``sample`` record
 
     def timed(self, read: Callable[[], Sample]) -> Sample:
@@ -619,11 +620,13 @@ class Pace:
     def interval_after(self, total: int, rise: float) -> float:
         """Seconds to the next reading after one of ``total`` bytes, rising ``rise``
         bytes/s: ``interval``, or ``alert_interval`` over the first limit and under it when
-        the rise would carry memory over it by the next regular reading (a fast job is then
-        followed closely from before it crosses, so the lookahead has readings to go on).
-        Stretched so that readings take at most ``READ_BUDGET`` of a core."""
+        this rise, or the fastest seen so far, would carry memory over it by the next regular
+        reading (a fast job is then followed closely from before it starts, so the lookahead
+        has readings to go on). Stretched so that readings take at most ``READ_BUDGET`` of a
+        core."""
         interval = self.config.interval
-        ahead = total + max(0.0, rise) * interval
+        self.fastest_rise = max(self.fastest_rise, rise)
+        ahead = total + max(0.0, rise, self.fastest_rise) * interval
         if self.first_limit is not None and ahead >= self.first_limit:
             interval = min(interval, self.config.alert_interval)
         return max(interval, self.read_cost / READ_BUDGET)

@@ -246,8 +246,9 @@ def chart(results: Sequence[Result], limit: int, hard: int, path: str, title: st
         ax.axhline(hard / mib, color="tab:orange", lw=0.8, ls="--", label="hard limit")
         ax.set_ylabel("MiB")
         ax.set_ylim(0, limit / mib * 1.08)
+        rounds = f" in {len(r.rounds)} rounds (memory: the first)" if len(r.rounds) > 1 else ""
         ax.set_title(
-            f"{r.name}: lost {r.lost}, OOM kills {r.oom_kills}, restarts {r.restarts}",
+            f"{r.name}: lost {r.lost}, OOM kills {r.oom_kills}, restarts {r.restarts}{rounds}",
             fontsize=9,
             loc="left",
         )

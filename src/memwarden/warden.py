@@ -49,7 +49,7 @@ READ_BUDGET = 0.02
 #: Seconds between two ``sample`` records of a quiet watchdog.
 SAMPLE_EVERY = 1.0
 #: Seconds a reclaim asked of the pool children has to show before the next soft remedy
-#: (a child trims 150 MiB in 40-150 ms; the hard limit is judged meanwhile as ever).
+#: (a child's trim took 18-40 ms in the quota bench; the hard limit is judged meanwhile).
 RECLAIM_SETTLE = 0.5
 
 #: The after-job decision while well under the limits (no allocation on the fast path).

@@ -133,6 +133,12 @@ def test_worker_pool_starts_restarted_workers_again(request, tmp_path, redis_url
             wait_for(restarted, timeout=60, what="a worker restarted by memwarden")
             gone = restarted()
             wait_for(lambda: not any(_is_rq(p) for p in gone), timeout=60, what="it stopped")
+            # The second batch goes out once the pool's new worker waits for jobs beside the
+            # old one (else the old one can take all 20 light jobs before it is up).
+            early_pids = {r["worker_pid"] for r in journal(tmp_path) if r["event"] == "job"}
+            wait_for(
+                lambda: _idle_worker_besides(queue, early_pids), timeout=60, what="a new worker"
+            )
             then = [queue.enqueue("apps.rq_jobs.mw_job", prefix, "light", 0) for _ in range(20)]
             ids += [j.id for j in then]
             total = len(first) + len(then)
@@ -151,6 +157,14 @@ def test_worker_pool_starts_restarted_workers_again(request, tmp_path, redis_url
     assert gone <= early and not (late & gone)
     assert late - early  # a worker the pool started after memwarden stopped one
     assert {int(v) for v in conn.hvals(done)} == {1}  # each job ran once: nothing cut short
+
+
+def _idle_worker_besides(queue: Queue, pids: set[int]) -> bool:
+    """A worker of ``queue``, none of ``pids``, registered and waiting for a job."""
+    return any(
+        w.pid not in pids and w.get_state() == "idle"
+        for w in rq.Worker.all(connection=queue.connection, queue=queue)
+    )
 
 
 def _is_rq(pid: int) -> bool:

@@ -9,16 +9,17 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
 from conftest import wait_for
-from memwarden import Warden
+from memwarden import Hooks, Warden
 from memwarden.config import Config
 from memwarden.coordination import HostLock
 from memwarden.gauges import ProcessGauge
-from memwarden.policy import Action
+from memwarden.policy import Action, Decision
 from memwarden.warden import Pace
 
 MB = 1024 * 1024
@@ -356,3 +357,44 @@ def test_the_fastest_rise_seen_keeps_the_alert_pace_where_it_would_reach_the_lim
     assert pace.interval_after(200 * MB, 800 * MB) == 0.1  # fast, but 280 MiB next time
     assert pace.interval_after(420 * MB, 0.0) == 0.02  # 800 MiB/s from 420 passes 435
     assert pace.interval_after(300 * MB, 0.0) == 0.1  # from 300 it would not
+
+
+def test_a_kill_of_one_child_during_a_drain_does_not_cancel_the_restart(tmp_path):
+    """Draining for a restart, a job's child crosses the hard limit and is killed alone: the
+    worker lives on, drained, and still needs its restart (it would idle forever)."""
+    restarts: list[str] = []
+    running, drained = threading.Event(), threading.Event()
+    running.set()
+
+    class Recorded:
+        name = "recorded"
+
+        def restart(self, reason: str) -> None:
+            restarts.append(reason)
+
+    def kill_the_child() -> None:  # as the RQ horse / Celery pool-child kill: we recover
+        running.clear()
+        threading.Timer(0.3, w.policy.did_recover).start()
+
+    w = Warden(
+        measure="process",
+        soft_limit="1MB",
+        hard_limit="1GB",
+        restarter=Recorded(),
+        reclaim=False,
+        grace=0,
+        min_uptime=0,
+        state_dir=str(tmp_path),
+        shutdown_timeout=30,
+        hooks=Hooks(
+            drain=drained.set,
+            in_flight=lambda: [{"job": "big", "job_id": 1}] if running.is_set() else [],
+            kill=kill_the_child,
+        ),
+    )
+    over = Decision(Action.RESTART, "over soft limit", 2 * MB, MB)
+    w._restart(over)
+    assert drained.wait(10)  # the sequence now waits for the job in flight
+    w._kill(Decision(Action.KILL, "over hard limit", 2 * 1024 * MB, 1024 * MB))
+    wait_for(lambda: restarts, 10, 0.05, "the restart after the child's kill")
+    assert restarts == ["over soft limit"]

@@ -490,7 +490,10 @@ class Warden:
         if self.hooks.drain is not None:
             self.hooks.drain()
             deadline = time.monotonic() + timeout
-            while self.in_flight() and time.monotonic() < deadline and not self.policy.killed:
+            # A kill under way may take one pool child or work horse (then we recover and
+            # the drain goes on: the worker waits for this restart) or the whole worker
+            # (then this thread dies with it).
+            while (self.policy.killed or self.in_flight()) and time.monotonic() < deadline:
                 time.sleep(0.05)
         if self.policy.killed:
             return

@@ -75,6 +75,12 @@ class BenchCgroup:
         with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
 
+    def spawn(self, cmd: list[str], env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` inside this cgroup, its output to ``log``."""
+        return subprocess.Popen(
+            cmd, env=env, preexec_fn=self.join, stdout=log, stderr=subprocess.STDOUT
+        )
+
     def pids(self) -> list[int]:
         try:
             with open(os.path.join(self.path, "cgroup.procs")) as f:

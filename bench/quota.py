@@ -260,13 +260,7 @@ def guard_share(s: Settings, workdir: str) -> int:
     r = redis.Redis.from_url(REDIS)
     try:
         with dyno(s.limit) as cg, open(os.path.join(workdir, "workers.log"), "ab") as log:
-            proc = subprocess.Popen(
-                worker_command("none", s, journal),
-                env=env,
-                preexec_fn=cg.join,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            proc = cg.spawn(worker_command("none", s, journal), env, log)
             deadline = time.monotonic() + 90
             while (base := r.get(f"{prefix}:base")) is None and proc.poll() is None:
                 if time.monotonic() > deadline:
@@ -297,9 +291,7 @@ def run_contender(name: str, s: Settings, workdir: str, log: Any) -> Result:
         with dyno(s.limit) as cg, Sampler(cg, over=s.hard) as sampler:
 
             def start() -> subprocess.Popen[bytes]:
-                return subprocess.Popen(
-                    cmd, env=env, preexec_fn=cg.join, stdout=log, stderr=subprocess.STDOUT
-                )
+                return cg.spawn(cmd, env, log)
 
             proc = start()
             deadline = time.monotonic() + 90

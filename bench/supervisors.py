@@ -217,9 +217,7 @@ def run_contender(name: str, s: Settings, workdir: str) -> Result:
     ):
 
         def start() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                cmd, env=env, preexec_fn=cg.join, stdout=log, stderr=subprocess.STDOUT
-            )
+            return cg.spawn(cmd, env, log)
 
         proc = start()
         ready_by = time.monotonic() + 60

@@ -168,20 +168,20 @@ class ReclaimRequests:
     def __init__(self, path: str, on_request: Callable[[], object]) -> None:
         self.path = path
         self.on_request = on_request
-        self._fd: int | None = None
 
     def listen(self) -> ReclaimRequests:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         os.mkfifo(self.path, 0o600)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        threading.Thread(target=self._serve, name="memwarden-reclaim", daemon=True).start()
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        threading.Thread(
+            target=self._serve, args=(fd,), name="memwarden-reclaim", daemon=True
+        ).start()
         return self
 
-    def _serve(self) -> None:
-        fd = self._fd
-        while fd is not None:
+    def _serve(self, fd: int) -> None:
+        while True:
             try:
                 if not os.read(fd, 4096):
                     return

@@ -628,8 +628,8 @@ class Pace:
         has readings to go on). Stretched so that readings take at most ``READ_BUDGET`` of a
         core."""
         interval = self.config.interval
-        self.fastest_rise = max(self.fastest_rise, rise)
-        ahead = total + max(0.0, rise, self.fastest_rise) * interval
+        self.fastest_rise = max(self.fastest_rise, rise)  # never below 0: it starts there
+        ahead = total + self.fastest_rise * interval
         if self.first_limit is not None and ahead >= self.first_limit:
             interval = min(interval, self.config.alert_interval)
         return max(interval, self.read_cost / READ_BUDGET)

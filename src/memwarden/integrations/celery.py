@@ -342,7 +342,7 @@ class CeleryGuard:
         fields: dict[str, Any] | None = None
         if self._child_to_kill is not None:
             pid, uss = self._child_to_kill
-            in_flight = child_tasks(pid)
+            in_flight = active_tasks(pid)
             fields = {"in_flight": in_flight, "target": "child", "child_pid": pid, "uss": uss}
         if self.poison is None:
             return fields
@@ -608,23 +608,16 @@ def reserved_requests() -> list[Any]:
     return []
 
 
-def child_tasks(pid: int) -> list[dict[str, Any]]:
-    """Tasks running in pool child ``pid`` now (main process)."""
+def active_tasks(pid: int | None = None) -> list[dict[str, Any]]:
+    """Tasks running in this worker now (in pool child ``pid`` only, if given), from
+    Celery's own state (main process)."""
     for _ in range(5):
         with contextlib.suppress(RuntimeError):  # set changed size: another thread
             return [
                 {"job": r.name, "job_id": r.id}
                 for r in list(worker_state.active_requests)
-                if r.worker_pid == pid
+                if pid is None or r.worker_pid == pid
             ]
-    return []
-
-
-def active_tasks() -> list[dict[str, Any]]:
-    """Tasks running in this worker now, from Celery's own state (main process)."""
-    for _ in range(5):
-        with contextlib.suppress(RuntimeError):  # set changed size: another thread
-            return [{"job": r.name, "job_id": r.id} for r in list(worker_state.active_requests)]
     return []
 
 

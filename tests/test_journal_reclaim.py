@@ -92,7 +92,9 @@ def test_reclaim_purges_jemalloc_arenas():
         from memwarden import reclaim, workload
         from memwarden.gauges.proc import self_rss
         start = self_rss()
-        workload.fragment(mb=200, threads=4, keep_every=20)
+        # In this thread: jemalloc purges an exiting thread's memory itself, and a purge
+        # measured then races that teardown (the threads' frees land after join()).
+        workload.fragment(mb=200, threads=0, keep_every=20)
         got = reclaim.reclaim(self_rss)
         print(json.dumps({"alloc": reclaim.allocator()["name"], "grown": got.before - start,
                           "freed": got.freed, "trimmed": got.trimmed}))
@@ -104,4 +106,5 @@ def test_reclaim_purges_jemalloc_arenas():
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["alloc"] == "jemalloc" and r["trimmed"]
-    assert r["freed"] > 0.25 * r["grown"], r
+    assert r["grown"] > 150 * 1024 * 1024, r  # the freed blocks stayed in jemalloc's arenas
+    assert r["freed"] > 0.5 * r["grown"], r  # and the purge gave them back (gc alone: ~0)

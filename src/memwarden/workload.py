@@ -24,9 +24,11 @@ CACHE: dict[int, bytes] = {}
 def fragment(mb: int = 32, threads: int = 4, keep_every: int = 20, seed: int = 0) -> int:
     """Allocate about ``mb`` MiB across ``threads`` threads, keep 1 in ``keep_every``.
 
-    Returns the bytes kept. The rest is freed but mostly stays in the process's RSS.
+    Returns the bytes kept. The rest is freed but mostly stays in the process's RSS (under
+    glibc; jemalloc gives a thread's memory back as the thread exits: ``threads=0``
+    fragments the calling thread's heap, as a job running in a worker's main thread does).
     """
-    per_thread = mb * MB // max(1, threads)
+    per_thread = mb * MB // max(1, threads)  # threads=0: one share, here
     kept_total = [0]
     lock = threading.Lock()
 
@@ -48,6 +50,9 @@ def fragment(mb: int = 32, threads: int = 4, keep_every: int = 20, seed: int = 0
             KEPT.extend(mine)
             kept_total[0] += sum(len(b) for b in mine)
 
+    if threads <= 0:
+        work(0)
+        return kept_total[0]
     pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for t in pool:
         t.start()

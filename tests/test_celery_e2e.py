@@ -237,12 +237,11 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
             # Children over their share recycled after their task (the worker serves on)...
             recycles = [r for r in restarts if r["pid"] not in sup.starts]
             assert len(recycles) >= 3 and {r["action"] for r in recycles} == {"recycle"}
-            for r in recycles:  # ...and no task started in that child after the decision
-                # (a reclaim the worker asks for runs beside a task and may decide it: that
-                # task ends, then the child leaves).
+            for r in recycles:  # ...decided at a task's end, and no task ran there after
+                # (a reclaim the worker asks for runs beside a task, or while the child is
+                # idle, and leaves the decision to that end: billiard acts only there).
                 later = [j for j in jobs if j["pid"] == r["pid"] and j["ts"] > r["ts"]]
-                assert len(later) <= 1, later
-                assert all(j["ts"] - j["duration_s"] <= r["ts"] for j in later), later
+                assert not later, later
             assert len({j["pid"] for j in jobs}) >= 3  # fresh children forked, serving
             # Over the soft limit the worker asked its children to trim, and they did,
             # beside their running tasks.

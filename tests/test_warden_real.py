@@ -398,3 +398,30 @@ def test_a_kill_of_one_child_during_a_drain_does_not_cancel_the_restart(tmp_path
     w._kill(Decision(Action.KILL, "over hard limit", 2 * 1024 * MB, 1024 * MB))
     wait_for(lambda: restarts, 10, 0.05, "the restart after the child's kill")
     assert restarts == ["over soft limit"]
+
+
+def test_asked_to_reclaim_without_deciding_the_recycle_waits_for_the_job_end(tmp_path):
+    """A pool child asked by its worker reclaims at once; still over its share it decides to
+    recycle only where it can act on it, after a job (an idle child would run one more)."""
+    out = run_script(
+        """
+        recycled = []
+        w = Warden(soft_limit=f"{base + 40 * MB}B", measure="process", grace=3600,
+                   min_uptime=0, restart="none", journal="j.jsonl", state_dir=".",
+                   hooks=Hooks(recycle=lambda why: recycled.append(why) or True))
+        kept = workload.leak(mb=100)  # really held: the reclaim cannot bring it under
+        d = w.reclaim_now("asked by the worker", False)
+        print(d.action.name, len(recycled), flush=True)
+        with w.job("next", "j1"):
+            pass
+        print(len(recycled), flush=True)
+        """,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    asked, after_job = out.stdout.splitlines()[:2]
+    assert asked == "RECYCLE_CHILD 0"  # what it would do, not done: nothing to act on yet
+    assert after_job == "1"  # the job's end decided it
+    events = [r["event"] for r in journal(tmp_path)]
+    assert events == ["reclaim", "job", "restart"], events
+    assert journal(tmp_path)[2]["action"] == "recycle"

@@ -387,7 +387,7 @@ class Warden:
             log.error("memwarden: %s", decision.reason)
         return decision
 
-    def _reclaim(self, decision: Decision) -> Decision:
+    def _reclaim(self, decision: Decision, decide: bool = True) -> Decision:
         now = time.time()
         self.policy.did_reclaim(now)
         if self.config.dry_run:
@@ -419,7 +419,8 @@ class Warden:
             format_size(decision.total),
             format_size(after.total),
         )
-        return self._respond(self.policy.observe(after.total, time.time()))
+        after_decision = self.policy.observe(after.total, time.time())
+        return self._respond(after_decision) if decide else after_decision
 
     def _ask_reclaim(self, reason: str) -> int:
         if self.hooks.reclaim is None:
@@ -431,13 +432,14 @@ class Warden:
             return 0
 
     @swallow
-    def reclaim_now(self, reason: str) -> Decision | None:
+    def reclaim_now(self, reason: str, decide: bool = True) -> Decision | None:
         """Reclaim at once, asked from outside (a pool child asked by its worker), then
-        decide as after any reclaim."""
+        decide as after any reclaim — or, with ``decide=False``, leave what follows to the
+        next check (where only that moment can act on it) and return what it would be."""
         if not self.enabled:
             return None
         total = self.read().total
-        return self._reclaim(Decision(Action.RECLAIM, reason, total, self.limits.soft))
+        return self._reclaim(Decision(Action.RECLAIM, reason, total, self.limits.soft), decide)
 
     def _record(
         self,

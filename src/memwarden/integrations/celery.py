@@ -515,10 +515,13 @@ class CeleryGuard:
         )
         billiard.pool.mem_rss = self._child_memory_kib
         if self.config.reclaim:
+            # Asked, a child reclaims at once but decides nothing: billiard can let it go
+            # only after a task, so its recycle is decided there (an idle child deciding
+            # now would record a recycle and then run one more task).
             warden = self.warden
             self._requests = ReclaimRequests(
                 self._ear(os.getpid()),
-                lambda: warden.reclaim_now("asked by the worker: over its soft limit"),
+                lambda: warden.reclaim_now("asked by the worker: over its soft limit", False),
             ).listen()
 
     @swallow

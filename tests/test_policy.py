@@ -223,6 +223,18 @@ def test_no_lookahead_under_the_soft_limit_or_when_off():
         assert off.observe((900 + 20 * i) * MB, t).action is Action.WAIT
 
 
+def test_a_reading_taken_without_projection_is_judged_where_it_is():
+    """The same sustained rise, read at a job's end (``project=False``): no crossing, the
+    reading is judged alone; the watchdog's next reading projects again."""
+    p = policy(lookahead=0.1, reclaim=False)
+    p.observe(860 * MB, 10.00, project=False)
+    p.observe(880 * MB, 10.01, project=False)
+    assert p.observe(900 * MB, 10.02, project=False).action is Action.WAIT  # 2 GiB/s
+    assert p.observe(901 * MB, 10.03).action is Action.WAIT  # the rise stopped: no kill
+    p.observe(921 * MB, 10.04)
+    assert p.observe(941 * MB, 10.05).action is Action.KILL  # rising again: projected
+
+
 def test_readings_too_close_together_do_not_make_a_rate():
     p = policy(lookahead=0.02, reclaim=False)
     p.observe(900 * MB, 1.0)

@@ -425,3 +425,26 @@ def test_asked_to_reclaim_without_deciding_the_recycle_waits_for_the_job_end(tmp
     events = [r["event"] for r in journal(tmp_path)]
     assert events == ["reclaim", "job", "restart"], events
     assert journal(tmp_path)[2]["action"] == "recycle"
+
+
+def test_job_end_readings_close_together_are_not_projected(tmp_path):
+    """Jobs ending a few ms apart, each having grown 40 MiB, make a rise of GiB/s between
+    their end readings; the jobs' growth is over, so no projection kills the worker (the
+    hard limit is judged where memory is; the watchdog projects over its own pace)."""
+    out = run_script(
+        """
+        w = Warden(soft_limit=f"{base + 30 * MB}B", hard_limit=f"{base + 250 * MB}B",
+                   measure="process", grace=3600, min_uptime=0, restart="none",
+                   reclaim=False, journal="j.jsonl", state_dir=".")
+        w.policy.lookahead = 0.1  # as a watchdog reading set it, slow and under soft
+        for n in range(4):
+            with w.job("grows", f"j{n}"):
+                workload.leak(mb=40)
+        print("alive", int(w.policy.rate // MB), flush=True)
+        """,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr  # a projection kill is SIGKILL (-9)
+    word, rate = out.stdout.split()
+    assert word == "alive" and int(rate) > 1000  # the burst rate was there (MiB/s)...
+    assert "kill" not in [r["event"] for r in journal(tmp_path)]  # ...and judged alone

@@ -116,7 +116,9 @@ class Policy:
         """Minimum uptime, doubled for each restart already in the window (back-off)."""
         return self.limits.min_uptime * (2 ** self.restarts_in_window(now))
 
-    def observe(self, total: int, now: float) -> Decision:
+    def observe(self, total: int, now: float, project: bool = True) -> Decision:
+        """Decide on a reading of ``total`` bytes at ``now``; ``project=False`` judges the
+        hard limit on this reading alone (no :attr:`lookahead`)."""
         lim = self.limits
         self._track(total, now)
         if self.reclaimed_total is not None and total < self.reclaimed_total:
@@ -125,7 +127,7 @@ class Policy:
             self.reclaimed_total = total
         if self.killed:
             return Decision(Action.WAIT, "kill under way", total, lim.hard)
-        crossing = self._crossing(total)
+        crossing = self._crossing(total) if project else None
         if crossing is not None:
             if self.over_since is None:
                 self.over_since = now

@@ -360,7 +360,10 @@ class Warden:
                     return self.policy.observe(total, time.time())  # the episode is over
                 return UNDER
         total = self.read().total
-        return self._respond(self.policy.observe(total, time.time()))
+        # Only the watchdog projects, over the lookahead it set for its own next reading: a
+        # reading at a job's end comes when that job's growth is over, and readings of job
+        # ends a few ms apart in a threads pool make a burst look like GiB/s.
+        return self._respond(self.policy.observe(total, time.time(), project=False))
 
     def _respond(self, decision: Decision) -> Decision:
         if decision.alarm:

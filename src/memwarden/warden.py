@@ -341,7 +341,8 @@ class Warden:
 
     @swallow
     def check(self) -> Decision | None:
-        """Read the gauge, decide and respond. Returns the decision (None when off)."""
+        """Read the gauge, decide and respond (the hard limit judged on this reading: only
+        the watchdog projects a rise). Returns the decision (None when off)."""
         return self._check(fast_rss=None)
 
     def _check(self, fast_rss: int | None) -> Decision | None:

@@ -235,6 +235,22 @@ def test_a_reading_taken_without_projection_is_judged_where_it_is():
     assert p.observe(941 * MB, 10.05).action is Action.KILL  # rising again: projected
 
 
+def test_a_burst_is_projected_no_further_than_it_has_lasted_then_looked_at_soon():
+    """Readings stretched to 0.1 s apart (a dear gauge) meet a burst seen over 20 ms: over
+    0.1 s it would cross, over the 20 ms it has lasted it would not. No kill; the next
+    reading is asked for at once, and a rise that goes on is killed from it."""
+    p = policy(lookahead=0.1, reclaim=False)
+    p.observe(850 * MB, 10.000)
+    p.observe(860 * MB, 10.010)
+    d = p.observe(870 * MB, 10.020)  # 1000 MiB/s for 20 ms: +100 MiB in 0.1 s, +20 in 20 ms
+    assert d.action is Action.WAIT and p.look_soon and abs(p.rate_span - 0.02) < 1e-9
+    assert p.observe(871 * MB, 10.040).action is Action.WAIT  # the burst is over
+    assert not p.look_soon
+    p.observe(900 * MB, 10.060)
+    d = p.observe(930 * MB, 10.080)  # 1450 MiB/s for 40 ms: +58 MiB in 40 ms
+    assert d.action is Action.KILL and "within 0.04s" in d.reason, d.reason
+
+
 def test_readings_too_close_together_do_not_make_a_rate():
     p = policy(lookahead=0.02, reclaim=False)
     p.observe(900 * MB, 1.0)

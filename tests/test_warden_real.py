@@ -359,6 +359,13 @@ def test_the_fastest_rise_seen_keeps_the_alert_pace_where_it_would_reach_the_lim
     assert pace.interval_after(300 * MB, 0.0) == 0.1  # from 300 it would not
 
 
+def test_a_reading_asked_for_soon_is_not_stretched_by_its_cost():
+    pace = Pace(Config.from_env({}, interval="0.1", alert_interval="0.02"), 435 * MB)
+    pace.read_cost = 0.005  # a tree of processes by PSS: 5 ms of CPU a reading
+    assert pace.interval_after(450 * MB, 0.0) == 0.25  # over soft: 2% of a core at most
+    assert pace.interval_after(450 * MB, 0.0, urgent=True) == 0.02  # a crossing to confirm
+
+
 def test_a_kill_of_one_child_during_a_drain_does_not_cancel_the_restart(tmp_path):
     """Draining for a restart, a job's child crosses the hard limit and is killed alone: the
     worker lives on, drained, and still needs its restart (it would idle forever)."""

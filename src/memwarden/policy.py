@@ -99,11 +99,17 @@ class Policy:
     #: sets (0: judge each reading alone).
     lookahead: float = 0.0
     #: Sustained growth, bytes/s: the smaller of the last two intervals' rises (0 unless
-    #: both rose).
+    #: both rose), and for how long it has been seen (those two intervals, s).
     rate: float = 0.0
+    rate_span: float = 0.0
+    #: Set by the last reading when a rise would cross the hard limit within the lookahead
+    #: but has not lasted that long yet: the next reading should come at the alert pace,
+    #: whatever readings cost.
+    look_soon: bool = False
     _restarts: list[float] = field(default_factory=list, repr=False)
     _prev: tuple[float, int] | None = field(default=None, repr=False)
     _prev_rate: float = field(default=0.0, repr=False)
+    _prev_dt: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
         self._restarts = sorted(self.past_restarts)
@@ -120,6 +126,7 @@ class Policy:
         """Decide on a reading of ``total`` bytes at ``now``; ``project=False`` judges the
         hard limit on this reading alone (no :attr:`lookahead`)."""
         lim = self.limits
+        self.look_soon = False
         self._track(total, now)
         if self.reclaimed_total is not None and total < self.reclaimed_total:
             # Regrowth counts from the lowest point after a reclaim: memory may go on
@@ -191,24 +198,32 @@ class Policy:
             if dt < MIN_RATE_DT:
                 return
             rise = (total - before) / dt
-            self.rate = min(rise, self._prev_rate) if rise > 0 and self._prev_rate > 0 else 0.0
-            self._prev_rate = rise
+            sustained = rise > 0 and self._prev_rate > 0
+            self.rate = min(rise, self._prev_rate) if sustained else 0.0
+            self.rate_span = dt + self._prev_dt if sustained else 0.0
+            self._prev_rate, self._prev_dt = rise, dt
         self._prev = (now, total)
 
     def _crossing(self, total: int) -> Decision | None:
         """KILL when a sustained rise over the soft limit reaches the hard one within
-        :attr:`lookahead`; None otherwise."""
+        :attr:`lookahead` — projected no further than the rise has lasted; where only that
+        cap saves it, :attr:`look_soon` asks for the next reading at once. None otherwise."""
         lim = self.limits
         if lim.hard is None or total >= lim.hard or self.lookahead <= 0 or self.rate <= 0:
             return None
         if lim.soft is not None and total < lim.soft:
             return None
-        ahead = total + self.rate * min(self.lookahead, MAX_LOOKAHEAD)
-        if ahead < lim.hard:
+        horizon = min(self.lookahead, MAX_LOOKAHEAD)
+        if total + self.rate * horizon < lim.hard:
             return None
+        if self.rate_span < horizon:  # a burst seen for less time than the horizon
+            horizon = self.rate_span
+            if total + self.rate * horizon < lim.hard:
+                self.look_soon = True
+                return None
         why = (
             f"{format_size(total)} rising {format_size(self.rate)}/s: over hard limit "
-            f"{format_size(lim.hard)} within {min(self.lookahead, MAX_LOOKAHEAD):g}s"
+            f"{format_size(lim.hard)} within {horizon:.2g}s"
         )
         return Decision(Action.KILL, why, total, lim.hard)
 

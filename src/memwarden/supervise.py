@@ -499,8 +499,9 @@ class Supervisor:
 
     def _next_interval(self) -> float:
         """As the in-process watchdog paces itself (:class:`Pace`)."""
-        rise = self.child.policy.rise if self.child is not None else 0.0
-        return self.pace.interval_after(self.last_total or 0, rise)
+        policy = self.child.policy if self.child is not None else None
+        rise, urgent = (policy.rise, policy.look_soon) if policy is not None else (0.0, False)
+        return self.pace.interval_after(self.last_total or 0, rise, urgent)
 
     def _sample(self, child: Lifetime) -> None:
         try:

@@ -582,7 +582,8 @@ class Warden:
         dear (a tree of many processes by PSS) so that they never take more than
         ``READ_BUDGET`` of a core."""
         last = self.last_sample
-        return self.pace.interval_after(last.total if last is not None else 0, self.policy.rise)
+        total = last.total if last is not None else 0
+        return self.pace.interval_after(total, self.policy.rise, urgent=self.policy.look_soon)
 
     @swallow
     def watch_once(self) -> Decision | None:
@@ -626,13 +627,15 @@ class Pace:
         self.read_cost = max(took, 0.8 * self.read_cost + 0.2 * took)
         return sample
 
-    def interval_after(self, total: int, rise: float) -> float:
+    def interval_after(self, total: int, rise: float, urgent: bool = False) -> float:
         """Seconds to the next reading after one of ``total`` bytes, rising ``rise``
         bytes/s: ``interval``, or ``alert_interval`` over the first limit and under it when
         this rise, or the fastest seen so far, would carry memory over it by the next regular
         reading (a fast job is then followed closely from before it starts, so the lookahead
         has readings to go on). Stretched so that readings take at most ``READ_BUDGET`` of a
-        core."""
+        core — unless ``urgent`` (:attr:`Policy.look_soon`): then ``alert_interval``."""
+        if urgent:
+            return self.config.alert_interval
         interval = self.config.interval
         self.fastest_rise = max(self.fastest_rise, rise)  # never below 0: it starts there
         ahead = total + self.fastest_rise * interval

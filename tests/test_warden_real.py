@@ -455,3 +455,48 @@ def test_job_end_readings_close_together_are_not_projected(tmp_path):
     word, rate = out.stdout.split()
     assert word == "alive" and int(rate) > 1000  # the burst rate was there (MiB/s)...
     assert "kill" not in [r["event"] for r in journal(tmp_path)]  # ...and judged alone
+
+
+def test_a_stop_signal_in_our_bookkeeping_is_held_then_goes_on_not_swallowed(tmp_path):
+    """RQ's stop handler raises ``StopRequested`` wherever the main thread is when the worker
+    is idle — also inside our after-job record. It must neither cut the record nor be
+    swallowed at the hook boundary (the worker would ignore its stop)."""
+    out = run_script(
+        """
+        import signal
+        from memwarden.warden import signals_held, swallow_but
+
+        class StopRequested(Exception):
+            pass
+
+        def request_stop(signum, frame):
+            raise StopRequested()
+
+        signal.signal(signal.SIGINT, request_stop)
+        steps = []
+
+        @swallow_but(StopRequested)
+        def after_job():
+            with signals_held([signal.SIGINT]):
+                os.kill(os.getpid(), signal.SIGINT)  # the stop comes mid-way
+                time.sleep(0.05)
+                steps.append("record written")
+
+        try:
+            after_job()
+        except StopRequested:
+            steps.append("stop went on")
+
+        @swallow_but(StopRequested)
+        def broken():
+            raise ValueError("a bug of ours")
+
+        broken()
+        steps.append("ours swallowed")
+        print(steps, signal.getsignal(signal.SIGINT) is request_stop)
+        """,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "['record written', 'stop went on', 'ours swallowed'] True" in out.stdout, out.stdout
+    assert "a bug of ours" in out.stderr  # logged, not raised

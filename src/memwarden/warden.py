@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -56,18 +56,49 @@ RECLAIM_SETTLE = 0.5
 UNDER = Decision(Action.OK, "under soft limit", 0)
 
 
-def swallow(fn: F) -> F:
-    """The hook boundary: log any exception from inside the warden, never raise it."""
+def swallow_but(*let_through: type[BaseException]) -> Callable[[F], F]:
+    """:func:`swallow`, except that ``let_through`` exceptions pass: the host framework's
+    control flow, raised from its signal handlers into whatever code the main thread runs
+    (RQ's ``StopRequested``), is not ours to eat."""
 
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception:
-            log.exception("memwarden: internal error in %s (job unaffected)", fn.__name__)
-            return None
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except let_through:
+                raise
+            except Exception:
+                log.exception("memwarden: internal error in %s (job unaffected)", fn.__name__)
+                return None
 
-    return guarded  # type: ignore[return-value]
+        return guarded  # type: ignore[return-value]
+
+    return decorate
+
+
+#: The hook boundary: log any exception from inside the warden, never raise it.
+swallow = swallow_but()
+
+
+@contextlib.contextmanager
+def signals_held(signums: Iterable[int]) -> Iterator[None]:
+    """Hold the host's handlers of ``signums`` for the length of the block (main thread
+    only): a signal that comes is noted, then handled as it would have been once the block
+    is done — its handler may raise (RQ's ``StopRequested``), but not in our bookkeeping."""
+    came: list[tuple[int, Any]] = []
+    saved = {n: signal.signal(n, lambda n, frame: came.append((n, frame))) for n in signums}
+    try:
+        yield
+    finally:
+        for n, handler in saved.items():
+            signal.signal(n, handler)
+        for n, frame in came:
+            handler = saved[n]
+            if callable(handler):
+                handler(n, frame)
+            else:  # the default action (or ignore), as if it came now
+                signal.raise_signal(n)
 
 
 @dataclass

@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 import rq
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.job_lifecycle import record_job_failure
 from rq.queue import Queue
@@ -50,7 +51,7 @@ from memwarden.config import Config
 from memwarden.gauges.proc import self_rss, smaps_rollup
 from memwarden.poison import PoisonJobs
 from memwarden.units import SettingError
-from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow
+from memwarden.warden import Hooks, Warden, kill_tree_and_self, signals_held, swallow_but
 
 log = logging.getLogger("memwarden")
 
@@ -74,6 +75,10 @@ def _own_rss() -> int:
         return self_rss()
     except Exception:  # never let a reading fail a job
         return 0
+
+
+#: RQ's warm and cold stop signals (its handlers raise ``StopRequested`` when idle).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class WardenMixin:
@@ -339,9 +344,15 @@ class Worker(WardenMixin, rq.Worker):
                 log.exception("memwarden: could not re-enqueue RQ job %s; RQ fails it", job.id)
         super().handle_job_failure(job, queue, *args, **kwargs)
 
-    @swallow
+    @swallow_but(StopRequested)
     def _mw_after_horse(self) -> None:
-        """Back in the parent with the horse reaped: its report, its peak, re-arm after a kill."""
+        """Back in the parent with the horse reaped: its report, its peak, re-arm after a kill.
+        RQ's stop signal can land here (the worker is idle again, so its handler raises
+        ``StopRequested``): held until this is done, then it goes on to RQ."""
+        with signals_held(STOP_SIGNALS):
+            self._mw_read_horse()
+
+    def _mw_read_horse(self) -> None:
         assert self.warden is not None
         report: dict[str, Any] = {}
         if self._mw_report >= 0:

@@ -143,6 +143,14 @@ def test_worker_pool_starts_restarted_workers_again(request, tmp_path, redis_url
             ids += [j.id for j in then]
             total = len(first) + len(then)
             wait_for(lambda: conn.hlen(done) == total, timeout=120, what="second batch")
+            # A job marks itself done in its horse; its record is written by the worker once
+            # it has reaped that horse: stopping the pool before then would cut it.
+            wanted = {j.id for j in first + then}
+            wait_for(
+                lambda: wanted <= {r["job_id"] for r in journal(tmp_path) if r["event"] == "job"},
+                timeout=60,
+                what="every job's record",
+            )
         finally:
             pool.send_signal(signal.SIGTERM)
             try:

@@ -500,3 +500,18 @@ def test_a_stop_signal_in_our_bookkeeping_is_held_then_goes_on_not_swallowed(tmp
     assert out.returncode == 0, out.stderr
     assert "['record written', 'stop went on', 'ours swallowed'] True" in out.stdout, out.stdout
     assert "a bug of ours" in out.stderr  # logged, not raised
+
+
+def test_signals_held_off_the_main_thread_holds_nothing_and_does_not_fail():
+    from memwarden.warden import signals_held
+
+    ran: list[str] = []
+
+    def bookkeeping() -> None:
+        with signals_held([signal.SIGINT]):  # signal.signal() would raise here
+            ran.append("done")
+
+    t = threading.Thread(target=bookkeeping)
+    t.start()
+    t.join(10)
+    assert ran == ["done"]

@@ -85,7 +85,11 @@ swallow = swallow_but()
 def signals_held(signums: Iterable[int]) -> Iterator[None]:
     """Hold the host's handlers of ``signums`` for the length of the block (main thread
     only): a signal that comes is noted, then handled as it would have been once the block
-    is done — its handler may raise (RQ's ``StopRequested``), but not in our bookkeeping."""
+    is done — its handler may raise (RQ's ``StopRequested``), but not in our bookkeeping.
+    Elsewhere than the main thread (where handlers never run) it holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     came: list[tuple[int, Any]] = []
     saved = {n: signal.signal(n, lambda n, frame: came.append((n, frame))) for n in signums}
     try:

@@ -91,7 +91,8 @@ def signals_held(signums: Iterable[int]) -> Iterator[None]:
         yield
         return
     came: list[tuple[int, Any]] = []
-    saved = {n: signal.signal(n, lambda n, frame: came.append((n, frame))) for n in signums}
+    held = [n for n in signums if signal.getsignal(n) is not None]  # None: set outside Python
+    saved = {n: signal.signal(n, lambda n, frame: came.append((n, frame))) for n in held}
     try:
         yield
     finally:

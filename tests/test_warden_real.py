@@ -364,6 +364,8 @@ def test_a_reading_asked_for_soon_is_not_stretched_by_its_cost():
     pace.read_cost = 0.005  # a tree of processes by PSS: 5 ms of CPU a reading
     assert pace.interval_after(450 * MB, 0.0) == 0.25  # over soft: 2% of a core at most
     assert pace.interval_after(450 * MB, 0.0, urgent=True) == 0.02  # a crossing to confirm
+    pace.interval_after(450 * MB, 800 * MB, urgent=True)
+    assert pace.fastest_rise == 800 * MB  # an urgent reading's rise is remembered too
 
 
 def test_a_kill_of_one_child_during_a_drain_does_not_cancel_the_restart(tmp_path):

@@ -499,9 +499,10 @@ class Supervisor:
 
     def _next_interval(self) -> float:
         """As the in-process watchdog paces itself (:class:`Pace`)."""
-        policy = self.child.policy if self.child is not None else None
-        rise, urgent = (policy.rise, policy.look_soon) if policy is not None else (0.0, False)
-        return self.pace.interval_after(self.last_total or 0, rise, urgent)
+        if self.child is None:
+            return self.pace.interval_after(self.last_total or 0, 0.0)
+        policy = self.child.policy
+        return self.pace.interval_after(self.last_total or 0, policy.rise, policy.look_soon)
 
     def _sample(self, child: Lifetime) -> None:
         try:

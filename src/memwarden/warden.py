@@ -670,10 +670,10 @@ class Pace:
         reading (a fast job is then followed closely from before it starts, so the lookahead
         has readings to go on). Stretched so that readings take at most ``READ_BUDGET`` of a
         core — unless ``urgent`` (:attr:`Policy.look_soon`): then ``alert_interval``."""
+        self.fastest_rise = max(self.fastest_rise, rise)  # never below 0: it starts there
         if urgent:
             return self.config.alert_interval
         interval = self.config.interval
-        self.fastest_rise = max(self.fastest_rise, rise)  # never below 0: it starts there
         ahead = total + self.fastest_rise * interval
         if self.first_limit is not None and ahead >= self.first_limit:
             interval = min(interval, self.config.alert_interval)

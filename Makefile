@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quota bench-supervisors readme clean
+.PHONY: demo test lint typecheck bench bench-quota bench-supervisors bench-field readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,22 +19,32 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# mypy --strict on src/ (settings in pyproject.toml): py.typed promises users checked types.
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/check_overhead.py
 
 # Side by side in real memory cgroups (Redis on localhost); rewrite docs/ tables, charts and
-# the README's headline tables. A few minutes each; run them on a quiet machine.
+# the headline tables of docs/benchmarks.md. A few minutes each; run them on a quiet machine.
 bench-quota: $(STAMP)
-	$(BIN)/python bench/quota.py --rounds 3 --out docs --readme README.md
+	$(BIN)/python bench/quota.py --rounds 3 --out docs --readme docs/benchmarks.md
 
 bench-supervisors: $(STAMP)
-	$(BIN)/python bench/supervisors.py --out docs --readme README.md
+	$(BIN)/python bench/supervisors.py --out docs --readme docs/benchmarks.md
 
+# Every worker x every workload, default settings, a real memory cgroup per cell (issue 13);
+# docs/field.md and the README's field table. About 25 minutes on two busy cores.
+bench-field: $(STAMP)
+	$(BIN)/python bench/field.py --out docs --readme README.md
+
+# The settings table of docs/configuration.md, from memwarden.config.Config.
 readme: $(STAMP)
 	$(BIN)/python scripts/readme_settings.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

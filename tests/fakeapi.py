@@ -161,3 +161,15 @@ def self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
         capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+class Fallback:
+    """A restarter's local way back (its fallback), recorded instead of ending the test
+    process: it runs only when the API call failed."""
+
+    def __init__(self, name: str = "exit") -> None:
+        self.name = name
+        self.calls: list[str] = []
+
+    def restart(self, reason: str) -> None:
+        self.calls.append(reason)

@@ -160,7 +160,7 @@ def test_200_growing_jobs_none_lost(arq_env: dict[str, str]) -> None:
     ) as sup:
         enqueue(arq_env, *[("work", n, GROW_MB if n % GROW_EVERY == 0 else 0) for n in range(JOBS)])
         wait_for(lambda: len(counts(arq_env, "done")) == JOBS, 120, 0.2, "the first 200 jobs")
-        # One at a time: a kill counts against every job in flight (README, "arq").
+        # One at a time: a kill counts against every job in flight (docs/arq.md).
         enqueue(arq_env, ("hog", once, HOG_MB, True))
         wait_for(lambda: counts(arq_env, "done").get(once), 60, 0.2, "the killed job again")
         (poison_id,) = enqueue(arq_env, ("hog", poison, HOG_MB))

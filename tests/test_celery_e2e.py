@@ -90,8 +90,20 @@ class Supervised:
 class Run:
     """One test's worker settings, producer, journal and completion marks."""
 
-    def __init__(self, tmp: Path, broker: str, pool: str, **env: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        broker: str,
+        pool: str,
+        quota: int = QUOTA,
+        concurrency: int = 2,
+        defaults: bool = False,
+        **env: str,
+    ) -> None:
+        """``defaults``: memwarden's default settings (only the journal and state dir, and
+        what ``env`` names); else the quick settings of these tests."""
         self.tmp, self.broker, self.pool = tmp, broker, pool
+        self.quota, self.concurrency = quota, concurrency
         self.name = f"mw-celery-{uuid.uuid4().hex[:10]}"
         self.queue = self.name
         tmp.mkdir(parents=True, exist_ok=True)
@@ -116,6 +128,11 @@ class Run:
             MEMWARDEN_RESTART="signal" if pool == "prefork" else "exit",
             MWT_PREFETCH="1" if pool == "prefork" else "4",
         )
+        if defaults:
+            for key in [k for k in self.env if k.startswith("MEMWARDEN_")]:
+                if key not in ("MEMWARDEN_JOURNAL", "MEMWARDEN_STATE_DIR"):
+                    del self.env[key]
+            self.env["MWT_PREFETCH"] = "4"  # Celery's default
         self.env.update(env)
         self.app = Celery("producer", broker=broker, backend=RESULTS)
         self.app.conf.broker_transport_options = {"visibility_timeout": 4}
@@ -128,7 +145,7 @@ class Run:
             "-P",
             self.pool,
             "-c",
-            "2",
+            str(self.concurrency),
             "-Q",
             self.queue,
             "-n",
@@ -143,7 +160,7 @@ class Run:
     @contextlib.contextmanager
     def worker(self) -> Iterator[tuple[Supervised, TestCgroup]]:
         with (
-            memory_cgroup(QUOTA) as cg,
+            memory_cgroup(self.quota) as cg,
             Supervised(self.worker_argv(), self.env, cg, self.log) as sup,
         ):
             yield sup, cg
@@ -166,6 +183,22 @@ class Run:
                 if event is None or record.get("event") == event:
                     out.append(record)
         return out
+
+    def queued(self) -> tuple[int, int]:
+        """(messages ready in the broker's queue, consumers) — Redis knows no consumers: -1."""
+        if self.broker.startswith("redis"):
+            return int(self.marks.llen(self.queue)), -1
+        with self.app.connection_for_write() as conn:
+            ok = conn.default_channel.queue_declare(self.queue, passive=True)
+            return int(ok.message_count), int(ok.consumer_count)
+
+    def unacked(self) -> list[str]:
+        """Ids of this run's tasks held unacknowledged by some worker (Redis broker)."""
+        held = []
+        for _, raw in self.marks.hscan_iter("unacked"):
+            if self.queue.encode() in raw:
+                held.append(json.loads(raw)[0]["headers"]["id"])
+        return held
 
     def cleanup(self) -> None:
         for key in self.marks.scan_iter(f"{self.name}*"):
@@ -197,8 +230,8 @@ def broker(request: pytest.FixtureRequest) -> str:
 def run_factory(tmp_path: Path) -> Iterator[Any]:
     runs: list[Run] = []
 
-    def make(broker: str, pool: str, **env: str) -> Run:
-        runs.append(Run(tmp_path / str(len(runs)), broker, pool, **env))
+    def make(broker: str, pool: str, **kwargs: Any) -> Run:
+        runs.append(Run(tmp_path / str(len(runs)), broker, pool, **kwargs))
         return runs[-1]
 
     yield make

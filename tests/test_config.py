@@ -87,11 +87,11 @@ def test_settings_table_covers_every_field():
     names = [r[0] for r in rows]
     assert "MEMWARDEN_SOFT_LIMIT" in names and "MEMWARDEN_SHUTDOWN_TIMEOUT" in names
     assert all(r[3] for r in rows)  # every setting has help text
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
-        readme = f.read()
-    block = readme.split("<!-- settings:start -->\n")[1].split("\n<!-- settings:end -->")[0]
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")) as f:
+        page = f.read()
+    block = page.split("<!-- settings:start -->\n")[1].split("\n<!-- settings:end -->")[0]
     assert block == settings_markdown(), (
-        "README's settings table is stale: regenerate it with `make readme`"
+        "docs/configuration.md's settings table is stale: regenerate it with `make readme`"
     )
 
 
@@ -132,3 +132,45 @@ def test_check_bad_setting_exits_non_zero_with_the_error():
     out = run_check(MEMWARDEN_HARD_LIMIT="12 parsecs")
     assert out.returncode != 0
     assert "MEMWARDEN_HARD_LIMIT" in out.stderr and "for example" in out.stderr
+
+
+def test_the_pressure_trigger_is_off_by_default_and_reaches_the_limits_as_a_fraction():
+    q = Quota(1000 * MB, "cgroup", "cgroup")
+    off = resolve_limits(Config.from_env({}), q)
+    assert off.pressure_full is None and off.pressure_hold == 30
+    env = {"MEMWARDEN_PRESSURE_FULL": "40%", "MEMWARDEN_PRESSURE_HOLD": "1m"}
+    on = resolve_limits(Config.from_env(env), q)
+    assert on.pressure_full == pytest.approx(0.40) and on.pressure_hold == 60
+    assert Config.from_env({"MEMWARDEN_PRESSURE_FULL": "12.5"}).pressure_full == 12.5
+    assert Config.from_env({}, pressure_full=40).replace().pressure_full == 40  # idempotent
+
+
+@pytest.mark.parametrize("bad", ["0", "0%", "-5%", "101%", "40MB", "lots", "nan"])
+def test_a_bad_pressure_threshold_names_the_setting(bad):
+    with pytest.raises(SettingError) as caught:
+        Config.from_env({"MEMWARDEN_PRESSURE_FULL": bad})
+    assert caught.value.setting == "MEMWARDEN_PRESSURE_FULL"
+    assert "for example MEMWARDEN_PRESSURE_FULL=40%" in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1s", "40%", "2d"])
+def test_a_bad_pressure_hold_names_the_setting(bad):
+    with pytest.raises(SettingError) as caught:
+        Config.from_env({"MEMWARDEN_PRESSURE_HOLD": bad})
+    assert caught.value.setting == "MEMWARDEN_PRESSURE_HOLD"
+    assert "for example MEMWARDEN_PRESSURE_HOLD=" in str(caught.value)
+
+
+def test_every_memwarden_variable_the_code_reads_is_known():
+    """A variable read outside Config (run's brake switch, the job protocol's paths that
+    run hands its command) is no typo: warn_unknown must not call it one."""
+    import pathlib
+    import re
+
+    from memwarden.config import known_env
+
+    src = pathlib.Path(__file__).resolve().parent.parent / "src" / "memwarden"
+    read = {
+        m for p in src.rglob("*.py") for m in re.findall(r'"(MEMWARDEN_[A-Z_]+)"', p.read_text())
+    }
+    assert read - set(known_env()) == set()

@@ -7,23 +7,16 @@ and on RabbitMQ, running ``tests/apps/dramatiq_app.py``. Redis DB 4 holds the co
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import dramatiq
 import pytest
 import redis
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 
+from apps.dramatiq_harness import QUICK, REDIS_URL, dead_lettered, dramatiq_tree
 from cgroups import memory_cgroup
 from conftest import need_service, wait_for
 from memwarden.dramatiq import MemoryWarden
@@ -31,13 +24,10 @@ from memwarden.journal import read_records
 from memwarden.poison import PoisonJobs
 from memwarden.units import SettingError
 
-REDIS_URL = "redis://127.0.0.1:6379/4"  # this suite's Redis DB
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-ROOT = Path(__file__).resolve().parent.parent
-APPS = ROOT / "tests" / "apps"
-DRAMATIQ = Path(sys.executable).parent / "dramatiq"
 MB = 1024 * 1024
 POISON_KILLS = 2
+#: The end-to-end tests' settings: quick fixed limits, a 2-kill quarantine.
+SETTINGS: dict[str, str | None] = {**QUICK, "MEMWARDEN_POISON_KILLS": str(POISON_KILLS)}
 
 
 @pytest.fixture
@@ -48,160 +38,6 @@ def store() -> Iterator[redis.Redis]:
     client.close()
 
 
-@dataclass
-class Tree:
-    """A running ``dramatiq`` CLI tree and what it writes."""
-
-    kind: str
-    queue: str
-    prefix: str
-    journal: Path
-    log: Path
-    store: redis.Redis
-    broker: dramatiq.Broker
-    proc: subprocess.Popen[bytes] | None = None
-    sent: dict[str, str] = field(default_factory=dict)  # job id -> message id
-
-    def send(self, job_id: str, kind: str = "light", mb: int = 0, io_ms: int = 0) -> str:
-        message = dramatiq.Message(
-            queue_name=self.queue,
-            actor_name="mw_job",
-            args=(job_id, kind, mb, io_ms),
-            kwargs={},
-            options={},
-        )
-        self.sent[job_id] = self.broker.enqueue(message).message_id
-        return self.sent[job_id]
-
-    def done(self) -> set[str]:
-        return {m.decode() for m in self.store.smembers(f"{self.prefix}:done")}
-
-    def runs(self) -> dict[str, int]:
-        raw = self.store.hgetall(f"{self.prefix}:runs")
-        return {k.decode(): int(v) for k, v in raw.items()}
-
-    def records(self, event: str | None = None) -> list[dict[str, Any]]:
-        if not self.journal.exists():
-            return []
-        records, _ = read_records(self.journal.read_text().splitlines())
-        return [r for r in records if event is None or r["event"] == event]
-
-    def worker_pids(self) -> list[int]:
-        assert self.proc is not None
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
-        ).stdout
-        return [int(p) for p in out.split()]
-
-    def ready(self) -> bool:
-        assert self.proc is not None
-        assert self.proc.poll() is None, f"dramatiq exited:\n{self.log.read_text()[-3000:]}"
-        return self.log.read_text().count("Worker process is ready") >= 2
-
-
-@contextlib.contextmanager
-def dramatiq_tree(
-    kind: str,
-    tmp_path: Path,
-    store: redis.Redis,
-    settings: dict[str, str | None] | None = None,
-    preexec_fn: Callable[[], None] | None = None,
-) -> Iterator[Tree]:
-    """Start ``dramatiq dramatiq_app -p 2 -t 2`` on ``kind``'s broker; stop and clean it all.
-
-    ``settings`` change the ``MEMWARDEN_*`` env of the tree (None: unset)."""
-    tag = f"mwt-{kind}-{uuid.uuid4().hex[:8]}"
-    if kind == "redis":
-        broker: dramatiq.Broker = RedisBroker(url=REDIS_URL, namespace=tag)
-    else:
-        broker = RabbitmqBroker(url=AMQP_URL)
-    broker.declare_queue(tag)
-    tree = Tree(
-        kind, tag, tag, tmp_path / "journal.jsonl", tmp_path / "dramatiq.log", store, broker
-    )
-    env = {
-        **os.environ,
-        "MWT_BROKER": kind,
-        "MWT_BROKER_URL": REDIS_URL if kind == "redis" else AMQP_URL,
-        "MWT_QUEUE": tag,
-        "MWT_NAMESPACE": tag,
-        "MWT_HEARTBEAT_MS": "5000",
-        "MWT_REDIS_URL": REDIS_URL,
-        "MWT_PREFIX": tag,
-        # Own RSS against fixed limits: a worker process at rest is about 30 MB.
-        "MEMWARDEN_MEASURE": "process",
-        "MEMWARDEN_SOFT_LIMIT": "150MB",
-        "MEMWARDEN_HARD_LIMIT": "400MB",
-        "MEMWARDEN_GRACE": "0",
-        "MEMWARDEN_MIN_UPTIME": "0",
-        "MEMWARDEN_MAX_RESTARTS": "1000",
-        "MEMWARDEN_INTERVAL": "0.2",
-        "MEMWARDEN_SHUTDOWN_TIMEOUT": "20",
-        "MEMWARDEN_POISON_KILLS": str(POISON_KILLS),
-        "MEMWARDEN_JOURNAL": str(tree.journal),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-    }
-    for name in ("MEMWARDEN_RESTART", "MEMWARDEN_DRY_RUN", "MEMWARDEN_QUOTA"):
-        env.pop(name, None)
-    for name, value in (settings or {}).items():
-        env.pop(name, None)
-        if value is not None:
-            env[name] = value
-    with open(tree.log, "wb") as log:
-        tree.proc = subprocess.Popen(
-            [str(DRAMATIQ), "dramatiq_app", "--path", str(APPS), "-p", "2", "-t", "2"],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group: nothing of it outlives the test
-            preexec_fn=preexec_fn,
-        )
-    try:
-        wait_for(tree.ready, timeout=60, what="2 dramatiq worker processes")
-        yield tree
-    finally:
-        stop_tree(tree.proc)
-        cleanup(tree, store)
-
-
-def stop_tree(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
-def cleanup(tree: Tree, store: redis.Redis) -> None:
-    keys = list(store.scan_iter(f"{tree.prefix}*"))
-    keys += [f"memwarden:kills:{mid}" for mid in tree.sent.values()]
-    if keys:
-        store.delete(*keys)
-    if isinstance(tree.broker, RabbitmqBroker):
-        for name in (tree.queue, f"{tree.queue}.DQ", f"{tree.queue}.XQ"):
-            with contextlib.suppress(Exception):
-                tree.broker.channel.queue_delete(name)
-    tree.broker.close()
-
-
-def dead_lettered(tree: Tree) -> list[str]:
-    """Message ids in the queue's dead-letter queue."""
-    if isinstance(tree.broker, RedisBroker):
-        raw = tree.store.hvals(f"{tree.prefix}:{tree.queue}.XQ.msgs")
-        return [dramatiq.Message.decode(m).message_id for m in raw]
-    ids = []
-    channel = tree.broker.channel
-    while True:
-        method, _, body = channel.basic_get(f"{tree.queue}.XQ", auto_ack=False)
-        if method is None:
-            break
-        ids.append(dramatiq.Message.decode(body).message_id)
-    return ids
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
 def test_no_message_lost_through_reloads_kills_and_a_poison_message(
@@ -209,7 +45,7 @@ def test_no_message_lost_through_reloads_kills_and_a_poison_message(
 ) -> None:
     if kind == "rabbitmq":
         need_service("RabbitMQ", 5672)
-    with dramatiq_tree(kind, tmp_path, store) as tree:
+    with dramatiq_tree(kind, tmp_path, store, SETTINGS) as tree:
         main_pid = tree.proc.pid if tree.proc else 0
 
         # 1. 240 messages, 48 of which keep 20 MiB each (a real leak, which reclaim cannot
@@ -276,12 +112,8 @@ def test_default_limits_keep_the_tree_inside_a_memory_limited_dyno(
     and hard 95 % of it. The tree grows past its quota in total; reloads keep it inside
     with no OOM kill by the kernel, and no message is lost."""
     with memory_cgroup(400 * 10**6) as dyno:
-        defaults: dict[str, str | None] = {
-            "MEMWARDEN_MEASURE": None,
-            "MEMWARDEN_SOFT_LIMIT": None,
-            "MEMWARDEN_HARD_LIMIT": None,
-            "MEMWARDEN_POISON_KILLS": None,
-        }
+        limits = ("MEMWARDEN_MEASURE", "MEMWARDEN_SOFT_LIMIT", "MEMWARDEN_HARD_LIMIT")
+        defaults = {k: v for k, v in QUICK.items() if k not in limits}
         with dramatiq_tree("redis", tmp_path, store, defaults, preexec_fn=dyno.join) as tree:
             assert len(dyno.pids()) == 3  # main + 2 worker processes
             # 200 of 400 messages keep 4 MiB each (840 MB in all, twice the quota), at about

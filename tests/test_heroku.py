@@ -9,7 +9,7 @@ import traceback
 
 import pytest
 
-from fakeapi import FakeAPI, Hook, Reply, Request, Stall
+from fakeapi import FakeAPI, Fallback, Hook, Reply, Request, Stall
 from memwarden.check import inspect
 from memwarden.config import Config
 from memwarden.gauges.quota import HEROKU_DYNO_SIZES
@@ -18,18 +18,6 @@ from memwarden.restart.heroku import ACCEPT, HerokuRestarter, checks
 from platform_worker import run_worker
 
 TOKEN = "hrku-CANARY-7f3a9c1e-do-not-leak"
-
-
-class Fallback:
-    """The local way back, recorded instead of ending the test process."""
-
-    name = "exit"
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def restart(self, reason: str) -> None:
-        self.calls.append(reason)
 
 
 def restarter(api: FakeAPI, **kw: object) -> tuple[HerokuRestarter, Fallback]:

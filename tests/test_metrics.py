@@ -111,8 +111,11 @@ def test_scrape_of_a_real_worker(worker):
     assert value("memwarden_reclaims_total", reason="soft_limit") >= 1
     assert 0 <= value("memwarden_reclaimed_bytes_total") < 40 * MB
     assert value("memwarden_restarts_total", reason="soft_limit", action="none") == 1
-    states = [v for (name, _), v in m.items() if name == "memwarden_state"]
-    assert sorted(states) == [0.0, 0.0, 0.0, 0.0, 1.0]
+    states = {
+        dict(labels)["state"]: v for (name, labels), v in m.items() if name == "memwarden_state"
+    }
+    every = ("ok", "over_soft_limit", "over_hard_limit", "restarting", "killed", "off")
+    assert states == {s: float(s == "restarting") for s in every}
     # served on loopback only (the default address)
     listening = [
         c.laddr
@@ -141,6 +144,22 @@ def test_kinds_are_bounded_and_a_second_warden_takes_over():
     metrics.sink(dry)
     labels = {"reason": "soft_limit", "action": "none"}
     assert registry.get_sample_value("memwarden_restarts_total", labels) is None
+
+
+def test_kernel_oom_kills_and_intake_pauses_are_counted(tmp_path):
+    """The journal's ``oom_kill`` and ``pause`` records reach their counters."""
+    from memwarden import Journal, Warden
+    from memwarden.metrics import install
+
+    registry = prometheus_client.CollectorRegistry()
+    w = Warden(
+        soft_limit="100GB", measure="process", journal=Journal(None), state_dir=str(tmp_path)
+    )
+    metrics = install(w, registry)
+    metrics.sink({"event": "oom_kill", "kills": 2})
+    metrics.sink({"event": "pause"})
+    assert registry.get_sample_value("memwarden_oom_kills_total") == 2
+    assert registry.get_sample_value("memwarden_intake_pauses_total") == 1
 
 
 def test_metrics_port_in_use_is_logged_not_raised(caplog):

@@ -71,19 +71,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert "<svg" in chart[:500] and chart.count("<path") > 20
     assert 'class="suspects"' in dom and "<td>build_pdf</td>" in dom
     assert 'class="kinds"' in dom and 'id="kinds-chart"' in dom
-    assert 'class="restarts"' in dom and "soft_limit" in dom
+    assert 'class="restarts"' in dom and re.search(r"<td>soft limit, [a-z ]+</td>", dom)
     shot = tmp_path / "shot.png"
     chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", f"file://{html_path}")
     assert shot.stat().st_size > 20_000  # a page with a chart on it, not a blank one
 
 
-def test_png_is_the_main_chart(tmp_path):
-    png = make_report(tmp_path, "mixed.jsonl.gz", "chart.png")
-    with open(png, "rb") as f:
+def png_size(path: str) -> tuple[int, int]:
+    with open(path, "rb") as f:
         head = f.read(24)
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    assert (width, height) == (1100, 480)
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_png_is_the_main_chart(tmp_path):
+    """One panel per figure the journal holds: the whole worker's readings, and each
+    process's RSS after its jobs (mixed has both: two panels)."""
+    assert png_size(make_report(tmp_path, "mixed.jsonl.gz", "chart.png")) == (1100, 760)
 
 
 def test_stable_journal_and_broken_lines(tmp_path):
@@ -103,3 +107,142 @@ def test_stable_journal_and_broken_lines(tmp_path):
     assert "STABLE" in page and "None: memory is stable." in page
     assert "2 malformed lines skipped" in page
     assert json.loads(lines[0])["event"]  # the fixture is a real journal
+
+
+# ----------------------------------------------------------------------------- one computation
+MB = 1024 * 1024
+
+
+def prefork_journal() -> list[dict]:
+    """What a Celery prefork worker writes: the main process's samples (the cgroup's
+    figure, with the limits), its pool children's job records (own RSS), and a child's
+    recycles at its share (its USS) — 5 of them at 5 different MiB figures."""
+    import random
+
+    rnd = random.Random(81)
+    out = []
+    ts = 1_700_000_000.0
+    for child in range(6):
+        pid = 700 + child
+        level = 40 * MB
+        for i in range(120):
+            ts += 0.5
+            kind = rnd.choice(["shop.leak", "shop.email", "shop.email"])
+            before = level
+            if kind == "shop.leak":
+                level += 1.2 * MB
+            out.append(
+                {
+                    "event": "job",
+                    "ts": ts,
+                    "pid": pid,
+                    "job": kind,
+                    "rss_before": int(before),
+                    "rss_after": int(level + rnd.gauss(0, 0.1 * MB)),
+                    "duration_s": 0.2,
+                }
+            )
+            if i % 4 == 0:
+                out.append(
+                    {
+                        "event": "sample",
+                        "ts": ts + 0.1,
+                        "pid": 600,
+                        "rss": 55 * MB,
+                        "total": int(55 * MB + level * 2),
+                        "limit": 400 * MB,
+                        "hard": 480 * MB,
+                        "gauge": "cgroup",
+                    }
+                )
+        if child < 5:
+            out.append(
+                {
+                    "event": "restart",
+                    "ts": ts + 0.2,
+                    "pid": pid,
+                    "reason": f"{level / MB + child:.1f} MiB over soft limit 152.0 MiB for 0.0s",
+                    "action": "recycle",
+                    "total": int(level + child * MB),
+                    "limit": 152 * MB,
+                    "gauge": "uss",
+                    "in_flight": [],
+                }
+            )
+    return out
+
+
+def write_journal(tmp_path, records, name="j.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def report_of(tmp_path, journal: str, out: str = "r.html") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "memwarden.cli", "report", journal, "-o", str(tmp_path / out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_verdict_suspects_tables_and_chart_from_one_computation(tmp_path):
+    journal = write_journal(tmp_path, prefork_journal())
+    done = report_of(tmp_path, journal)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert re.search(r'id="verdict"[^>]*>\s*LEAK', page)
+    suspects = page[page.index('class="suspects"') :]
+    assert re.search(r"<tbody><tr><td>shop\.leak</td>", suspects)
+    kinds = page[page.index('class="kinds"') :]
+    first_row = re.search(r"<tbody><tr>(.*?)</tr>", kinds).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", first_row)
+    top_suspect = re.findall(r"<td>(.*?)</td>", re.search(r"<tbody><tr>(.*?)</tr>", suspects)[1])
+    assert cells[0] == "shop.leak" and cells[2] == top_suspect[1]  # the same growth figure
+    # the chart: the whole worker (cgroup, with its limits) and each process (RSS, with the
+    # child's share that made the recycles), never one line of mixed figures
+    chart = page[page.index('id="memory-chart"') :]
+    for part in ("panel-whole", "panel-own", "soft-limit", "hard-limit", "child-share"):
+        assert f'id="{part}' in chart, part
+    assert 'id="marks-recycle' in chart
+    # five recycles at five MiB figures: one row
+    restarts = page[page.index('class="restarts"') :]
+    rows = re.findall(r"<tr><td>", restarts)
+    assert len(rows) == 1 and "<td>recycle</td><td>5</td>" in restarts
+
+
+def test_output_format_is_chosen_by_extension_or_refused(tmp_path):
+    journal = write_journal(tmp_path, prefork_journal())
+    refused = report_of(tmp_path, journal, "r.pdf")
+    assert refused.returncode == 2 and ".html" in refused.stderr and ".png" in refused.stderr
+    assert not (tmp_path / "r.pdf").exists()
+    assert report_of(tmp_path, journal, "R.HTM").returncode == 0
+    assert (tmp_path / "R.HTM").read_text().startswith("<!DOCTYPE html>")
+    assert report_of(tmp_path, journal, "c.png").returncode == 0
+    assert png_size(str(tmp_path / "c.png")) == (1100, 760)
+
+
+def test_nothing_to_report_fails_without_writing(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    done = report_of(tmp_path, str(empty))
+    assert done.returncode == 1 and "nothing to diagnose" in done.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_run_journal_report_shows_the_kills_under_the_right_verdict(tmp_path):
+    """Issue 14: the report of a command hard-killed five times drew the kill ramps under a
+    green STABLE. Now: the verdict from the command's own figure, the kills at it, and the
+    hard limit that made them."""
+    with gzip.open(os.path.join(TRACES, "run_leak.jsonl.gz"), "rt") as f:
+        records = [json.loads(line) for line in f if '"event": "job"' not in line]
+    done = report_of(tmp_path, write_journal(tmp_path, records))
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert re.search(r'id="verdict"[^>]*>\s*LEAK', page)
+    assert "No job records: verdict on the process only." in page
+    chart = page[page.index('id="memory-chart"') :]
+    assert 'id="panel-whole' in chart and 'id="hard-limit' in chart
+    assert 'id="marks-kill' in chart and 'id="panel-own' not in chart
+    assert "<td>hard limit</td><td>kill</td><td>5</td>" in page

@@ -71,7 +71,7 @@ def test_status_shows_live_wardens_and_drops_dead_ones(workers, client):
     wait_for(all_beating_after_their_job, 60, what=f"3 heartbeats\n{workers.logs()}")
     for w in fleet_status(fleet)["wardens"]:
         assert w["fleet"] == fleet and w["host"] == "box-1" and w["framework"] == "test"
-        assert w["state"] == "ok" and w["restarts_1h"] == 0
+        assert w["state"] == "ok" and w["restarts_1h"] == 0 and w["oom_kills"] == 0
         assert w["last_culprit"] == "grow"
         assert w["memory"] > 0 and w["soft_limit"] > w["memory"] and w["gauge"] == "process"
 
@@ -100,6 +100,7 @@ def test_status_shows_live_wardens_and_drops_dead_ones(workers, client):
         holder.release()
     header, row = out.splitlines()[:2]
     assert header.split()[:3] == ["FLEET", "WORKER", "PID"] and "LAST CULPRIT" in header
+    assert "OOM KILLS" in header
     assert row.split()[:4] == [fleet, "box-1", str(procs[2].pid), "test"]
     assert f"restarting in {fleet}: {socket.gethostname()}:{os.getpid()}:" in out
 

@@ -119,7 +119,7 @@ def test_job_records_carry_live_memory_unless_turned_off(tmp_path):
     jobs = [r for r in records if r["event"] == "job"]
     fields = {"blocks", "blocks_before"}
     if "heap_in_use" in live_figures():
-        fields |= {"heap_in_use", "heap_in_use_before"}
+        fields |= {"heap_in_use", "heap_in_use_before", "mmapped", "mmapped_before"}
     assert all(fields <= set(j) for j in jobs)
     leaky = [j for j in jobs if j["job"] == "invoice"]
     assert all(j["blocks"] - j["blocks_before"] >= 2000 for j in leaky)
@@ -139,3 +139,46 @@ def test_live_figures_turn_off_when_dear_for_the_job_time():
     for _ in range(20):
         fast_jobs.job_done(0.01)  # 10 ms jobs: 1 ms is 10%
     assert not fast_jobs.enabled and fast_jobs.read() == {}
+
+
+# ----------------------------------------------------------------------------- big buffers
+MiB = 1024 * 1024
+KEEP_BIG = """
+import json, sys
+from memwarden.trace import live_bytes, live_figures
+
+before = live_figures()
+kept = [b"\\x01" * (5 * 1024 * 1024) for _ in range(10)]  # 10 x 5 MiB: glibc serves by mmap
+after = live_figures()
+grew = live_bytes(after) - live_bytes(before)
+print(json.dumps({"before": before, "after": after, "grew": grew}))
+"""
+
+
+def test_live_figures_see_buffers_served_by_mmap():
+    """Keeping 10 x 5 MiB (each over glibc's mmap threshold) moves live memory by 50 MiB."""
+    out = subprocess.run(
+        [sys.executable, "-c", KEEP_BIG], capture_output=True, text=True, check=True, timeout=60
+    )
+    figures = json.loads(out.stdout)
+    assert "mmapped" in figures["after"], figures
+    assert 49 * MiB <= figures["grew"] <= 60 * MiB, figures
+
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+@pytest.mark.skipif(not os.path.exists(JEMALLOC), reason="libjemalloc.so.2 is not installed")
+def test_live_figures_under_jemalloc_read_its_stats():
+    env = {**os.environ, "LD_PRELOAD": JEMALLOC}
+    out = subprocess.run(
+        [sys.executable, "-c", KEEP_BIG],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=env,
+    )
+    figures = json.loads(out.stdout)
+    assert "allocated" in figures["after"] and "heap_in_use" not in figures["after"], figures
+    assert 49 * MiB <= figures["grew"] <= 60 * MiB, figures

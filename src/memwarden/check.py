@@ -6,10 +6,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from memwarden import fleet, reclaim
+from memwarden import fleet, reclaim, state
 from memwarden.config import Config
 from memwarden.gauges import choose_gauge
 from memwarden.gauges.cgroup import Cgroup
+from memwarden.gauges.pressure import Signals
 from memwarden.gauges.quota import detect_quota
 from memwarden.restart import heroku, kubernetes
 from memwarden.units import format_size
@@ -43,6 +44,15 @@ def inspect(env: Mapping[str, str] | None = None, **overrides: Any) -> dict[str,
     alloc = reclaim.allocator()
     if alloc["name"] == "glibc" and not alloc["malloc_arena_max"]:
         warnings.append("MALLOC_ARENA_MAX is not set: threaded workers fragment more (try 2)")
+    where = state.locate(config.state_dir, env)
+    unusable = state.problem_of(where.path)
+    if where.problem:
+        warnings.append(f"state dir: {where.problem}")
+    if unusable:
+        warnings.append(
+            f"state dir {where.path}: {unusable}: restarts go on without the host lock and "
+            "the restart history (fix it, or set MEMWARDEN_STATE_DIR)"
+        )
     for extra in EXTRA_CHECKS:
         warnings.extend(extra(config, env))
     report: dict[str, Any] = {
@@ -62,6 +72,8 @@ def inspect(env: Mapping[str, str] | None = None, **overrides: Any) -> dict[str,
         "restart": config.restart,
         "dry_run": config.dry_run,
         "journal": config.journal,
+        "state_dir": where.path,
+        "state_source": where.source,
         "warnings": warnings,
     }
     if cgroup is not None:
@@ -76,6 +88,21 @@ def inspect(env: Mapping[str, str] | None = None, **overrides: Any) -> dict[str,
             "limit": mem.limit,
             "oom_kills": mem.oom_kills,
         }
+    signals = Signals(cgroup)
+    psi = signals.pressure()
+    report["pressure"] = (
+        None
+        if psi is None
+        else {
+            "source": psi.source,
+            "path": psi.path,
+            "some": list(psi.some),
+            "full": list(psi.full),
+            "some_total_us": psi.some_total,
+            "full_total_us": psi.full_total,
+        }
+    )
+    report["memory_events"] = signals.events()
     return report
 
 
@@ -95,6 +122,7 @@ def render(report: Mapping[str, Any]) -> str:
         + (f" {alloc['glibc']}" if alloc["glibc"] else "")
         + f", MALLOC_ARENA_MAX={alloc['malloc_arena_max'] or 'unset'}",
         f"journal       {report['journal'] or 'off'}",
+        f"state dir     {report['state_dir']}  ({report['state_source']})",
     ]
     if "cgroup" in report:
         cg = report["cgroup"]
@@ -103,5 +131,16 @@ def render(report: Mapping[str, Any]) -> str:
             f"{format_size(cg['working_set'])}, usage {format_size(cg['usage'])}, "
             f"limit {format_size(cg['limit'])}, oom kills {cg['oom_kills']}"
         )
+    psi = report.get("pressure")
+    if psi:
+        avgs = "  ".join(
+            f"{kind} " + "/".join(f"{v:.2f}" for v in psi[kind]) for kind in ("some", "full")
+        )
+        lines.append(f"pressure      {avgs} %  (avg10/60/300, {psi['source']}: {psi['path']})")
+    else:
+        lines.append("pressure      not kept by this kernel (no PSI file)")
+    events = report.get("memory_events")
+    if events:
+        lines.append("mem events    " + ", ".join(f"{k} {v}" for k, v in events.items()))
     lines += [f"warning       {w}" for w in report["warnings"]]
     return "\n".join(lines)

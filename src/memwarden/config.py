@@ -8,10 +8,15 @@ README's table are made from this one list.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import ipaddress
+import logging
 import os
+import re
 import signal
-import tempfile
-from collections.abc import Mapping
+import stat
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +24,7 @@ from memwarden.gauges import MEASURES
 from memwarden.units import SettingError, parse_bool, parse_duration, parse_size
 
 RESTARTS = ("signal", "exit", "none", "heroku", "kubernetes", "systemd")
+log = logging.getLogger("memwarden")
 
 
 def _setting(
@@ -60,13 +66,35 @@ class Config:
         0.02, "duration", "Watchdog interval while over the soft limit (fast growth near the quota)"
     )
     min_uptime: float = _setting(
-        30.0, "duration", "No soft restart before this uptime; doubles per recent restart"
+        30.0,
+        "duration",
+        "A restart that can wait waits for this uptime; doubles per looping restart",
     )
-    max_restarts: int = _setting(3, "int", "Soft restarts allowed per restart window")
+    max_restarts: int = _setting(
+        3,
+        "int",
+        "Looping restarts (of a lifetime that started at 80% of its soft limit or more) "
+        "allowed per restart window",
+    )
     restart_window: float = _setting(3600.0, "duration", "Window for max_restarts")
     reclaim: bool = _setting(True, "bool", "Try gc + malloc_trim before any restart")
+    pressure_full: float | str | None = _setting(
+        None,
+        "percent",
+        "Full memory pressure (PSI avg10 of a v2 cgroup, e.g. 40%) that, held for "
+        "MEMWARDEN_PRESSURE_HOLD, runs the soft ladder under the soft limit (unset: off)",
+    )
+    pressure_hold: float = _setting(
+        30.0, "duration", "How long MEMWARDEN_PRESSURE_FULL must hold (systemd-oomd's 30 s)"
+    )
     restart: str = _setting("signal", "choice", f"How to come back: {', '.join(RESTARTS)}")
     stop_signal: str = _setting("SIGTERM", "signal", "The graceful stop signal (signal restart)")
+    drain_signal: str | None = _setting(
+        None,
+        "signal",
+        "memwarden run: sent to the command at the soft crossing, before its stop signal: "
+        "stop taking work (SIGTSTP for Sidekiq)",
+    )
     exit_code: int = _setting(75, "int", "Exit status of the exit/kubernetes/systemd restarts")
     measure: str = _setting("auto", "choice", f"What to measure: {', '.join(MEASURES)}")
     journal: str | None = _setting(None, "path", "JSONL journal file (none: no journal)")
@@ -83,21 +111,38 @@ class Config:
         "pool starts, split between the children)",
     )
     state_dir: str | None = _setting(
-        None, "path", "Host lock and restart history (default: the temp dir)"
+        None,
+        "path",
+        "Private directory for the host lock and restart history (default: "
+        "$XDG_RUNTIME_DIR/memwarden, else memwarden-<uid> in the temp dir; 0700, ours only)",
     )
     heroku_api_url: str = _setting(
         "https://api.heroku.com", "url", "Heroku Platform API base URL (heroku restart)"
     )
     api_timeout: float = _setting(
-        5.0, "duration", "Timeout of one platform API call (Heroku, Kubernetes)"
+        5.0,
+        "duration",
+        "Wall-clock limit of one try of a platform API call (Heroku, Kubernetes); the whole "
+        "call, retries included, ends within the shutdown timeout",
     )
     api_retries: int = _setting(
         3, "int", "Retries of a platform API call on 429, 5xx or timeout (with back-off)"
     )
     kubernetes_delete_pod: bool = _setting(
-        False, "bool", "kubernetes restart: delete the pod through the API instead of exiting"
+        False,
+        "bool",
+        "kubernetes restart: have the pod replaced through the API (evicted, see "
+        "MEMWARDEN_KUBERNETES_EVICT) instead of exiting",
     )
-    kubernetes_grace: float = _setting(30.0, "duration", "gracePeriodSeconds of the pod deletion")
+    kubernetes_evict: bool = _setting(
+        True,
+        "bool",
+        "Pod deletion through the Eviction API, so PodDisruptionBudgets pace the fleet "
+        "(a 429 is asked again until the shutdown timeout, then exit); false: a plain DELETE",
+    )
+    kubernetes_grace: float = _setting(
+        30.0, "duration", "gracePeriodSeconds of the pod's eviction or deletion"
+    )
     kubernetes_api_url: str | None = _setting(
         None, "url", "Kubernetes API URL (default: https://$KUBERNETES_SERVICE_HOST:PORT)"
     )
@@ -122,7 +167,9 @@ class Config:
         10.0, "duration", "Heartbeat period (a warden silent for 3 periods drops from status)"
     )
     live_memory: bool = _setting(
-        True, "bool", "Add live-memory figures (blocks, heap_in_use) to job records"
+        True,
+        "bool",
+        "Add live-memory figures (blocks, heap_in_use, mmapped) to job records",
     )
     trace: str | None = _setting(
         None, "text", "tracemalloc around the next runs of this job kind (or auto), one worker"
@@ -139,6 +186,7 @@ class Config:
             value = getattr(self, f.name)
             if value is not None:
                 check.get(f.metadata["kind"], lambda *_: None)(self, f, value)
+        _check_together(self)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -148,7 +196,15 @@ class Config:
         names = {f.name: f for f in dataclasses.fields(cls)}
         for key in overrides:
             if key not in names:
-                raise SettingError(key, overrides[key], "unknown setting", "soft_limit='512MB'")
+                guess = closest(key, names)
+                raise SettingError(
+                    key,
+                    overrides[key],
+                    "unknown setting" + (f" (did you mean {guess}?)" if guess else ""),
+                    repr(overrides[key]) if guess else "'512MB'",
+                    example_setting=guess or "soft_limit",
+                )
+        warn_unknown(env)
         for name, f in names.items():
             if name in overrides:
                 values[name] = overrides[name]
@@ -167,7 +223,10 @@ class Config:
 
     @property
     def state_path(self) -> str:
-        return self.state_dir or os.path.join(tempfile.gettempdir(), f"memwarden-{os.getuid()}")
+        """The private state directory, created and checked (:mod:`memwarden.state`)."""
+        from memwarden.state import locate
+
+        return locate(self.state_dir).path
 
     def size(self, name: str, quota: int | None = None) -> int | None:
         value = getattr(self, name)
@@ -201,51 +260,280 @@ def _signal_name(value: str) -> str:
 def _from_text(f: dataclasses.Field[Any], raw: str) -> Any:
     kind, setting = f.metadata["kind"], env_name(f)
     if kind == "duration":
-        return parse_duration(raw, setting)
+        return raw.strip()  # parsed and bounded by its validator, which shows it as given
     if kind == "bool":
         return parse_bool(raw, setting)
     if kind == "int":
         try:
             return int(raw)
         except ValueError:
-            raise SettingError(setting, raw, "expected a whole number", "3") from None
+            example = str(_INTS.get(f.name, (0, 0, "3"))[2])
+            raise SettingError(setting, raw, "expected a whole number", example) from None
     return raw.strip()
+
+
+DAY = 86400.0
+YEAR = 365 * DAY
+#: Durations: (lowest, highest, lowest allowed itself, example). Zero is a value where it
+#: means "at once" (grace, min_uptime); a zero timeout or interval would never work.
+_DURATIONS: dict[str, tuple[float, float, bool, str]] = {
+    "grace": (0.0, YEAR, True, "2m"),
+    "shutdown_timeout": (0.0, DAY, False, "25s"),
+    "interval": (0.005, 60.0, True, "0.1"),
+    "alert_interval": (0.005, 60.0, True, "0.02"),
+    "min_uptime": (0.0, YEAR, True, "30s"),
+    "restart_window": (0.0, YEAR, False, "1h"),
+    "api_timeout": (0.0, 3600.0, False, "5s"),
+    "kubernetes_grace": (0.0, DAY, True, "30s"),
+    "fleet_lock_ttl": (0.1, DAY, True, "30s"),
+    "heartbeat_interval": (0.05, DAY, True, "10s"),
+    "pressure_hold": (0.0, DAY, False, "30s"),
+}
+#: Whole numbers: (lowest, highest, example).
+_INTS: dict[str, tuple[int, int, str]] = {
+    "max_restarts": (0, 1_000_000, "3"),
+    "exit_code": (1, 255, "75"),
+    "poison_kills": (1, 1_000_000, "3"),
+    "trace_runs": (1, 1_000_000, "5"),
+    "metrics_port": (1, 65535, "9150"),
+    "api_retries": (0, 100, "3"),
+    "fleet_max_restarting": (1, 1_000_000, "1"),
+}
+#: Sizes that cannot be a share of the quota.
+_NO_PERCENT = {"quota", "journal_max_bytes"}
+_MIN_JOURNAL = 1024
+_URL_SCHEMES = {"redis_url": ("redis", "rediss", "unix")}
+_URL_EXAMPLES = {
+    "redis_url": "redis://localhost:6379/0",
+    "heroku_api_url": "https://api.heroku.com",
+    "kubernetes_api_url": "https://10.0.0.1:443",
+}
+#: Signals no process can handle: never a graceful stop, never a drain.
+_UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
+_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+_FLEET = re.compile(r"^[A-Za-z0-9._@/+-]+$")
 
 
 def _validators() -> dict[str, Any]:
     def size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        if isinstance(value, str) and value.strip().endswith("%"):
-            parse_size(value, env_name(f), 100)  # syntax only; the quota comes later
-        else:
-            parse_size(value, env_name(f))
+        name = env_name(f)
+        percent = isinstance(value, str) and value.strip().endswith("%")
+        if percent and f.name in _NO_PERCENT:
+            what = "the quota itself" if f.name == "quota" else "a file size"
+            raise SettingError(name, value, f"{what} is not a share of the quota", "20MB")
+        if percent:
+            parse_size(value, name, 100)  # syntax only; the quota comes later
+            return
+        low = _MIN_JOURNAL if f.name == "journal_max_bytes" else 1
+        if parse_size(value, name) < low:
+            floor = "at least 1 KiB" if low > 1 else "above 0 (leave it unset for the default)"
+            raise SettingError(name, value, f"a size {floor}", "512MB")
 
     def duration(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        object.__setattr__(cfg, f.name, parse_duration(value, env_name(f)))
+        name = env_name(f)
+        seconds = parse_duration(value, name)
+        low, high, low_ok, example = _DURATIONS.get(f.name, (0.0, YEAR, True, "2m"))
+        if seconds < low or (seconds == low and not low_ok) or seconds > high:
+            lowest = f">= {low:g}s" if low_ok else f"> {low:g}s"
+            raise SettingError(name, value, f"expected {lowest} and <= {high:g}s", example)
+        object.__setattr__(cfg, f.name, seconds)
+
+    def percent(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+        text = str(value).strip().removesuffix("%").strip()
+        try:
+            share = float(text)
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 100 or isinstance(value, bool):
+            raise SettingError(env_name(f), value, "a percentage above 0 and up to 100", "40%")
+        object.__setattr__(cfg, f.name, share)
 
     def boolean(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
         object.__setattr__(cfg, f.name, parse_bool(value, env_name(f)))
 
     def integer(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise SettingError(env_name(f), value, "expected a whole number >= 0", "3")
+        low, high, example = _INTS.get(f.name, (0, 1_000_000, "3"))
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            expected = f"a whole number from {low} to {high}"
+            if f.name == "exit_code":
+                expected += " (0 reads as success: no supervisor restarts on it)"
+            raise SettingError(env_name(f), value, expected, example)
 
     def choice(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
         options = RESTARTS if f.name == "restart" else MEASURES
-        if value not in options:
+        normal = str(value).strip().lower()
+        if normal not in options:
             raise SettingError(env_name(f), value, f"one of {', '.join(options)}", options[0])
+        object.__setattr__(cfg, f.name, normal)
 
     def sig(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        if not isinstance(getattr(signal, _signal_name(str(value)), None), int):
-            raise SettingError(env_name(f), value, "expected a signal name", "SIGTERM")
+        name, text = env_name(f), str(value).strip()
+        try:
+            signum = (
+                signal.Signals(int(text)) if text.isdigit() else signal.Signals[_signal_name(text)]
+            )
+        except (KeyError, ValueError):
+            raise SettingError(name, value, "expected a signal name", "SIGTERM") from None
+        if signum.name in _UNCATCHABLE:
+            raise SettingError(name, value, "a signal the process can handle", "SIGTERM")
+        object.__setattr__(cfg, f.name, signum.name)
+
+    def url(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+        name, text = env_name(f), str(value).strip()
+        example = _URL_EXAMPLES.get(f.name, "https://host")
+        schemes = _URL_SCHEMES.get(f.name, ("http", "https"))
+        try:
+            parts = urllib.parse.urlsplit(text)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise SettingError(name, value, "not a URL", example) from None
+        if parts.scheme not in schemes:
+            raise SettingError(name, value, f"the scheme must be {' or '.join(schemes)}", example)
+        if parts.scheme != "unix" and not parts.hostname:
+            raise SettingError(name, value, "the URL names no host", example)
+        if any(c.isspace() or not c.isprintable() for c in text):
+            raise SettingError(name, value, "spaces or control characters in the URL", example)
+
+    def path(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+        name, text = env_name(f), str(value)
+        if "\0" in text or not text.strip():
+            raise SettingError(name, value, "expected a path", "/var/log/memwarden.jsonl")
+        if f.name == "state_dir":
+            object.__setattr__(cfg, f.name, os.path.abspath(text))
+        elif f.name == "journal":
+            _check_journal(name, text)
+
+    def text(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+        name, shown = env_name(f), str(value).strip()
+        if f.name == "dyno_size":
+            from memwarden.gauges.quota import HEROKU_DYNO_SIZES
+
+            if shown.lower() not in HEROKU_DYNO_SIZES:
+                raise SettingError(name, value, "unknown Heroku dyno size", "standard-2x")
+            object.__setattr__(cfg, f.name, shown.lower())
+        elif f.name == "fleet" and not _FLEET.match(shown):
+            raise SettingError(name, value, "letters, digits and . _ @ / + - only", "shop")
+        elif f.name == "metrics_addr" and not _address(shown):
+            raise SettingError(name, value, "an IP address or a host name", "127.0.0.1")
 
     return {
         "size": size,
         "duration": duration,
+        "percent": percent,
         "bool": boolean,
         "int": integer,
         "choice": choice,
         "signal": sig,
+        "url": url,
+        "path": path,
+        "text": text,
     }
+
+
+def _address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return len(text) <= 253 and bool(_HOST.match(text))
+
+
+def _check_journal(name: str, path: str) -> None:
+    """A journal path must be a file to be (not a directory), and a symlink there ours."""
+    if os.path.isdir(path):
+        raise SettingError(name, path, "a directory: name a file in it", f"{path}/memwarden.jsonl")
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.getuid(), 0):
+        raise SettingError(
+            name, path, f"a symlink made by uid {st.st_uid}: refused", "/var/log/memwarden.jsonl"
+        )
+
+
+def _check_together(cfg: Config) -> None:
+    """Settings that are fine alone and wrong together."""
+    soft, hard = cfg.soft_limit, cfg.hard_limit
+    if soft is None or hard is None:
+        return
+    both_percent = all(isinstance(v, str) and v.strip().endswith("%") for v in (soft, hard))
+    either_percent = any(isinstance(v, str) and v.strip().endswith("%") for v in (soft, hard))
+    if either_percent and not both_percent:
+        return  # judged once the quota is known (limits_error)
+    quota = 100 if both_percent else None
+    soft_b = parse_size(soft, env_name_of("soft_limit"), quota)
+    hard_b = parse_size(hard, env_name_of("hard_limit"), quota)
+    if hard_b < soft_b:
+        raise SettingError(
+            env_name_of("hard_limit"),
+            hard,
+            f"the hard limit must not be below MEMWARDEN_SOFT_LIMIT={soft}",
+            str(soft),
+        )
+
+
+def limits_error(cfg: Config, soft: int, hard: int, quota: int | None) -> SettingError:
+    """The error for limits that resolve to hard < soft, blaming the one the user set: the
+    hard limit when both were set, else the soft one (the hard then came from the quota)."""
+    from memwarden.units import format_size
+
+    if cfg.hard_limit is not None:
+        return SettingError(
+            env_name_of("hard_limit"),
+            cfg.hard_limit,
+            f"the hard limit must not be below the soft limit ({format_size(soft)})",
+            format_size(soft).replace(" ", ""),
+        )
+    share = f" ({format_size(hard)}: the default share of the quota {format_size(quota)})"
+    return SettingError(
+        env_name_of("soft_limit"),
+        cfg.soft_limit,
+        f"above the hard limit{share if quota else f' ({format_size(hard)})'}: set it lower, "
+        "or set MEMWARDEN_HARD_LIMIT too",
+        "85%",
+    )
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice most like ``name`` (a typo's fix), or None."""
+    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+#: ``MEMWARDEN_*`` variables read outside :class:`Config`: ``memwarden run``'s own, and
+#: the job protocol's paths it gives its command (``memwarden.command``).
+OTHER_ENV = (
+    "MEMWARDEN_MAX_EARLY_EXITS",
+    "MEMWARDEN_BRAKE",
+    "MEMWARDEN_JOBS",
+    "MEMWARDEN_QUARANTINE",
+    "MEMWARDEN_SPOOL",
+)
+_warned: set[str] = set()
+
+
+def known_env() -> list[str]:
+    """Every ``MEMWARDEN_*`` variable memwarden reads."""
+    return [env_name(f) for f in dataclasses.fields(Config)] + list(OTHER_ENV)
+
+
+def warn_unknown(env: Mapping[str, str]) -> list[str]:
+    """Warn (once a process) about each ``MEMWARDEN_*`` variable that is no setting, naming
+    the closest one: a typo is otherwise ignored in silence. Returns the unknown names."""
+    known = known_env()
+    unknown = sorted(k for k in env if k.startswith("MEMWARDEN_") and k not in known)
+    for key in unknown:
+        if key in _warned:
+            continue
+        _warned.add(key)
+        near = closest(key, known)
+        log.warning(
+            "memwarden: %s is not a setting and is ignored%s",
+            key,
+            f" (did you mean {near}?)" if near else "",
+        )
+    return unknown
 
 
 def settings_markdown() -> str:

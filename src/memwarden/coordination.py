@@ -8,10 +8,17 @@ same two methods.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
 import threading
 from typing import Protocol
+
+from memwarden import state
+from memwarden.state import Said
+
+log = logging.getLogger("memwarden")
 
 
 class RestartLock(Protocol):
@@ -21,32 +28,58 @@ class RestartLock(Protocol):
 
 
 class HostLock:
-    """An exclusive, non-blocking ``flock`` on ``path``; held until released or death."""
+    """An exclusive, non-blocking ``flock`` on ``path``; held until released or death.
+
+    The file is opened without following symlinks and only if it is a regular file of ours
+    (:func:`memwarden.state.open_file`). A lock that cannot be used at all (a state dir
+    gone, read-only or refused) does not stop a restart: it is said (once, then once a
+    minute) and the restart goes on without it, as a fleet lock does when Redis is down.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = -1
+        self._unusable = Said()
 
     def try_acquire(self) -> bool:
         if self._fd >= 0:
             return True
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = state.open_file(self.path, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            return self._without(exc)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+            return False  # another warden of this host is restarting
+        except OSError as exc:
+            os.close(fd)
+            return self._without(exc)
         self._fd = fd
+        self._unusable.over()
+        with contextlib.suppress(OSError):  # the pid is for people; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        return True
+
+    def _without(self, exc: OSError) -> bool:
+        if self._unusable.due():
+            log.error(
+                "memwarden: host lock %s unusable (%s): restarting without it (other "
+                "wardens of this host may restart at the same time). `memwarden check` "
+                "says where state lives.",
+                self.path,
+                exc.strerror or exc,
+            )
         return True
 
     def release(self) -> None:
         if self._fd >= 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 class Once:

@@ -265,7 +265,9 @@ def demo(journal: str | None, jobs: int, seconds: float) -> None:
     summary = summarize(r for r in records if r.get("ts", 0) >= t0)
     left = max(0, jobs - summary.unique_jobs)
     click.echo(render(summary, path, time.monotonic() - start, left))
-    if status not in (0, 128 + signal.SIGTERM):
+    # Asked to stop at the time budget while draining, a worker leaves with its restart's
+    # status (75): a clean end too (a slow machine, e.g. the cgroup v2 VM of the tests).
+    if status not in (0, run.config.exit_code, 128 + signal.SIGTERM):
         click.echo(f"memwarden demo: the worker ended with status {status}", err=True)
         sys.exit(1)
 

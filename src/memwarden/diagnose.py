@@ -1,30 +1,39 @@
 """Leak, bloat or stable — and which job kind — from journal records alone.
 
-Pure functions over records (DESIGN.md "Journal schema"); no framework, no numpy.
+Pure functions over records (DESIGN.md "Journal schema"); no framework, no numpy. Records
+are read once, as they come (:class:`memwarden.digest.Digest`): memory is bounded by the
+number of process lifetimes and job kinds, not by the journal's length.
 
-- **Lifetimes.** Records are grouped by ``pid`` and ordered by ``ts``; a pid seen again
-  after a restart/kill with far less memory is a new lifetime (containers reuse pids).
+- **Lifetimes** (:mod:`memwarden.digest`): records grouped by host and pid, a reused pid
+  after a stop is a new lifetime; a forking worker's jobs belong to the worker;
+  ``memwarden run``'s readings are the command's figure.
 - **Levels.** The memory level after each job is ``rss_after``; the *sustained* level is the
   minimum over the next few jobs, so a transient spike that comes back down counts for
   nothing.
-- **Pattern**, per lifetime: a Theil–Sen slope (bytes per job) over the last half tells a
-  leak (growth keeps going) from bloat (steps or a ramp that level off into a plateau);
-  growth within the noise is stable. Lifetimes vote, weighted by their jobs. Live-memory
-  figures in ``job`` records (``blocks``, ``heap_in_use``), when present, decide between
-  leak (live memory grows) and bloat (RSS grows, live memory does not).
+- **Pattern**, per lifetime: a Theil–Sen slope over the last half tells a leak (growth keeps
+  going) from bloat (steps or a ramp that level off into a plateau); growth within the noise
+  is stable, and so is a warm-up of a few MiB that levels off (thread arenas, a cache filled
+  once). Lifetimes vote, weighted by their jobs. Live memory (:func:`memwarden.trace.
+  live_bytes`: malloc's live bytes, mmap'd blocks included, plus Python's), when every job
+  records it, decides between leak (live memory grows) and bloat (RSS grows, live memory
+  does not); where it is missing or blind to some allocations, the verdict says so and
+  leans on RSS.
 - **Attribution.** RSS growth often lands in a different job than the one that caused it
-  (a leak fills free arena space, the next job needing fresh arenas takes the jump). So a
-  leak is attributed from RSS by an event study over horizons of 4 to 64 jobs
-  (:func:`attribute_events`), not by per-job deltas; from live-memory figures, which have
-  no such delay, per job (:func:`attribute_leak`); bloat by which kind's runs raised the
-  sustained high-water mark, net of chance (:func:`attribute_bloat`).
+  (a leak fills free arena space, the next job needing fresh arenas takes the jump), and
+  jobs that run at once share one process. So a leak is attributed from RSS by an event
+  study over horizons of 4 to 64 jobs (:func:`attribute_events`), not by per-job deltas;
+  from live memory by a regression of its change over windows of jobs on the kinds that
+  ran in them (:func:`attribute_windows`; windows as wide as the jobs that overlap); bloat
+  by which kind's runs raised the sustained high-water mark, net of chance
+  (:func:`attribute_bloat`). Series merged for length are attributed over their merged
+  points the same ways.
+- **Advice** is checked against the limits the journal shows (soft, hard, a pool child's
+  share, the quota of an OOM kill) before it is printed: nothing that would raise a limit
+  past the hard limit or the quota.
 """
 
 from __future__ import annotations
 
-import collections
-import gzip
-import itertools
 import json
 import math
 import sys
@@ -35,28 +44,46 @@ from typing import Any
 
 import click
 
-from memwarden.journal import read_records
-from memwarden.units import format_size
+from memwarden.digest import (
+    OTHER,
+    SUSTAIN,
+    Digest,
+    Life,
+    ReasonGroup,
+    action_word,
+    median,
+)
+from memwarden.journal_reader import ReadSummary, read_journals
+from memwarden.units import format_duration, format_size
+
+__all__ = [
+    "Analysis",
+    "action_word",
+    "analyse",
+    "diagnose",
+    "diagnose_command",
+    "leak_suspects",
+    "load",
+    "median",
+    "nnls",
+    "render",
+    "sustained",
+    "theil_sen",
+]
 
 MiB = 1024 * 1024
-#: Bytes per Python block, to put ``blocks`` and ``heap_in_use`` on one scale (an estimate).
-BLOCK_BYTES = 64
 MIN_JOBS = 12  # fewer jobs in a lifetime say nothing about its shape
 MAX_KINDS = 24  # kinds in the regression; the rest are pooled as OTHER
 MAX_ROWS = 6000  # regression rows (evenly thinned; cumulative counts stay exact)
-OTHER = "(other kinds)"
+#: A rise this small that levels off is a warm-up (arenas, caches filled once): stable.
+WARMUP_BYTES = 8 * MiB
+WARMUP_SHARE = 0.05
+#: Margin above a plateau for a soft limit that avoids restarts.
+MARGIN = 1.1
+UNKNOWN = "unknown"
 
 
 # ----------------------------------------------------------------------------- statistics
-def median(xs: Sequence[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    if n == 0:
-        return 0.0
-    mid = n // 2
-    return float(s[mid]) if n % 2 else (s[mid - 1] + s[mid]) / 2.0
-
-
 def theil_sen(ys: Sequence[float], max_points: int = 120) -> float:
     """Median of pairwise slopes of ``ys`` against their index (bins medians when long)."""
     n = len(ys)
@@ -82,6 +109,8 @@ def sustained(ys: Sequence[float], window: int) -> list[float]:
     """``min(ys[i : i + window])``: the level that stays, spikes removed (monotone deque).
 
     In the last ``window - 1`` jobs a rise cannot be confirmed yet: the level is held."""
+    import collections
+
     n = len(ys)
     out: list[float] = [0.0] * n
     q: collections.deque[int] = collections.deque()  # increasing values, from the right
@@ -126,119 +155,8 @@ def nnls(rows: list[list[float]], ys: list[float], sweeps: int = 3000) -> list[f
     return beta
 
 
-# ----------------------------------------------------------------------------- lifetimes
-@dataclass
-class Lifetime:
-    """One process lifetime: its records in time order."""
-
-    pid: Any
-    jobs: list[dict[str, Any]] = field(default_factory=list)
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    reclaims: list[dict[str, Any]] = field(default_factory=list)
-    restarts: list[dict[str, Any]] = field(default_factory=list)
-    kills: list[dict[str, Any]] = field(default_factory=list)
-    traces: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def start(self) -> float:
-        firsts = [r[0]["ts"] for r in (self.jobs, self.samples) if r]
-        return min(firsts) if firsts else 0.0
-
-    def levels(self) -> list[float]:
-        """Memory after each job (RSS); the watchdog's samples when jobs are too few (long
-        jobs, or a pool parent that runs none)."""
-        if len(self.jobs) >= MIN_JOBS or len(self.samples) < MIN_JOBS:
-            return self.job_levels()
-        return [float(s.get("rss") or s.get("total") or 0) for s in self.samples]
-
-    def job_levels(self) -> list[float]:
-        return [float(j["rss_after"]) for j in self.jobs]
-
-    def live(self) -> list[float] | None:
-        """Live memory after each job (``heap_in_use`` + ``blocks`` × 64), when recorded."""
-        if not self.jobs or not all(("blocks" in j or "heap_in_use" in j) for j in self.jobs):
-            return None
-        return [
-            float(j.get("heap_in_use") or 0) + BLOCK_BYTES * float(j.get("blocks") or 0)
-            for j in self.jobs
-        ]
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _valid(r: dict[str, Any]) -> bool:
-    if not _number(r.get("ts")):
-        return False
-    ev = r["event"]
-    if ev == "job":
-        return isinstance(r.get("job"), str) and _number(r.get("rss_after"))
-    if ev == "sample":
-        return _number(r.get("rss")) or _number(r.get("total"))
-    return True
-
-
-def lifetimes(records: Iterable[dict[str, Any]]) -> tuple[list[Lifetime], int]:
-    """Split records into lifetimes; returns them and the count of unusable records."""
-    by_pid: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    bad = 0
-    for r in records:
-        if _valid(r):  # pids repeat across hosts (pid 1 in every container)
-            by_pid[(r.get("host") or r.get("hostname") or r.get("dyno"), r.get("pid"))].append(r)
-        else:
-            bad += 1
-    out: list[Lifetime] = []
-    for (_, pid), recs in by_pid.items():
-        recs.sort(key=lambda r: r["ts"])
-        life = Lifetime(pid)
-        ended = None  # when a restart/kill was recorded: a new job or a drop after is a new process
-        recent: list[float] = []  # the last few levels (their median ignores a spike)
-        last_ts = None
-        for r in recs:
-            level = _level(r)
-            if level is not None and recent:
-                high = median(recent)
-                gap = last_ts is not None and r["ts"] - last_ts > 300
-                fresh = ended is not None and (
-                    level < 0.9 * high
-                    or (r["event"] == "job" and r["ts"] - float(r.get("duration_s") or 0) > ended)
-                )
-                if fresh or (gap and level < 0.75 * high):
-                    out.append(life)
-                    life, ended, recent = Lifetime(pid), None, []
-            if level is not None:
-                recent = [*recent[-4:], level]
-                last_ts = r["ts"]
-            _add(life, r)
-            stops = r.get("action") not in ("recycle", "none") and not r.get("dry_run")
-            if r["event"] in ("restart", "kill") and stops and ended is None:
-                ended = float(r["ts"])
-        out.append(life)
-    out = [life for life in out if life.jobs or life.samples]
-    out.sort(key=lambda life: life.start)
-    return out, bad
-
-
-def _level(r: dict[str, Any]) -> float | None:
-    if r["event"] == "job":
-        return float(r.get("rss_before") or r["rss_after"])
-    if r["event"] == "sample":
-        return float(r.get("rss") or r.get("total") or 0)
-    return None
-
-
-def _add(life: Lifetime, r: dict[str, Any]) -> None:
-    bucket = {
-        "job": life.jobs,
-        "sample": life.samples,
-        "reclaim": life.reclaims,
-        "restart": life.restarts,
-        "kill": life.kills,
-        "trace": life.traces,
-    }.get(r["event"])
-    if bucket is not None:
-        bucket.append(r)
+def _clip(x: float) -> float:
+    return max(0.0, min(1.0, x))
 
 
 # ----------------------------------------------------------------------------- pattern
@@ -247,19 +165,23 @@ class Shape:
     """The evidence about one lifetime's memory curve."""
 
     pid: Any
-    jobs: int
+    jobs: int  # jobs (or readings, when ``source`` is "readings") in the lifetime
+    source: str  # "jobs": levels after each job; "readings": the watchdog's samples
     start_bytes: float
     end_bytes: float
     peak_bytes: float
     growth_bytes: float
-    tail_slope: float  # bytes per job over the last half
+    tail_slope: float  # bytes per job (or reading) over the last half
     tail_growth_bytes: float
     step_share: float  # share of the rise made by the 3 biggest sustained steps
     plateau_jobs: int  # jobs since the sustained level last rose noticeably
     noise_bytes: float
     live_tail_growth_bytes: float | None
+    hours: float  # the lifetime's length
+    tail_per_hour: float | None  # bytes per hour over the last half
     verdict: str
     confidence: float
+    warmup: bool = False  # a small rise that levelled off: called stable
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(self).items()}
@@ -269,12 +191,26 @@ def window_for(n: int) -> int:
     return max(3, min(20, n // 60))
 
 
-def shape_of(life: Lifetime) -> Shape | None:
-    ys = life.levels()
-    n = len(ys)
-    if n < MIN_JOBS:
+def _levels(life: Life) -> tuple[str, list[float], Sequence[float], int, bool] | None:
+    """(source, levels, times, records, exact) of the series a lifetime is judged on: its
+    jobs, or the watchdog's readings when jobs are too few (long jobs, a pool parent)."""
+    jobs, samples = life.jobs, life.samples
+    njobs, nread = jobs.jobs, samples.readings
+    if njobs >= MIN_JOBS or nread < MIN_JOBS:
+        return "jobs", list(jobs.lo), jobs.ts, njobs, jobs.exact
+    return "readings", list(samples.lo), samples.ts, nread, samples.per == 1
+
+
+def shape_of(life: Life) -> Shape | None:
+    picked = _levels(life)
+    if picked is None:
         return None
-    s = sustained(ys, window_for(n))
+    source, ys, ts, total, exact = picked
+    n = len(ys)
+    if total < MIN_JOBS or n < 3:
+        return None
+    per = total / n  # records per point (1 until a long series merged)
+    s = sustained(ys, window_for(total) if exact else max(1, math.ceil(SUSTAIN / per)))
     k = max(3, min(n // 10, 300))  # the start: after warm-up, before a long life's steps
     start, end = median(s[:k]), median(s[-k:])
     growth = end - start
@@ -284,43 +220,55 @@ def shape_of(life: Lifetime) -> Shape | None:
     diffs = [ys[i] - ys[i - 1] for i in range(1, n)]
     mid = median(diffs)
     noise = 1.4826 * median([abs(d - mid) for d in diffs]) / math.sqrt(2)
-    marks = list(itertools.accumulate(s, max))  # the high-water mark after each job
+    marks = [s[0]]
+    for v in s[1:]:
+        marks.append(max(marks[-1], v))  # the high-water mark after each point
     rises = sorted((marks[i] - marks[i - 1] for i in range(1, n)), reverse=True)
     total_rise = sum(rises)
     step_share = sum(rises[:3]) / total_rise if total_rise > 0 else 0.0
-    # plateau: jobs since the high-water mark came within reach of its final height
+    # plateau: points since the high-water mark came within reach of its final height
     tol = max(3 * noise, 0.05 * max(growth, 0.0), 256 * 1024)
     last_low = max((i for i, v in enumerate(marks) if v < marks[-1] - tol), default=-1)
     plateau = n - 1 - last_low
     meaningful = max(4 * noise, 0.03 * start, 2 * MiB)
-    live = life.live()
     live_tail = None
-    if live is not None:
+    if source == "jobs" and life.live_known >= total:
+        live = list(life.jobs.live)
         lh = live[n // 2 :]
-        live_tail = theil_sen(lh) * (len(lh) - 1)
+        if not any(math.isnan(v) for v in lh):
+            live_tail = theil_sen(lh) * (len(lh) - 1)
     # a leak makes new highs: the end stands above everything the first half reached
     new_high = end - max(s[: n // 2])
-    # a big step in the very first jobs (not warm-up-sized) that stays is a high-water mark
     first = median(s[:3])
     early = end - first
     verdict, conf = _verdict(growth, tail_growth, new_high, meaningful, plateau, n, live_tail)
-    if verdict == "stable" and early >= max(0.25 * first, 4 * meaningful):
+    warm = max(WARMUP_BYTES, WARMUP_SHARE * start)
+    # a big step in the very first jobs (not warm-up-sized) that stays is a high-water mark
+    if verdict == "stable" and early >= max(0.25 * first, 4 * meaningful, warm):
         verdict, conf = "bloat", 0.6
+    warmup = False
+    if verdict == "bloat" and max(growth, early) < warm and plateau * 3 >= n:
+        verdict, conf, warmup = "stable", _clip(0.6 + 0.4 * (1 - max(growth, early) / warm)), True
+    span = ts[-1] - ts[n // 2] if n > 1 else 0.0
     return Shape(
-        life.pid,
-        n,
-        start,
-        end,
-        max(s),
-        growth,
-        tail_slope,
-        tail_growth,
-        step_share,
-        plateau,
-        noise,
-        live_tail,
-        verdict,
-        conf,
+        pid=life.pid,
+        jobs=total,
+        source=source,
+        start_bytes=start,
+        end_bytes=end,
+        peak_bytes=max(s),
+        growth_bytes=growth,
+        tail_slope=tail_slope / per,
+        tail_growth_bytes=tail_growth,
+        step_share=step_share,
+        plateau_jobs=round(plateau * per),
+        noise_bytes=noise,
+        live_tail_growth_bytes=live_tail,
+        hours=max(0.0, ts[-1] - ts[0]) / 3600,
+        tail_per_hour=tail_growth / span * 3600 if span > 0 else None,
+        verdict=verdict,
+        confidence=conf,
+        warmup=warmup,
     )
 
 
@@ -351,84 +299,112 @@ def _verdict(
     return "bloat", _clip(0.5 + 0.5 * strength)
 
 
-def _clip(x: float) -> float:
-    return max(0.0, min(1.0, x))
-
-
 def vote(shapes: list[Shape]) -> tuple[str, float]:
     """The lifetimes' verdicts, weighted by jobs (√ so one long lifetime cannot drown all)."""
     if not shapes:
-        return "stable", 0.0
-    score: Counter[str] = Counter()
+        return UNKNOWN, 0.0
+    score: defaultdict[str, float] = defaultdict(float)
     weight = 0.0
     for sh in shapes:
         w = math.sqrt(sh.jobs)
         score[sh.verdict] += w * sh.confidence
         weight += w
-    pattern, best = score.most_common(1)[0]
+    pattern, best = max(score.items(), key=lambda kv: kv[1])
     return pattern, round(_clip(best / weight), 3)
 
 
 # ----------------------------------------------------------------------------- attribution
-def _kinds(lives: list[Lifetime]) -> list[str]:
-    runs = Counter(j["job"] for life in lives for j in life.jobs)
-    kinds = [k for k, _ in runs.most_common(MAX_KINDS)]
-    return kinds
+Attribution = dict[str, dict[str, float]]
 
 
-def attribution_window(lives: list[Lifetime]) -> int:
+class Kinds:
+    """Job kind ids ↔ names, and the regression's columns (the most run kinds)."""
+
+    def __init__(self, digest: Digest) -> None:
+        self.names = digest.kind_names
+        order = sorted(range(len(self.names)), key=lambda k: -digest.kinds[k].runs)
+        self.columns = {k: c for c, k in enumerate(order[:MAX_KINDS])}
+        self.width = len(self.columns) + 1  # the last pools the rare kinds
+
+    def column(self, kind: int) -> int:
+        return self.columns.get(kind, self.width - 1)
+
+    def name_of_column(self, col: int) -> str:
+        for k, c in self.columns.items():
+            if c == col:
+                return self.names[k]
+        return OTHER
+
+
+def _job_lives(lives: list[Life]) -> list[Life]:
+    return [life for life in lives if life.jobs.jobs >= MIN_JOBS]
+
+
+def attribution_window(lives: list[Life], digest: Digest) -> int:
     """Jobs per window: long enough that the rarest blamed kind runs a few times in one
     (so growth that lands a few jobs late stays in its window), short enough for many."""
-    runs = Counter(j["job"] for life in lives for j in life.jobs)
-    total = sum(runs.values())
+    runs = [s.runs for s in digest.kinds if s.runs]
+    total = sum(runs)
     if not total:
         return 1
-    rare = min((v / total for v in runs.values() if v / total >= 0.02), default=0.02)
-    steady = max((len(life.jobs) * 4 // 5 for life in lives), default=0)
+    rare = min((v / total for v in runs if v / total >= 0.02), default=0.02)
+    steady = max((life.jobs.jobs * 4 // 5 for life in lives), default=0)
     return int(max(12, min(3 / rare, 60, max(12, steady // 8))))
 
 
-def attribute_leak(
-    lives: list[Lifetime], live: bool = False, window: int | None = None
-) -> dict[str, dict[str, float]]:
-    """Bytes per run for each kind: NNLS of the level's change over windows of jobs on how
-    many times each kind ran in the window.
+def attribute_windows(
+    lives: list[Life], kinds: Kinds, window: int, live: bool = False
+) -> Attribution:
+    """Bytes per run for each kind: NNLS of the level's change over windows of ``window``
+    jobs on how many times each kind ran in the window.
 
-    Not per job: growth often lands in a later job than the one that caused it, and a
-    window holds both. Not the raw level on cumulative counts either: the level's noise is
-    autocorrelated (high-water marks, allocator state) and cumulative counts are random
-    walks, which regress spuriously on each other. Windows overlap by half. Per lifetime
-    the first fifth (warm-up) is left out. ``live`` uses live-memory figures, which count
-    allocated bytes rather than pages and so show growth in the job that made it: there the
-    window is one job (the NNLS is then each kind's mean change, floored at zero)."""
-    kinds = _kinds(lives)
-    index = {k: i for i, k in enumerate(kinds)}
-    width = len(kinds) + 1  # last column pools the rare kinds
-    # Live memory counts allocated bytes, not pages: no arena delay, so per job.
-    h = window or (1 if live else attribution_window(lives))
-    stride = max(1, h // 2)
+    Not per job: growth often lands in a later job than the one that caused it, and jobs
+    that run at once all end inside a window that holds both. Not the raw level on
+    cumulative counts either: the level's noise is autocorrelated (high-water marks,
+    allocator state) and cumulative counts are random walks, which regress spuriously on
+    each other. Windows overlap by half. Per lifetime the first fifth (warm-up) is left
+    out. ``live`` regresses live memory (allocated bytes: no arena delay, so a window
+    as short as the jobs that overlap) instead of the sustained RSS level."""
+    width = kinds.width
     rows: list[list[float]] = []
     ys: list[float] = []
-    runs: Counter[str] = Counter()
-    for life in lives:
-        n = len(life.jobs)
-        if n < MIN_JOBS:
-            continue
-        series = life.live() if live else sustained(life.job_levels(), window_for(n))
-        if series is None:
-            continue
+    runs: Counter[int] = Counter()
+    for life in _job_lives(lives):
+        js = life.jobs
+        n = len(js.n)
+        per = js.jobs / n
+        if live:
+            series = list(js.live)
+            if life.concurrency >= 1.5 and not any(math.isnan(v) for v in series):
+                # a reading at one job's end holds the temporaries of the jobs still
+                # running: the lowest of the next few readings is what stays
+                series = sustained(series, max(3, round(2 * life.concurrency)))
+        else:
+            w = window_for(js.jobs) if js.exact else max(1, math.ceil(SUSTAIN / per))
+            series = sustained(list(js.lo), w)
+        cols = [[(kinds.column(k), c) for k, c in js.kinds_at(i)] for i in range(n)]
         skip = n // 5
-        cols = [index.get(j["job"], width - 1) for j in life.jobs]
-        for j in life.jobs[skip:]:
-            runs[j["job"]] += 1
-        size = min(h, n - skip - 1)
-        for a in range(skip, n - size, stride):
-            b = a + size  # window: jobs a+1 .. b, change from after job a to after job b
-            row = [0.0] * width
-            for c in cols[a + 1 : b + 1]:
-                row[c] += 1
+        for i in range(skip, n):
+            for col, c in cols[i]:
+                runs[col] += c
+        size = min(max(1, round(window / per)), n - skip - 1)
+        if size < 1:
+            continue
+        spans = js.exact and life.concurrency >= 1.5
+        for a in range(skip, n - size, max(1, size // 2)):
+            b = a + size  # window: points a+1 .. b, change from after a to after b
+            change = series[b] - series[a]
+            if math.isnan(change):
+                continue
+            if spans:
+                row = _overlaps(life, a, b, cols, width)
+            else:
+                row = [0.0] * width
+                for i in range(a + 1, b + 1):
+                    for col, c in cols[i]:
+                        row[col] += c
             rows.append(row)
-            ys.append(series[b] - series[a])
+            ys.append(change)
     if not rows:
         return {}
     if len(rows) > MAX_ROWS:
@@ -436,12 +412,43 @@ def attribute_leak(
         keep = [int(i * step) for i in range(MAX_ROWS)]
         rows, ys = [rows[i] for i in keep], [ys[i] for i in keep]
     beta = nnls(rows, ys)
-    out: dict[str, dict[str, float]] = {}
-    for kind, b in zip([*kinds, OTHER], beta, strict=True):
-        n_runs = runs[kind] if kind != OTHER else sum(v for k, v in runs.items() if k not in index)
-        if n_runs:
-            out[kind] = {"per_run_bytes": b, "growth_bytes": b * n_runs, "runs": n_runs}
+    out: Attribution = {}
+    for col, coef in enumerate(beta):
+        if runs[col]:
+            name = kinds.name_of_column(col)
+            out[name] = {
+                "per_run_bytes": coef,
+                "growth_bytes": coef * runs[col],
+                "runs": runs[col],
+            }
     return out
+
+
+def _overlaps(
+    life: Life, a: int, b: int, cols: list[list[tuple[int, int]]], width: int
+) -> list[float]:
+    """For jobs that run at once: the share of each job's running time inside the window
+    from the end of job ``a`` to the end of job ``b``, summed per kind (a job counts where
+    it ran, not where it happened to end)."""
+    js = life.jobs
+    t0, t1 = js.ts[a], js.ts[b]
+    row = [0.0] * width
+    longest = life.longest_s
+    n = len(js.n)
+    j = a + 1
+    while j < n and js.ts[j] - longest < t1 and j <= b + 64 * (b - a):
+        start, end = js.start[j], js.ts[j]
+        if end > t0:
+            took = end - start
+            if took <= 0:
+                share = 1.0 if end <= t1 else 0.0
+            else:
+                share = max(0.0, min(end, t1) - max(start, t0)) / took
+            if share:
+                for col, c in cols[j]:
+                    row[col] += share * c
+        j += 1
+    return row
 
 
 def _trimmed(xs: list[float], cut: float = 0.1) -> tuple[float, float, int]:
@@ -456,8 +463,9 @@ def _trimmed(xs: list[float], cut: float = 0.1) -> tuple[float, float, int]:
 HORIZONS = (4, 8, 16, 32, 64)
 
 
-def attribute_events(lives: list[Lifetime]) -> dict[str, dict[str, float]]:
-    """Bytes per run for each kind from RSS, as an event study over several horizons.
+def attribute_events(lives: list[Life], kinds: Kinds) -> Attribution:
+    """Bytes per run for each kind from RSS, as an event study over several horizons
+    (lifetimes with one point per job).
 
     For each run of a kind: the sustained level's change from just before it to ``h`` jobs
     past it, against the same change after any job (trimmed means: a fragmentation step
@@ -468,53 +476,75 @@ def attribute_events(lives: list[Lifetime]) -> dict[str, dict[str, float]]:
     So the evidence for a kind is its z-score summed over horizons 4 to 64 jobs, and its
     bytes per run the mean of its positive estimates, shrunk by (evidence / the best
     kind's evidence)² so a weakly supported kind's noisy estimate cannot outweigh the
-    clear culprit. A difference of means against the
-    overall rate, not a regression on counts (window counts add up to the window length
-    and let a frequent kind stand in for the drift)."""
+    clear culprit. A difference of means against the overall rate, not a regression on
+    counts (window counts add up to the window length and let a frequent kind stand in for
+    the drift).
+
+    The kinds around a run are not always random: a queue that serves kinds in turn
+    (leak, light, light, …) puts the same neighbours in every window of a kind. Each
+    window's difference is therefore read against how its kinds differ from the average
+    window's (:func:`_unmix`): the neighbours' share is taken out, not credited to the kind
+    they happen to follow."""
     levels = []
-    for life in lives:
-        n = len(life.jobs)
-        if n >= MIN_JOBS:
-            levels.append((life, sustained(life.job_levels(), window_for(n)), max(1, n // 5)))
+    for life in _job_lives(lives):
+        js = life.jobs
+        if js.exact:
+            n = len(js.n)
+            levels.append((list(js.top), sustained(list(js.lo), window_for(n)), max(1, n // 5)))
     # the sustained level at i already sees a few jobs ahead (a rise just after job i
     # can show in it): the "before" reference is taken a few jobs back (at most 5: longer
     # stretches gather the big swings of a fragmented heap)
-    runs: Counter[str] = Counter()
-    for life, _, skip in levels:
-        runs.update(j["job"] for j in life.jobs[skip:])
-    total = sum(runs.values())
-    z: Counter[str] = Counter()
-    estimates: dict[str, list[float]] = defaultdict(list)
+    runs: Counter[int] = Counter()
+    for top, _, skip in levels:
+        runs.update(top[skip:])
+    z: defaultdict[int, float] = defaultdict(float)
+    estimates: dict[int, list[float]] = defaultdict(list)
     longest = max((len(s) - skip for _, s, skip in levels), default=0)
     for h in HORIZONS:
         if h > max(HORIZONS[0], longest // 8):  # a few independent stretches at least
             break
-        gains: dict[str, list[float]] = defaultdict(list)
+        gains: dict[int, list[float]] = defaultdict(list)
         every: list[float] = []
-        for life, s, skip in levels:
+        # per kind at a window's start: the kinds in its windows, summed (the mix)
+        mix: defaultdict[int, Counter[int]] = defaultdict(Counter)
+        for top, s, skip in levels:
             back = min(window_for(len(s)), 5)
-            for i in range(max(skip, back), len(s) - h):
+            first = max(skip, back)
+            if first >= len(s) - h:
+                continue
+            inside = Counter(top[first - back + 1 : first + h + 1])  # jobs of the window
+            for i in range(first, len(s) - h):
+                if i > first:
+                    gone = top[i - back]
+                    inside[gone] -= 1
+                    if not inside[gone]:
+                        del inside[gone]  # only the kinds in the window are summed
+                    inside[top[i + h]] += 1
                 g = s[i + h] - s[i - back]
-                gains[life.jobs[i]["job"]].append(g)
+                gains[top[i]].append(g)
                 every.append(g)
+                mix[top[i]].update(inside)
         if len(every) < 20:
             continue
         mb, vb, nb = _trimmed(every)
-        for kind, g in gains.items():
-            if len(g) < 5:
+        measured: dict[int, tuple[float, float]] = {}
+        for kind, kind_gains in gains.items():
+            if len(kind_gains) < 5:
                 continue
-            m, v, nk = _trimmed(g)
-            effect = (m - mb) / max(1e-9, 1 - runs[kind] / total)
-            se = math.sqrt(v / nk + vb / nb)
+            m, v, nk = _trimmed(kind_gains)
+            measured[kind] = (m - mb, math.sqrt(v / nk + vb / nb))
+        counts = {k: len(v) for k, v in gains.items()}
+        for kind, effect in _unmix(measured, mix, counts).items():
+            se = measured[kind][1]
             z[kind] += effect / se if se > 0 else 0.0
             estimates[kind].append(effect)
-    out: dict[str, dict[str, float]] = {}
+    out: Attribution = {}
     best = max(z.values(), default=0.0)
     for kind, zs in z.items():
         positive = [e for e in estimates[kind] if e > 0]
         per_run = sum(positive) / len(positive) if zs > 0 and positive else 0.0
         per_run *= min(1.0, zs / best) ** 2 if best > 0 else 0.0
-        out[kind] = {
+        out[kinds.names[kind]] = {
             "per_run_bytes": per_run,
             "growth_bytes": per_run * runs[kind],
             "runs": runs[kind],
@@ -523,35 +553,180 @@ def attribute_events(lives: list[Lifetime]) -> dict[str, dict[str, float]]:
     return out
 
 
-def attribute_bloat(lives: list[Lifetime]) -> dict[str, dict[str, float]]:
+def _unmix(
+    measured: dict[int, tuple[float, float]],
+    mix: dict[int, Counter[int]],
+    counts: dict[int, int],
+) -> dict[int, float]:
+    """Bytes per run of each measured kind, from the differences of means: kind ``k``'s
+    windows grow ``diff[k] = Σ_j (mix[k][j] - mix[j]) β_j`` more than the average window,
+    ``mix[k][j]`` the runs of ``j`` its windows hold on average, ``mix[j]`` all windows'.
+
+    Where kinds come in random order the off-diagonal terms are about 0 and this is
+    ``diff[k] / (1 - share_k)`` (what the study took alone before); where they come in
+    turn, only the whole system says which kind made the growth. A constant added to every
+    ``β`` fits as well (growth outside the kinds, drift): effects are measured from the
+    lower median kind, which counts 0 (most kinds keep nothing; one noisy rare kind
+    cannot set the zero). Least squares over the most measured kinds
+    (:data:`MAX_KINDS`); the rest keep the diagonal estimate. A horizon whose windows
+    all hold the same mix (a period that divides it) says nothing: no estimates."""
+    total = sum(counts.values())
+    if not measured or not total:
+        return {}
+    order = sorted(measured, key=lambda k: (-counts[k], k))
+    diag = {k: measured[k][0] / max(1e-9, 1 - counts[k] / total) for k in order}
+    if len(measured) < 2:
+        return diag
+    all_mix: Counter[int] = Counter()
+    for c in mix.values():
+        all_mix.update(c)
+    avg = {j: c / total for j, c in all_mix.items()}
+    solved = order[:MAX_KINDS]
+    ref = min(solved, key=lambda k: (diag[k], k))
+    cols = [k for k in solved if k != ref]
+    a = [[mix[k].get(j, 0) / counts[k] - avg.get(j, 0.0) for j in cols] for k in solved]
+    b = [measured[k][0] for k in solved]
+    normal = [[sum(r[i] * r[j] for r in a) for j in range(len(cols))] for i in range(len(cols))]
+    rhs = [sum(r[i] * y for r, y in zip(a, b, strict=True)) for i in range(len(cols))]
+    beta = _solve(normal, rhs)
+    if beta is None:
+        return {}
+    out = dict(zip(cols, beta, strict=True))
+    out[ref] = 0.0
+    zero = sorted(out.values())[(len(out) - 1) // 2]  # the lower median: most kinds keep 0
+    out = {k: v - zero for k, v in out.items()}
+    for k in order[MAX_KINDS:]:
+        out[k] = diag[k]
+    return out
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """``x`` with ``a x = b`` (Gaussian elimination, partial pivoting); None when ``a`` is
+    singular (a pivot under 1e-6 of the largest entry)."""
+    n = len(b)
+    m = [[*row, y] for row, y in zip(a, b, strict=True)]
+    scale = max((abs(v) for row in a for v in row), default=0.0)
+    if scale == 0.0:
+        return None
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        if abs(m[p][c]) < 1e-6 * scale:
+            return None
+        m[c], m[p] = m[p], m[c]
+        pivot = m[c]
+        for r in range(c + 1, n):
+            f = m[r][c] / pivot[c]
+            if f:
+                row = m[r]
+                for k in range(c, n + 1):
+                    row[k] -= f * pivot[k]
+    x = [0.0] * n
+    for c in range(n - 1, -1, -1):
+        x[c] = (m[c][n] - sum(m[c][k] * x[k] for k in range(c + 1, n))) / m[c][c]
+    return x
+
+
+def attribute_bloat(lives: list[Life], kinds: Kinds) -> Attribution:
     """Bytes each kind added to the sustained high-water mark, less what any kind adds by
     chance per run (the median kind's rate: noise lifts the mark in whichever job runs).
 
     Bloat rises in a few steps, in the job whose peak set the new mark, so the rise is
     credited to that job (a regression over windows spreads a few sparse steps over every
-    kind that ran near them)."""
-    growth: Counter[str] = Counter()
-    runs: Counter[str] = Counter()
+    kind that ran near them). Merged series bring the same credits, streamed as read."""
+    growth: defaultdict[int, float] = defaultdict(float)
+    runs: Counter[int] = Counter()
+    together = [
+        life for life in lives if life.jobs.exact and life.concurrency >= 1.5 and len(life.jobs)
+    ]
     for life in lives:
-        n = len(life.jobs)
-        if n < 2:
+        js = life.jobs
+        if life in together:
             continue
-        s = sustained(life.job_levels(), window_for(n))
-        top = s[0]
-        for i, j in enumerate(life.jobs):
-            runs[j["job"]] += 1
-            if i and s[i] > top:
-                growth[j["job"]] += s[i] - top
-            top = max(top, s[i])
+        if js.exact:
+            n = len(js.n)
+            if n < 2:
+                continue
+            s = sustained(list(js.lo), window_for(n))
+            top = s[0]
+            for i, kind in enumerate(js.top):
+                runs[kind] += 1
+                if i and s[i] > top:
+                    growth[kind] += s[i] - top
+                top = max(top, s[i])
+        elif life.stream is not None:
+            for k, g in life.stream.growth.items():
+                growth[k] += g
+            runs.update(life.stream.runs)
     floor = median([growth[k] / runs[k] for k in runs]) if len(runs) > 2 else 0.0
-    out = {}
+    net = {k: max(0.0, growth[k] / runs[k] - floor) * runs[k] for k in runs}
+    for k, (g, r) in _bloat_running(together).items():
+        net[k] = net.get(k, 0.0) + g
+        runs[k] += r
+    out: Attribution = {}
     for k in runs:
-        per_run = max(0.0, growth[k] / runs[k] - floor)
-        out[k] = {"per_run_bytes": per_run, "growth_bytes": per_run * runs[k], "runs": runs[k]}
+        if runs[k]:
+            out[kinds.names[k]] = {
+                "per_run_bytes": net.get(k, 0.0) / runs[k],
+                "growth_bytes": net.get(k, 0.0),
+                "runs": runs[k],
+            }
     return out
 
 
-def rank(attrib: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def _bloat_running(lives: list[Life]) -> dict[int, tuple[float, int]]:
+    """Bloat where jobs run at once: each rise of the sustained high-water mark, between two
+    job ends, is shared among the jobs running then (by how long each ran in it); a kind's
+    growth is what it got beyond its share of all running time (what chance gives a kind
+    that is running a lot). Returns kind id -> (net growth, runs)."""
+    credit: defaultdict[int, float] = defaultdict(float)
+    busy: defaultdict[int, float] = defaultdict(float)
+    runs: Counter[int] = Counter()
+    rose = 0.0
+    for life in lives:
+        js = life.jobs
+        n = len(js.n)
+        s = sustained(list(js.lo), window_for(n))
+        top = s[0]
+        for i in range(n):
+            kind = js.top[i]
+            runs[kind] += 1
+            busy[kind] += max(0.0, js.ts[i] - js.start[i])
+            if i and s[i] > top:
+                rise = s[i] - top
+                running = _running(life, i)
+                total = sum(running.values())
+                if total <= 0:
+                    credit[kind] += rise
+                else:
+                    for k, w in running.items():
+                        credit[k] += rise * w / total
+                rose += rise
+            top = max(top, s[i])
+    time_all = sum(busy.values())
+    out: dict[int, tuple[float, int]] = {}
+    for k in runs:
+        chance = rose * busy[k] / time_all if time_all > 0 else 0.0
+        out[k] = (max(0.0, credit[k] - chance), runs[k])
+    return out
+
+
+def _running(life: Life, i: int) -> dict[int, float]:
+    """Kind id -> seconds each kind ran between the ends of jobs ``i - 1`` and ``i``."""
+    js = life.jobs
+    t0, t1 = js.ts[i - 1], js.ts[i]
+    out: defaultdict[int, float] = defaultdict(float)
+    n = len(js.n)
+    j = i
+    while j < n and js.ts[j] - life.longest_s < t1 and j < i + 4096:
+        start, end = js.start[j], js.ts[j]
+        overlap = min(end, t1) - max(start, t0)
+        if overlap > 0:
+            out[js.top[j]] += overlap
+        j += 1
+    return out
+
+
+def rank(attrib: Attribution) -> list[dict[str, Any]]:
     total = sum(max(0.0, v["growth_bytes"]) for v in attrib.values())
     out = []
     for kind, v in sorted(attrib.items(), key=lambda kv: -kv[1]["growth_bytes"]):
@@ -573,169 +748,539 @@ def rank(attrib: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     return out
 
 
-# ----------------------------------------------------------------------------- verdict
-def diagnose(records: Iterable[dict[str, Any]], skipped_lines: int = 0) -> dict[str, Any]:
-    """The verdict over journal records: pattern, confidence, suspects, advice, evidence."""
-    lives, bad = lifetimes(records)
-    shapes = [sh for sh in (shape_of(life) for life in lives) if sh is not None]
-    pattern, confidence = vote(shapes)
-    with_live = [life for life in lives if life.live() is not None]
-    live_used = bool(with_live) and len(with_live) * 2 >= len([li for li in lives if li.jobs])
+def _live_window(lives: list[Life]) -> int:
+    """Jobs per window for live memory: 1 when jobs run one at a time, else about twice
+    as many as run at once (a job's allocations spread over the ends of its neighbours)."""
+    together = median([life.concurrency for life in lives]) if lives else 1.0
+    return 1 if together < 1.5 else max(2, round(2 * together))
+
+
+def suspects_of(pattern: str, lives: list[Life], kinds: Kinds, digest: Digest) -> list[Any]:
+    """The ranked suspects for a pattern (and whether live memory was used)."""
+    with_live = [life for life in _job_lives(lives) if life.live_known >= life.jobs.jobs]
+    live_used = bool(with_live) and len(with_live) * 2 >= len(_job_lives(lives))
     if pattern == "leak":
-        attrib = attribute_leak(with_live, live=True) if live_used else {}
+        attrib: Attribution = {}
+        if live_used:
+            attrib = attribute_windows(with_live, kinds, _live_window(with_live), live=True)
+            attrib = _own_growth_confirms(attrib, digest)
+        exact = sum(life.jobs.jobs for life in lives if life.jobs.exact)
+        if not rank(attrib) and exact * 2 >= sum(life.jobs.jobs for life in lives):
+            attrib = attribute_events(lives, kinds)
         if not rank(attrib):
-            attrib = attribute_events(lives)
-        if not rank(attrib):
-            attrib = attribute_leak(lives)
+            attrib = attribute_windows(lives, kinds, attribution_window(lives, digest))
         if not rank(attrib):  # the regression found nothing: fall back to the high-water mark
-            attrib = attribute_bloat(lives)
+            attrib = attribute_bloat(lives, kinds)
     elif pattern == "bloat":
-        attrib = attribute_bloat(lives)
+        attrib = attribute_bloat(lives, kinds)
     else:
         attrib = {}
-    suspects = rank(attrib)
-    traces = _traces(lives)
-    for s in suspects:
-        if s["job"] in traces:
-            s["trace"] = traces[s["job"]]
-    reclaims = [r for life in lives for r in life.reclaims if not r.get("dry_run")]
-    restarts = Counter(
-        _reason(r.get("reason")) for life in lives for r in life.restarts + life.kills
-    )
-    evidence = {
-        "lifetimes": len(lives),
-        "jobs": sum(len(life.jobs) for life in lives),
-        "kinds": len({j["job"] for life in lives for j in life.jobs}),
-        "verdicts": dict(Counter(sh.verdict for sh in shapes)),
-        "live_memory": live_used,
-        "reclaims": len(reclaims),
-        "reclaimed_bytes": int(sum(float(r.get("freed") or 0) for r in reclaims)),
-        "restart_reasons": dict(restarts),
-        "shapes": [sh.as_dict() for sh in sorted(shapes, key=lambda sh: -sh.jobs)[:20]],
-        "traces": {k: v for k, v in traces.items() if k not in {s["job"] for s in suspects}},
-    }
-    return {
-        "pattern": pattern,
-        "confidence": confidence,
-        "suspects": suspects,
-        "advice": advise(pattern, suspects, shapes, reclaims, lives),
-        "skipped_lines": skipped_lines,
-        "skipped_records": bad,
-        "evidence": evidence,
-    }
+    return [rank(attrib), live_used]
 
 
-def _reason(text: Any) -> str:
-    t = str(text or "").lower()
-    if "hard limit" in t:
-        return "hard_limit"
-    if "still running" in t:
-        return "shutdown_timeout"
-    if "soft limit" in t:
-        return "soft_limit"
-    return "other"
-
-
-def _traces(lives: list[Lifetime]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for life in lives:
-        for t in life.traces:
-            if isinstance(t.get("job"), str) and isinstance(t.get("top"), list):
-                out[t["job"]] = t["top"][:10]
+def _own_growth_confirms(attrib: Attribution, digest: Digest) -> Attribution:
+    """Live memory's regression, less the kinds whose own jobs do not usually grow it: a
+    kind that keeps memory keeps it inside its own runs, so the median change of live
+    memory over them is positive (jobs that run beside them add noise both ways)."""
+    medians = {name: s.live_median for name, s in zip(digest.kind_names, digest.kinds, strict=True)}
+    out = {}
+    for name, v in attrib.items():
+        mid = medians.get(name)
+        if mid is None or mid > 0.05 * v["per_run_bytes"]:
+            out[name] = v
     return out
 
 
+def leak_suspects(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The kinds a leak would be blamed on, whatever the verdict (``MEMWARDEN_TRACE=auto``)."""
+    digest = Digest().add_all(records)
+    lives = digest.finish()
+    suspects, _ = suspects_of("leak", lives, Kinds(digest), digest)
+    return suspects  # type: ignore[no-any-return]
+
+
+# ----------------------------------------------------------------------------- limits
+@dataclass(frozen=True)
+class Limits:
+    """The limits a journal shows (bytes; None when it does not say)."""
+
+    soft: float | None
+    hard: float | None
+    quota: float | None
+    share: float | None  # a pool child's own limit
+
+    @property
+    def ceiling(self) -> float | None:
+        """No limit may be raised to this or past it."""
+        known = [v for v in (self.hard, self.quota) if v]
+        return min(known) if known else None
+
+    def allows_soft(self, value: float) -> bool:
+        ceiling = self.ceiling
+        return ceiling is not None and value < ceiling
+
+
+@dataclass
+class Advice:
+    text: str
+    #: the soft limit this advice would set, checked against :class:`Limits`
+    soft_to: float | None = None
+
+
+def vet(advice: list[Advice], limits: Limits) -> list[str]:
+    """The advice that survives the check: nothing raises a limit past the hard limit or
+    the quota (or where neither is known)."""
+    return [a.text for a in advice if a.soft_to is None or limits.allows_soft(a.soft_to)]
+
+
+def _pace(
+    pattern: str, shapes: list[Shape], lives: list[Life], limits: Limits
+) -> dict[str, Any] | None:
+    """How much, how fast, and how long from a fresh start to the limit at that pace: per
+    process from its jobs; to the limit on the figure the limit is judged on (the whole
+    worker's readings, where the journal has them; else a process against its share or the
+    soft limit)."""
+    mine = [sh for sh in shapes if sh.verdict == pattern]
+    if pattern not in ("leak", "bloat") or not mine:
+        return None
+    out: dict[str, Any] = {
+        "lifetimes": len(mine),
+        "growth_per_lifetime_bytes": int(median([sh.growth_bytes for sh in mine])),
+        "peak_bytes": int(max(sh.peak_bytes for sh in mine)),
+    }
+    if pattern == "leak":
+        rates = [sh.tail_per_hour for sh in mine if sh.tail_per_hour]
+        out["per_hour_bytes"] = int(median(rates)) if rates else None
+        out["per_1000_jobs_bytes"] = int(median([sh.tail_slope for sh in mine]) * 1000)
+    whole = [life for life in lives if life.samples.readings >= MIN_JOBS]
+    if whole:
+        figure = _worker_figure(max(whole, key=lambda life: life.samples.readings))
+        limit, name = (limits.soft, "soft limit") if limits.soft else (limits.hard, "hard limit")
+        out["figure"] = "the whole worker"
+    else:
+        by_pid = {life.pid: life for life in lives}
+        last = max(mine, key=lambda sh: by_pid[sh.pid].last_ts if sh.pid in by_pid else 0)
+        life = by_pid.get(last.pid)
+        figure = (last.start_bytes, float(out["peak_bytes"]), out.get("per_hour_bytes"))
+        limit, name = (limits.soft, "soft limit") if limits.soft else (limits.hard, "hard limit")
+        if life is not None and life.share:
+            limit, name = life.share, "pool child's share"
+        out["figure"] = "a process"
+    start, peak, per_hour = figure
+    out.update({"limit_name": name, "limit_bytes": limit, "start_bytes": int(start)})
+    if pattern == "leak":
+        out["figure_per_hour_bytes"] = int(per_hour) if per_hour else None
+        if limit and per_hour and per_hour > 0 and limit > start:
+            out["seconds_from_start_to_limit"] = (limit - start) / per_hour * 3600
+    elif limit:
+        out["peak_under_limit_bytes"] = int(limit - peak)
+        out["peak_bytes"] = int(peak)
+    return out
+
+
+def _worker_figure(life: Life) -> tuple[float, float, float | None]:
+    """(start, peak, rise per hour over its life) of a lifetime's readings' total."""
+    tot, ts = list(life.samples.tot), life.samples.ts
+    n = len(tot)
+    span = ts[-1] - ts[0] if n > 1 else 0.0
+    per_hour = theil_sen(tot) * (n - 1) / span * 3600 if span > 0 else None
+    return min(tot[: max(3, n // 10)]), max(tot), per_hour
+
+
+def pace_words(pace: dict[str, Any] | None, pattern: str) -> str | None:
+    if not pace:
+        return None
+    limit = pace.get("limit_bytes")
+    if pattern == "leak":
+        rate = pace.get("per_hour_bytes")
+        text = (
+            f"A process grows about {format_size(rate)} per hour" if rate else "A process grows"
+        ) + f" ({format_size(pace['per_1000_jobs_bytes'])} per 1000 jobs)"
+        if limit and "seconds_from_start_to_limit" in pace:
+            text += (
+                f"; at {format_size(pace['figure_per_hour_bytes'])} per hour, "
+                f"{pace['figure']} goes from {format_size(pace['start_bytes'])} to its "
+                f"{pace['limit_name']} ({format_size(limit)}) in about "
+                f"{format_duration(pace['seconds_from_start_to_limit'])}"
+            )
+        return text + "."
+    text = (
+        f"Rises {format_size(pace['growth_per_lifetime_bytes'])} per lifetime; "
+        f"{pace['figure']} levels off at about {format_size(pace['peak_bytes'])}"
+    )
+    if limit:
+        under = pace["peak_under_limit_bytes"]
+        text += (
+            f", {format_size(under)} under its {pace['limit_name']} ({format_size(limit)})"
+            if under > 0
+            else f", over its {pace['limit_name']} ({format_size(limit)}) by {format_size(-under)}"
+        )
+    return text + "."
+
+
+# ----------------------------------------------------------------------------- advice
 def advise(
     pattern: str,
     suspects: list[dict[str, Any]],
     shapes: list[Shape],
-    reclaims: list[dict[str, Any]],
-    lives: list[Lifetime],
+    lives: list[Life],
+    digest: Digest,
+    limits: Limits,
 ) -> list[str]:
-    if pattern == "stable" or not shapes:
+    reclaims = sum(life.reclaims for life in lives)
+    freed = sum(life.freed for life in lives)
+    kills = sum(life.kills for life in lives)
+    out: list[Advice] = []
+    if pattern == UNKNOWN:
+        return []
+    if pattern == "stable":
         spread = max((sh.peak_bytes - sh.start_bytes for sh in shapes), default=0.0)
-        rise = format_size(spread)
-        return [f"Nothing to do: memory stays level (sustained rise at most {rise})."]
+        out.append(
+            Advice(
+                f"Nothing to do: memory stays level (sustained rise at most {format_size(spread)})."
+            )
+            if not (kills or digest.oom_kills)
+            else Advice(
+                f"Memory stays level between jobs (sustained rise at most "
+                f"{format_size(spread)}), yet single jobs reach the limits: "
+                f"{kills} kill(s), {digest.oom_kills} OOM kill(s)."
+            )
+        )
+        out += _spike_advice(digest) if kills or digest.oom_kills else []
+        return vet(out, limits)
     first = suspects[0]["job"] if suspects else None
-    plateau = max(sh.peak_bytes for sh in shapes)
     if pattern == "bloat":
-        out = []
+        plateau = max(sh.peak_bytes for sh in shapes)
         if first:
             out.append(
-                f"{first} raises the high-water mark ({format_size(suspects[0]['growth_bytes'])}"
-                f" over {suspects[0]['runs']} runs): make its peak smaller (batches, streaming)."
+                Advice(
+                    f"{first} raises the high-water mark "
+                    f"({format_size(suspects[0]['growth_bytes'])} over {suspects[0]['runs']} "
+                    "runs): make its peak smaller (batches, streaming)."
+                )
             )
         if reclaims:
-            freed = sum(float(r.get("freed") or 0) for r in reclaims)
             out.append(
-                f"Reclaim (gc + malloc_trim) freed {format_size(freed)} in {len(reclaims)} "
-                f"reclaims (mean {format_size(freed / len(reclaims))}): keep MEMWARDEN_RECLAIM "
-                "on; it gets bloat back without a restart."
+                Advice(
+                    f"Reclaim (gc + malloc_trim) freed {format_size(freed)} of the processes' "
+                    f"RSS in {reclaims} reclaims (mean {format_size(freed / reclaims)}): keep "
+                    "MEMWARDEN_RECLAIM on; it gets bloat back without a restart."
+                )
             )
         else:
             out.append(
-                "Reclaim before restarting (MEMWARDEN_RECLAIM=true, the default): gc + "
-                "malloc_trim(0) gives glibc's free pages back without a restart."
+                Advice(
+                    "Reclaim before restarting (MEMWARDEN_RECLAIM=true, the default): gc + "
+                    "malloc_trim(0) gives glibc's free pages back without a restart."
+                )
             )
         out += [
-            "On glibc with threads: MALLOC_ARENA_MAX=2 (fewer arenas, less fragmentation).",
-            "Or jemalloc with background purging: LD_PRELOAD=libjemalloc.so.2 "
-            "MALLOC_CONF=background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0",
-            f"Memory levels off at about {format_size(plateau)}: a soft limit above that "
-            "(with margin) avoids restarts that cannot help for long.",
+            Advice("On glibc with threads: MALLOC_ARENA_MAX=2 (fewer arenas, less fragmentation)."),
+            Advice(
+                "Or jemalloc with background purging: LD_PRELOAD=libjemalloc.so.2 "
+                "MALLOC_CONF=background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+            ),
         ]
-        return out
-    out = []
+        out.append(_soft_limit_advice(plateau, limits))
+        return vet(out, limits)
     if first:
         per = suspects[0]["per_run_bytes"]
         out.append(
-            f"Profile {first} (about {format_size(per)} kept per run): MEMWARDEN_TRACE={first} "
-            "runs tracemalloc around its next runs on one worker and writes `trace` records "
-            "(file:line); or memray (`memray run -o job.bin <worker>`, or `memray attach PID`)."
+            Advice(
+                f"Profile {first} (about {format_size(per)} kept per run): "
+                f"MEMWARDEN_TRACE={first} runs tracemalloc around its next runs on one worker "
+                "and writes `trace` records (file:line); or memray (`memray run -o job.bin "
+                "<worker>`, or `memray attach PID`)."
+            )
         )
     else:
         out.append(
-            "Set MEMWARDEN_TRACE=auto: tracemalloc around the most-blamed kind on one worker."
+            Advice(
+                "Set MEMWARDEN_TRACE=auto: tracemalloc around the most-blamed kind on one worker."
+            )
         )
     out.append(
-        "Until it is fixed, restarts at the soft limit keep workers inside the quota; "
-        "reclaim and allocator settings cannot help a leak."
+        Advice(
+            "Until it is fixed, restarts at the soft limit keep workers inside the quota; "
+            "reclaim, allocator settings and a higher limit cannot help a leak."
+        )
     )
-    return out
+    return vet(out, limits)
+
+
+def _soft_limit_advice(plateau: float, limits: Limits) -> Advice:
+    """A soft limit above the plateau — only where the hard limit (or quota) leaves room."""
+    want = plateau * MARGIN
+    if limits.allows_soft(want):
+        if limits.soft is not None and limits.soft >= want:
+            return Advice(
+                f"Memory levels off at about {format_size(plateau)}, under the soft limit "
+                f"({format_size(limits.soft)}): restarts come from spikes, not this plateau."
+            )
+        return Advice(
+            f"Memory levels off at about {format_size(plateau)}: a soft limit of "
+            f"{format_size(want)} (under the hard limit {format_size(limits.ceiling)}) "
+            "avoids restarts that cannot help for long.",
+            soft_to=want,
+        )
+    if limits.ceiling is None:
+        return Advice(
+            f"Memory levels off at about {format_size(plateau)}: if the quota leaves room "
+            f"for a soft limit of {format_size(want)} below the hard limit, that avoids "
+            "restarts that cannot help for long; this journal does not show the limits."
+        )
+    return Advice(
+        f"Memory levels off at about {format_size(plateau)}, too close to the hard limit "
+        f"({format_size(limits.ceiling)}) for a soft limit above it: make the peak smaller, "
+        "or give the worker a bigger quota."
+    )
+
+
+def _spike_advice(digest: Digest) -> list[Advice]:
+    stats = sorted(
+        ((s.biggest, name) for name, s in zip(digest.kind_names, digest.kinds, strict=True)),
+        reverse=True,
+    )
+    if not stats or stats[0][0] <= 0:
+        return []
+    size, name = stats[0]
+    return [
+        Advice(
+            f"{name} grows its process by up to {format_size(size)} within one job: make its "
+            "peak smaller (batches, streaming), or run it where the quota is bigger."
+        )
+    ]
+
+
+# ----------------------------------------------------------------------------- analysis
+@dataclass
+class Analysis:
+    """One computation of a journal, for ``diagnose``, ``report`` and tests."""
+
+    result: dict[str, Any]
+    lives: list[Life]
+    digest: Digest
+    shapes: list[Shape] = field(default_factory=list)
+
+
+def analyse(
+    records: Iterable[Any],
+    summary: ReadSummary | None = None,
+    skipped_lines: int = 0,
+    validated: bool = False,
+) -> Analysis:
+    """Read ``records`` once and judge them. ``validated``: they come from
+    :func:`memwarden.journal_reader.read_journals`, which has checked each one."""
+    digest = Digest(validate=not validated).add_all(records)
+    return judge(digest, summary, skipped_lines)
+
+
+def analyse_files(paths: Iterable[str], summary: ReadSummary) -> Analysis:
+    """Read journal files once (:meth:`Digest.read`: no record handed on twice) and judge
+    them; what reading met goes into ``summary``. What :func:`analyse` over
+    :func:`read_journals` gives, faster."""
+    return judge(Digest().read(paths, summary), summary)
+
+
+def judge(digest: Digest, summary: ReadSummary | None, skipped_lines: int = 0) -> Analysis:
+    """The verdict over a journal's digest."""
+    lives = digest.finish()
+    kinds = Kinds(digest)
+    shapes = [sh for sh in (shape_of(life) for life in lives) if sh is not None]
+    pattern, confidence = vote(shapes)
+    suspects, live_used = suspects_of(pattern, lives, kinds, digest)
+    for s in suspects:
+        if s["job"] in digest.traces:
+            s["trace"] = digest.traces[s["job"]]
+    limits = Limits(digest.soft, digest.hard, digest.quota, digest.share)
+    jobs = sum(life.jobs.jobs for life in lives)
+    readings = sum(life.samples.readings for life in lives)
+    notes = _notes(lives, live_used, jobs, shapes, digest)
+    pace = _pace(pattern, shapes, lives, limits)
+    evidence = {
+        "lifetimes": len(lives),
+        "lifetimes_with_jobs": sum(1 for life in lives if life.jobs.jobs),
+        "jobs": jobs,
+        "readings": readings,
+        "kinds": sum(1 for s in digest.kinds if s.runs),
+        "verdicts": dict(Counter(sh.verdict for sh in shapes)),
+        "live_memory": live_used,
+        "reclaims": sum(life.reclaims for life in lives),
+        "reclaimed_bytes": int(sum(life.freed for life in lives)),
+        "restarts": sum(life.restarts for life in lives),
+        "recycles": sum(life.recycles for life in lives),
+        "kills": sum(life.kills for life in lives),
+        "oom_kills": digest.oom_kills,
+        "pauses": digest.pauses,
+        "limits": {k: v for k, v in vars(limits).items() if v},
+        "restart_reasons": [_group(g) for g in _groups(digest.reasons)],
+        "shapes": [sh.as_dict() for sh in sorted(shapes, key=lambda sh: -sh.jobs)[:20]],
+        "traces": {k: v for k, v in digest.traces.items() if k not in {s["job"] for s in suspects}},
+    }
+    result = {
+        "pattern": pattern,
+        "confidence": confidence,
+        "suspects": suspects,
+        "pace": pace,
+        "notes": notes,
+        "advice": advise(pattern, suspects, shapes, lives, digest, limits),
+        "kinds": kind_table(digest, suspects),
+        "skipped_lines": skipped_lines + (summary.bad if summary is not None else 0),
+        "skipped_records": digest.invalid,
+        "input": summary.as_dict() if summary is not None else None,
+        "evidence": evidence,
+    }
+    if pattern == UNKNOWN:
+        result["nothing"] = _nothing(summary, jobs, readings, digest.invalid + skipped_lines)
+    return Analysis(result, lives, digest, shapes)
+
+
+def diagnose(records: Iterable[Any], skipped_lines: int = 0) -> dict[str, Any]:
+    """The verdict over journal records: pattern, confidence, suspects, advice, evidence."""
+    return analyse(records, skipped_lines=skipped_lines).result
+
+
+def _notes(
+    lives: list[Life], live_used: bool, jobs: int, shapes: list[Shape], digest: Digest
+) -> list[str]:
+    notes = []
+    if digest.oom_kills:
+        notes.append(
+            f"The kernel OOM-killed {digest.oom_kills} process(es): the warden acted too late "
+            "there (lower MEMWARDEN_SOFT_LIMIT / MEMWARDEN_HARD_LIMIT)."
+        )
+    if not jobs and lives:
+        notes.append("No job records: verdict on the process only.")
+    partial = sum(life.live_partial for life in lives)
+    known = sum(life.live_known for life in lives)
+    if jobs and not live_used:
+        if partial:
+            why = (
+                "the figures in this journal miss what malloc serves by mmap (blocks of "
+                "128 KiB and more)"
+            )
+        elif known:
+            why = (
+                f"recorded for {known} of {jobs} jobs only (turned off where a read cost "
+                "over 1% of the mean job time)"
+            )
+        else:
+            why = "not recorded (MEMWARDEN_LIVE_MEMORY off, or not on this path)"
+        notes.append(f"Live memory: {why}: verdict on RSS alone.")
+    forked = [life for life in lives if life.forked]
+    if forked:
+        notes.append(
+            f"Jobs ran in forked work horses ({sum(life.jobs.jobs for life in forked)} jobs "
+            f"of {len(forked)} worker(s)): a horse's own growth ends with it; the verdict is on "
+            "the worker that forks them, at the level each horse started from."
+        )
+    if any(life.run for life in lives):
+        notes.append(
+            "memwarden run: its readings are judged on the command's own figure (their "
+            "total), never on the supervisor's RSS."
+        )
+    together = [life.concurrency for life in lives if life.jobs.jobs >= MIN_JOBS]
+    if together and max(together) >= 1.5:
+        notes.append(
+            f"Jobs ran concurrently (up to {max(together):.1f} at once): attributed over "
+            "windows of jobs, never per job."
+        )
+    if any(sh.warmup for sh in shapes):
+        notes.append(
+            "A warm-up of a few MiB that levels off (arenas, caches filled once) is stable."
+        )
+    return notes
+
+
+def _nothing(summary: ReadSummary | None, jobs: int, readings: int, bad: int) -> str:
+    if summary is not None and summary.records == 0:
+        if summary.lines == 0:
+            return "nothing to diagnose: the journal is empty"
+        return (
+            f"nothing to diagnose: none of the {summary.lines} line(s) is a journal record "
+            "(is it a memwarden journal?)"
+        )
+    if not jobs and not readings:
+        return "nothing to diagnose: no job or sample records" + (
+            f" ({bad} unusable)" if bad else ""
+        )
+    return (
+        f"nothing to diagnose: too few readings to judge ({jobs} jobs, {readings} readings; "
+        f"at least {MIN_JOBS} in one process lifetime)"
+    )
+
+
+def kind_table(digest: Digest, suspects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per job kind: runs, growth attributed (the suspects'), RSS growth seen inside its
+    own jobs, the biggest rise in one job, mean time."""
+    attributed = {s["job"]: s for s in suspects}
+    rows: list[dict[str, Any]] = []
+    for name, s in zip(digest.kind_names, digest.kinds, strict=True):
+        if not s.runs:
+            continue
+        blamed = attributed.get(name)
+        rows.append(
+            {
+                "job": name,
+                "runs": s.runs,
+                "attributed_bytes": blamed["growth_bytes"] if blamed else 0,
+                "share": blamed["share"] if blamed else 0.0,
+                "seen_bytes": int(s.seen),
+                "biggest_bytes": int(s.biggest),
+                "mean_s": s.seconds / s.runs,
+            }
+        )
+    rows.sort(key=lambda r: (-r["attributed_bytes"], -r["seen_bytes"]))
+    return rows
+
+
+def _groups(reasons: dict[tuple[str, str], ReasonGroup]) -> list[ReasonGroup]:
+    return sorted(reasons.values(), key=lambda g: -g.count)
+
+
+def _group(g: ReasonGroup) -> dict[str, Any]:
+    return {
+        "cause": g.cause,
+        "action": g.action,
+        "count": g.count,
+        "low_bytes": g.low,
+        "high_bytes": g.high,
+        "limit_bytes": g.limit,
+        "last_reason": g.last,
+    }
 
 
 # ----------------------------------------------------------------------------- input / CLI
 def load(paths: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
-    """Records of the given journal files (``-`` stdin, ``.gz`` gzipped), bad-line count."""
-    records: list[dict[str, Any]] = []
-    bad = 0
-    for path in paths:
-        if path == "-":
-            recs, b = read_records(sys.stdin)
-        else:
-            opener: Any = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-                recs, b = read_records(f)
-        records.extend(recs)
-        bad += b
-    return records, bad
+    """Records of the given journal files (``-`` stdin; gzip by content), bad-line count.
+    For small journals and tests: :func:`analyse` over :func:`read_journals` streams."""
+    summary = ReadSummary()
+    records = list(read_journals(paths, summary))
+    return records, summary.bad
 
 
 def render(result: dict[str, Any]) -> str:
     ev = result["evidence"]
+    pattern = result["pattern"]
     lines = [
-        f"Verdict: {result['pattern'].upper()} (confidence {result['confidence']:.2f}) "
+        f"Verdict: {pattern.upper()} (confidence {result['confidence']:.2f}) "
         f"over {ev['jobs']} jobs in {ev['lifetimes']} process lifetime(s), "
         f"{ev['kinds']} job kinds" + ("; live-memory figures used" if ev["live_memory"] else ""),
     ]
+    pace = pace_words(result.get("pace"), pattern)
+    if pace:
+        lines.append(pace)
+    lines += result.get("notes", [])
     shapes = ev["shapes"]
     if shapes:
         sh = shapes[0]
+        what = "jobs" if sh["source"] == "jobs" else "readings"
         lines.append(
-            f"Longest lifetime (pid {sh['pid']}, {sh['jobs']} jobs): "
+            f"Longest lifetime (pid {sh['pid']}, {sh['jobs']} {what}): "
             f"{format_size(sh['start_bytes'])} -> {format_size(sh['end_bytes'])}, "
-            f"last-half slope {format_size(sh['tail_slope'])}/job, "
-            f"top-3 steps {sh['step_share']:.0%} of the rise, plateau {sh['plateau_jobs']} jobs"
+            f"last-half slope {format_size(sh['tail_slope'])}/{what[:-1]}, "
+            f"top-3 steps {sh['step_share']:.0%} of the rise, "
+            f"plateau {sh['plateau_jobs']} {what}"
         )
     if result["suspects"]:
         lines += ["", f"{'job kind':<32} {'growth':>10} {'share':>6} {'runs':>7} {'per run':>10}"]
@@ -749,21 +1294,38 @@ def render(result: dict[str, Any]) -> str:
                     f"    {t.get('where')}: +{format_size(t.get('bytes'))} "
                     f"({t.get('count')} blocks)  {t.get('code') or ''}".rstrip()
                 )
+    if ev["restart_reasons"]:
+        lines += ["", "Restarts, recycles and kills:"]
+        for g in ev["restart_reasons"]:
+            lines.append(f"- {g['count']} x {g['action']}: {g['cause']}")
     lines += ["", "Advice:"] + [f"- {a}" for a in result["advice"]]
     skipped = result["skipped_lines"] + result.get("skipped_records", 0)
-    if skipped:
+    if skipped and result.get("input") is None:
         lines.append(f"({skipped} malformed or truncated lines/records skipped)")
     return "\n".join(lines)
+
+
+def run_analysis(journals: Sequence[str]) -> tuple[Analysis, ReadSummary]:
+    """Read and judge journal files for a command; on unreadable input or nothing to
+    judge, say why on stderr and exit (2: a file cannot be read, 1: nothing to judge)."""
+    summary = ReadSummary()
+    analysis = analyse_files(journals, summary)
+    for line in summary.describe():
+        click.echo(f"memwarden: {line}", err=True)
+    if summary.unreadable:
+        sys.exit(2)
+    if "nothing" in analysis.result:
+        click.echo(f"memwarden: {analysis.result['nothing']}", err=True)
+        sys.exit(1)
+    return analysis, summary
 
 
 @click.command("diagnose")
 @click.argument("journals", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def diagnose_command(journals: tuple[str, ...], as_json: bool) -> None:
-    """Leak, bloat or stable, and which job kind: from journal files (- for stdin)."""
-    try:
-        records, bad = load(journals)
-    except OSError as exc:
-        raise click.ClickException(str(exc)) from exc
-    result = diagnose(records, skipped_lines=bad)
+    """Leak, bloat or stable, and which job kind: from journal files (- for stdin; gzip
+    is read as is). Exit status 1: nothing to judge; 2: a file cannot be read."""
+    analysis, _ = run_analysis(journals)
+    result = analysis.result
     click.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))

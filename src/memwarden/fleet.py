@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from memwarden import redact as redact_mod
 from memwarden.units import SettingError
 
 if TYPE_CHECKING:
@@ -78,16 +79,8 @@ _RELEASE = "return redis.call('ZREM', KEYS[1], ARGV[1])"
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for logs."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<redis url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+    """``url`` without its password or secret query parameters, for logs (:mod:`redact`)."""
+    return redact_mod.url(url)
 
 
 def worker_host(env: Mapping[str, str]) -> str:
@@ -246,18 +239,6 @@ def warden_state(warden: Warden, host: str) -> dict[str, Any]:
     now = time.time()
     sample = warden.last_sample
     policy, limits = warden.policy, warden.limits
-    if policy.killed:
-        state = "killing"
-    elif policy.restarting:
-        state = "restarting"
-    elif not limits.enabled:
-        state = "off"
-    elif sample is not None and limits.hard is not None and sample.total >= limits.hard:
-        state = "over hard"
-    elif policy.over_since is not None:
-        state = "over soft"
-    else:
-        state = "ok"
     return {
         "host": host,
         "pid": os.getpid(),
@@ -267,14 +248,25 @@ def warden_state(warden: Warden, host: str) -> dict[str, Any]:
         "soft_limit": limits.soft,
         "hard_limit": limits.hard,
         "quota": warden.quota.limit,
-        "state": state,
+        "state": policy.state(None if sample is None else sample.total).value,
         "dry_run": warden.config.dry_run,
         "restarts_1h": sum(1 for t in warden.history.load() if now - t < 3600),
         "last_culprit": warden.last_culprit,
         "jobs": warden.counts["jobs"],
+        "oom_kills": warden.counts.get("oom_kills", 0),
+        **_pressure(warden),
         "uptime_s": round(now - policy.started_at, 1),
         "ts": round(now, 3),
     }
+
+
+def _pressure(warden: Warden) -> dict[str, Any]:
+    """Memory pressure for the heartbeat: some and full over 10 s (percent), and whose."""
+    signals = getattr(warden, "signals", None)
+    psi = signals.pressure() if signals is not None else None
+    if psi is None:
+        return {}
+    return {"psi_some10": psi.some[0], "psi_full10": psi.full[0], "psi_src": psi.source}
 
 
 class Heartbeat:
@@ -353,7 +345,10 @@ class Fleet:
             return None
         except ValueError as exc:
             raise SettingError(
-                "MEMWARDEN_REDIS_URL", redact(config.redis_url), str(exc), "redis://host:6379/0"
+                "MEMWARDEN_REDIS_URL",
+                redact(config.redis_url),
+                redact_mod.text(str(exc), known=[config.redis_url]),
+                "redis://host:6379/0",
             ) from None
         link = Link(client, redact(config.redis_url))
         return cls(link, fleet_name(config, env), worker_host(env), config)
@@ -400,14 +395,15 @@ def read_fleet(client: Any, fleet: str | None = None) -> dict[str, Any]:
     """Live wardens (from heartbeats) and restart holders, for ``memwarden status``."""
     pattern = f"{PREFIX}:{fleet or '*'}:warden:*"
     keys = sorted(client.scan_iter(match=pattern, count=500))
-    wardens = []
+    wardens, malformed = [], 0
     for raw in client.mget(keys) if keys else []:
         if raw is None:
             continue  # expired between SCAN and MGET
-        try:
-            wardens.append(json.loads(raw))
-        except ValueError:
-            continue
+        beat = heartbeat_of(raw)
+        if beat is None:
+            malformed += 1
+        else:
+            wardens.append(beat)
     now_ms = _server_ms(client)
     restarting: dict[str, list[str]] = {}
     names = {w.get("fleet") for w in wardens} | ({fleet} if fleet else set())
@@ -419,7 +415,39 @@ def read_fleet(client: Any, fleet: str | None = None) -> dict[str, Any]:
         if live:
             restarting[name] = [m.decode() if isinstance(m, bytes) else m for m in live]
     wardens.sort(key=lambda w: (str(w.get("fleet")), str(w.get("host")), w.get("pid") or 0))
-    return {"wardens": wardens, "restarting": restarting}
+    return {"wardens": wardens, "restarting": restarting, "malformed": malformed}
+
+
+#: Heartbeat fields and the JSON types they must have (None is always allowed).
+_NUMBERS: tuple[str, ...] = ("memory", "soft_limit", "hard_limit", "quota", "uptime_s", "ts")
+_NUMBERS += ("psi_some10", "psi_full10")
+_WHOLE = ("pid", "restarts_1h", "jobs")
+_TEXTS = ("fleet", "host", "framework", "state", "last_culprit", "gauge", "psi_src")
+
+
+def heartbeat_of(raw: bytes | str) -> dict[str, Any] | None:
+    """A heartbeat as ``status`` can show it, or None when it is malformed (not JSON, not
+    an object, a field of the wrong type): another writer's key, a hand edit, a bug."""
+    try:
+        beat = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    if not isinstance(beat, dict):
+        return None
+    for key in _NUMBERS + _WHOLE + _TEXTS:
+        value = beat.get(key)
+        if value is None:
+            continue
+        if key in _TEXTS:
+            ok = isinstance(value, str)
+        elif key in _WHOLE:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value)
+        if not ok:
+            return None
+    return beat
 
 
 def _server_ms(client: Any) -> int:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from memwarden.diagnose import _reason
+from memwarden.events import State, cause_of, metric_label
 from memwarden.gauges.proc import self_rss
 
 log = logging.getLogger("memwarden")
 
 MAX_KINDS = 50
-STATES = ("ok", "over_soft_limit", "restarting", "killed", "off")
+STATES = tuple(s.value for s in State)
 
 #: name, help, labels of the counters (exported with ``_total``).
 COUNTERS = {
@@ -37,6 +38,12 @@ COUNTERS = {
         ("reason", "action"),
     ),
     "kills": ("memwarden_kills", "Hard kills, by reason", ("reason",)),
+    "oom_kills": (
+        "memwarden_oom_kills",
+        "Kernel OOM kills seen in the worker's cgroup (the ladder acted too late)",
+        (),
+    ),
+    "pauses": ("memwarden_intake_pauses", "Intake paused over the soft limit", ()),
 }
 
 
@@ -61,7 +68,7 @@ class Metrics:
             ("job",),
             registry=reg,
         )
-        gauges = {
+        gauges: dict[str, tuple[str, Callable[[], float]]] = {
             "memwarden_memory_bytes": ("Memory the limits are checked against", self._total),
             "memwarden_rss_bytes": ("This process's resident set size", self_rss),
             "memwarden_soft_limit_bytes": ("Soft limit (0: none)", lambda: self._limit("soft")),
@@ -72,9 +79,13 @@ class Metrics:
             Gauge(name, doc, registry=reg).set_function(fn)
         state = Gauge("memwarden_state", "1 for the warden's state", ("state",), registry=reg)
         for s in STATES:
-            state.labels(s).set_function(lambda s=s: float(self.state() == s))
+            state.labels(s).set_function(self._in_state(s))
+        reg.register(KernelSignals(lambda: getattr(self.warden, "signals", None)))
 
     # -- read at scrape time
+    def _in_state(self, state: str) -> Callable[[], float]:
+        return lambda: float(self.state() == state)
+
     def _total(self) -> float:
         sample = self.warden.last_sample
         return float(sample.total) if sample is not None else float(self_rss())
@@ -86,15 +97,9 @@ class Metrics:
         return float(self.warden.quota.limit or 0)
 
     def state(self) -> str:
-        w = self.warden
-        if not w.enabled:
-            return "off"
-        p = w.policy
-        if p.killed:
-            return "killed"
-        if p.restarting:
-            return "restarting"
-        return "over_soft_limit" if p.over_since is not None else "ok"
+        sample = self.warden.last_sample
+        state: State = self.warden.policy.state(None if sample is None else sample.total)
+        return state.value
 
     # -- moved by journal records
     def _kind(self, job: Any) -> str:
@@ -120,13 +125,68 @@ class Metrics:
             if delta > 0:
                 c["growth"].labels(kind).inc(delta)
         elif event == "reclaim":
-            c["reclaims"].labels(_reason(record.get("reason"))).inc()
+            c["reclaims"].labels(metric_label(cause_of(record))).inc()
             c["reclaimed"].inc(max(0.0, float(record.get("freed") or 0)))
         elif event == "restart":
-            reason = _reason(record.get("reason"))
+            reason = metric_label(cause_of(record))
             c["restarts"].labels(reason, str(record.get("action") or "restart")).inc()
         elif event == "kill":
-            c["kills"].labels(_reason(record.get("reason"))).inc()
+            c["kills"].labels(metric_label(cause_of(record))).inc()
+        elif event == "oom_kill":
+            c["oom_kills"].inc(max(0.0, float(record.get("kills") or 0)))
+        elif event == "pause":
+            c["pauses"].inc()
+
+
+class KernelSignals:
+    """The kernel's memory pressure (PSI) and the cgroup's memory events, read at scrape
+    time from ``signals()`` (a :class:`memwarden.gauges.pressure.Signals`, or None)."""
+
+    WINDOWS = ("10s", "60s", "300s")
+
+    def __init__(self, signals: Callable[[], Any]) -> None:
+        self.signals = signals
+
+    def describe(self) -> Iterator[Any]:
+        return self._families(None, {})
+
+    def collect(self) -> Iterator[Any]:
+        signals = self.signals()
+        if signals is None:
+            return self._families(None, {})
+        return self._families(signals.pressure(), signals.events())
+
+    def _families(self, psi: Any, events: dict[str, int]) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        ratio = GaugeMetricFamily(
+            "memwarden_memory_pressure_ratio",
+            "Share of time some / all (full) tasks stalled on memory, averaged over a window "
+            "(PSI; source: the cgroup's, or the system's)",
+            labels=("kind", "window", "source"),
+        )
+        stalled = CounterMetricFamily(
+            "memwarden_memory_pressure_stalled_seconds",
+            "Time some / all (full) tasks stalled on memory (PSI total)",
+            labels=("kind", "source"),
+        )
+        counts = CounterMetricFamily(
+            "memwarden_cgroup_memory_events",
+            "The cgroup's memory events: high (throttled), max (at the limit), oom, oom_kill "
+            "(v1: oom_kill alone)",
+            labels=("event",),
+        )
+        if psi is not None:
+            for kind, avgs, total in (
+                ("some", psi.some, psi.some_total),
+                ("full", psi.full, psi.full_total),
+            ):
+                for window, value in zip(self.WINDOWS, avgs, strict=True):
+                    ratio.add_metric((kind, window, psi.source), value / 100.0)
+                stalled.add_metric((kind, psi.source), total / 1e6)
+        for event, count in events.items():
+            counts.add_metric((event,), float(count))
+        yield from (ratio, stalled, counts)
 
 
 _installed: dict[int, Metrics] = {}

@@ -12,18 +12,40 @@ would carry memory past the hard limit within ``lookahead`` seconds is a crossin
 growing hundreds of MiB/s crosses the last few percent between two readings, and the kernel
 does not wait). Such a crossing skips the reclaim: memory allocated that fast is live.
 
-Restarts are held back by a minimum uptime that doubles with each restart in the window
-(back-off), and by a cap on restarts per window. A process whose very first reading is
-already over the soft limit gets no soft restarts at all: restarting it cannot help (the
-Celery #4125 loop), so the warden says so loudly and only the hard limit still acts.
+No rung starves the next: the grace counts from the first crossing whatever reclaims run
+on the way, and a reclaim that leaves memory over the soft limit is followed at once by the
+next rung's check. The grace is cut short — a graceful restart now, whatever the minimum
+uptime — when memory would reach the hard limit before the grace (and a drain) is over at
+the pace it grows (growth-aware grace), and when the worker has no job in hand: nothing will
+bring it down, and its drain is instant.
+
+Restarts are held back by a minimum uptime that doubles with each *looping* restart in the
+window (back-off), and by a cap on looping restarts per window. A restart loops when the
+lifetime it ends started near its soft limit already: restarting it gained little. A
+restart of a worker that started low and grew is a cure, however often it is needed. A
+process whose very first reading is already over the soft limit gets no soft restarts at
+all: restarting it cannot help (the Celery #4125 loop), so the warden says so loudly and
+only the hard limit still acts.
+
+Over the soft limit the worker's intake is paused (:attr:`Policy.paused`): jobs in hand go
+on, no new job starts, and intake resumes when memory falls back under the limit.
+
+Optionally, sustained *full* memory pressure (PSI, the signal systemd-oomd and oomd act on)
+counts like being over the soft limit, under it: full avg10 at or over
+``Limits.pressure_full`` for ``pressure_hold`` seconds runs the same ladder — reclaim, pause,
+recycle, then a graceful restart once the reclaim has had ``PSI_SETTLE`` seconds to show
+(the hold was the grace; minimum uptime, cap and "starts above" hold). Such a restart always
+counts as looping: pressure says nothing of where the lifetime started.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from memwarden.events import Cause, State
 from memwarden.units import format_duration, format_size
 
 
@@ -41,6 +63,24 @@ MIN_RATE_DT = 0.005
 #: The furthest ahead (s) a rise is projected, however far off the next reading is: a
 #: projection is a guess, and a wrong one kills a job that would have stayed under.
 MAX_LOOKAHEAD = 0.1
+#: A lifetime that starts at this share of its soft limit or above loops when restarted:
+#: such restarts count towards ``max_restarts`` and the uptime back-off; others are cures.
+LOOP_SHARE = 0.8
+#: The trend of memory is the rise over the last ``TREND_WINDOW`` seconds of readings (one
+#: kept per ``TREND_STEP``), once they span ``MIN_TREND_SPAN`` at least: long enough to see
+#: growth that comes in steps at job ends, short enough to forget a start-up's loading.
+TREND_WINDOW = 30.0
+TREND_STEP = 1.0
+MIN_TREND_SPAN = 0.5
+#: A restart decided is called off when the jobs in hand are done only under this share
+#: of the soft limit: just under it (a fragmented heap a reclaim got back a little of),
+#: resumed intake brings the next crossing within moments, too late for a graceful one.
+CALL_OFF_SHARE = 0.9
+#: Nor within this many seconds of the last call-off: a second crossing so soon is no
+#: passing spike but the level itself (stranded memory and the load), met again at once.
+CALL_OFF_AGAIN_AFTER = 30.0
+#: Seconds a reclaim gets to show in PSI's avg10 before pressure calls for the next rung.
+PSI_SETTLE = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +100,13 @@ class Limits:
     #: the first limit).
     reclaim_regrow: int | None = None
     can_recycle: bool = False
+    #: What a drain may take (s): the grace is cut short when memory would reach the hard
+    #: limit before the grace left plus this.
+    drain_time: float = 25.0
+    #: Full memory pressure (avg10, a fraction) that, held for ``pressure_hold`` seconds,
+    #: counts as being over the soft limit (None: off).
+    pressure_full: float | None = None
+    pressure_hold: float = 30.0
 
     @property
     def enabled(self) -> bool:
@@ -69,12 +116,20 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
+    #: Why, for people (logs, the journal's ``reason``); code reads :attr:`cause`.
     reason: str
     total: int
     limit: int | None = None
     #: Set by :meth:`Policy.at_start` when the process starts over its soft limit: the
     #: caller logs it as an error.
     alarm: bool = False
+    #: Why, for code (the journal's ``cause``).
+    cause: Cause | None = None
+
+    @property
+    def capped(self) -> bool:
+        """A WAIT because the restart cap is reached: the caller says so (once an episode)."""
+        return self.cause is Cause.CAPPED
 
 
 @dataclass
@@ -94,6 +149,19 @@ class Policy:
     restarting: bool = False
     killed: bool = False
     starts_above: bool = False
+    #: The lifetime's first reading: a restart of a lifetime that started at
+    #: ``LOOP_SHARE`` of the soft limit or above is a loop.
+    start_total: int | None = None
+    #: Intake is paused: over the soft limit (no new jobs; resumes under it).
+    paused: bool = False
+    #: Full pressure at or over ``Limits.pressure_full`` since then (None: under it), the
+    #: last figure given, and whether the ladder runs for pressure (under the soft limit).
+    pressure_since: float | None = None
+    pressure: float | None = None
+    pressured: bool = False
+    #: When a restart was last called off (None: never in this lifetime).
+    called_off_at: float | None = None
+    _trend: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
     #: Over the soft limit, a sustained rise that reaches the hard limit within this many
     #: seconds counts as reaching it: the delay to the next reading, which the watchdog
     #: sets (0: judge each reading alone).
@@ -120,20 +188,34 @@ class Policy:
 
     def required_uptime(self, now: float) -> float:
         """Minimum uptime, doubled for each restart already in the window (back-off)."""
-        return self.limits.min_uptime * (2 ** self.restarts_in_window(now))
+        return self.limits.min_uptime * (2.0 ** self.restarts_in_window(now))
 
-    def observe(self, total: int, now: float, project: bool = True) -> Decision:
+    def observe(
+        self,
+        total: int,
+        now: float,
+        project: bool = True,
+        busy: bool | None = None,
+        pressure: float | None = None,
+    ) -> Decision:
         """Decide on a reading of ``total`` bytes at ``now``; ``project=False`` judges the
-        hard limit on this reading alone (no :attr:`lookahead`)."""
+        hard limit on this reading alone (no :attr:`lookahead`); ``busy`` says whether a job
+        is in hand (None: not known); ``pressure`` is the cgroup's full PSI avg10 as a
+        fraction (None: no new figure, the last one stands)."""
         lim = self.limits
         self.look_soon = False
+        if self.start_total is None:
+            self.start_total = total
         self._track(total, now)
+        held = self._pressure_held(pressure, now)
         if self.reclaimed_total is not None and total < self.reclaimed_total:
             # Regrowth counts from the lowest point after a reclaim: memory may go on
             # falling once it has run (the pool children's trims land a moment later).
             self.reclaimed_total = total
         if self.killed:
-            return Decision(Action.WAIT, "kill under way", total, lim.hard)
+            return Decision(
+                Action.WAIT, "kill under way", total, lim.hard, cause=Cause.KILL_UNDER_WAY
+            )
         crossing = self._crossing(total) if project else None
         if crossing is not None:
             if self.over_since is None:
@@ -142,47 +224,132 @@ class Policy:
         if lim.hard is not None and total >= lim.hard:
             if self.over_since is None:
                 self.over_since = now
-            if lim.reclaim and not self._reclaimed_recently(now, total):
-                return Decision(Action.RECLAIM, "over hard limit", total, lim.hard)
+            # Still rising at the hard limit: that memory is live, and a reclaim would only
+            # give it the time to reach the quota.
+            rising = self._prev_rate > 0 or self.rate > 0
+            if lim.reclaim and not rising and not self._reclaimed_recently(now, total):
+                return Decision(
+                    Action.RECLAIM, "over hard limit", total, lim.hard, cause=Cause.OVER_HARD
+                )
             return Decision(
                 Action.KILL,
                 f"{format_size(total)} over hard limit {format_size(lim.hard)}",
                 total,
                 lim.hard,
+                cause=Cause.OVER_HARD,
             )
-        if lim.soft is None or total < lim.soft:
-            self.over_since = None
-            self.recycled_in_episode = False
-            return Decision(Action.OK, "under soft limit", total, lim.soft)
-        if self.over_since is None:
-            self.over_since = now
-        over = f"{format_size(total)} over soft limit {format_size(lim.soft)}"
+        over_soft = lim.soft is not None and total >= lim.soft
+        self.pressured = not over_soft and held is not None
+        if over_soft:
+            if self.over_since is None:
+                self.over_since = now
+            over = f"{format_size(total)} over soft limit {format_size(lim.soft)}"
+            return self._ladder(total, now, busy, over, Cause.OVER_SOFT)
+        self.over_since = None
+        if held is not None:
+            return self._ladder(total, now, busy, held, Cause.PRESSURE)
+        self.recycled_in_episode = False
+        self.paused = False
+        return Decision(Action.OK, "under soft limit", total, lim.soft, cause=Cause.UNDER_SOFT)
+
+    def _pressure_held(self, pressure: float | None, now: float) -> str | None:
+        """The reason when full pressure has stayed at or over the threshold for the hold
+        time (keeping when it began), else None."""
+        lim = self.limits
+        if pressure is not None:
+            self.pressure = pressure
+        if lim.pressure_full is None or self.pressure is None or self.pressure < lim.pressure_full:
+            self.pressure_since = None
+            return None
+        if self.pressure_since is None:
+            self.pressure_since = now
+        held = now - self.pressure_since
+        if held < lim.pressure_hold:
+            return None
+        return f"memory pressure: full {self.pressure:.0%} for {format_duration(held)}"
+
+    def _ladder(
+        self, total: int, now: float, busy: bool | None, over: str, base: Cause
+    ) -> Decision:
+        """The soft rungs, over the soft limit or under :attr:`pressured` (``over`` says
+        which, ``base`` is its cause): reclaim, pause, recycle, then a graceful restart."""
+        lim = self.limits
+
+        def decide(action: Action, why: str, cause: Cause) -> Decision:
+            return Decision(action, why, total, lim.soft, cause=cause)
+
         if lim.reclaim and not self._reclaimed_recently(now, total):
-            return Decision(Action.RECLAIM, over, total, lim.soft)
+            return decide(Action.RECLAIM, over, base)
+        # Intake pauses only where a restart can follow: a worker that started over its
+        # limit, or whose restarts are capped, would otherwise stop serving for good.
+        capped = self.restarts_in_window(now) >= lim.max_restarts
+        self.paused = not (self.starts_above or capped)
         if self.settles_at is not None and now < self.settles_at:
-            return Decision(Action.WAIT, f"{over}, reclaim in the pool under way", total, lim.soft)
+            why = f"{over}, reclaim in the pool under way"
+            return decide(Action.WAIT, why, Cause.RECLAIM_SETTLING)
         if lim.can_recycle and not self.recycled_in_episode:
-            return Decision(Action.RECYCLE_CHILD, over, total, lim.soft)
+            return decide(Action.RECYCLE_CHILD, over, base)
         if self.starts_above:
             why = f"{over} since start: a restart cannot help, soft restarts are off"
-            return Decision(Action.WAIT, why, total, lim.soft)
+            return decide(Action.WAIT, why, Cause.STARTS_ABOVE)
         if self.restarting:
-            return Decision(Action.WAIT, "restart under way", total, lim.soft)
-        waited = now - self.over_since
-        if waited < lim.grace:
-            left = format_duration(lim.grace - waited)
-            return Decision(Action.WAIT, f"{over}, grace {left} left", total, lim.soft)
-        uptime, need = now - self.started_at, self.required_uptime(now)
-        if uptime < need:
-            why = f"{over}, uptime {format_duration(uptime)} < {format_duration(need)}"
-            return Decision(Action.WAIT, why, total, lim.soft)
+            return decide(Action.WAIT, "restart under way", Cause.RESTART_UNDER_WAY)
         if self.restarts_in_window(now) >= lim.max_restarts:
             why = (
                 f"{over}, but {lim.max_restarts} restarts in the last "
                 f"{format_duration(lim.restart_window)} already: raise the limit or fix the job"
             )
-            return Decision(Action.WAIT, why, total, lim.soft)
-        return Decision(Action.RESTART, f"{over} for {format_duration(waited)}", total, lim.soft)
+            return decide(Action.WAIT, why, Cause.CAPPED)
+        if (
+            self.pressured
+            and self.reclaimed_at is not None
+            and now - self.reclaimed_at < PSI_SETTLE
+        ):
+            why = f"{over}, reclaim not yet seen in PSI"
+            return decide(Action.WAIT, why, Cause.PRESSURE_SETTLING)
+        if busy is False:
+            # Under pressure the pressure is the cause: the metrics and the report have
+            # always filed such restarts under it.
+            idle = Cause.NO_JOB_IN_HAND if base is Cause.OVER_SOFT else base
+            return decide(Action.RESTART, f"{over} with no job in hand", idle)
+        if self.over_since is not None:  # the grace (pressure's was its hold)
+            waited = now - self.over_since
+            eta = self._eta_hard(total, now)
+            if eta is not None:
+                why = f"{over}, rising: hard limit in {format_duration(eta)}, before grace ends"
+                return decide(Action.RESTART, why, Cause.GROWTH)
+            if waited < lim.grace:
+                left = format_duration(lim.grace - waited)
+                return decide(Action.WAIT, f"{over}, grace {left} left", Cause.GRACE)
+            over = f"{over} for {format_duration(waited)}"
+            base = Cause.GRACE_OVER
+        uptime, need = now - self.started_at, self.required_uptime(now)
+        if uptime < need:
+            why = f"{over}, uptime {format_duration(uptime)} < {format_duration(need)}"
+            return decide(Action.WAIT, why, Cause.UPTIME)
+        return decide(Action.RESTART, over, base)
+
+    def _eta_hard(self, total: int, now: float) -> float | None:
+        """Seconds until memory reaches the hard limit at the pace it grows, when that is
+        before the grace left and a drain are over; None otherwise. The pace is the faster
+        of the sustained rise and the trend (:data:`TREND_WINDOW`)."""
+        lim = self.limits
+        if lim.hard is None or self.over_since is None:
+            return None
+        rate = max(self.rate, self.trend(total, now))
+        if rate <= 0:
+            return None
+        eta = max(0.0, (lim.hard - total) / rate)
+        return eta if eta < max(0.0, lim.grace - (now - self.over_since)) + lim.drain_time else None
+
+    def trend(self, total: int, now: float) -> float:
+        """Bytes/s over the kept readings of the last :data:`TREND_WINDOW` (0 when they span
+        less than :data:`MIN_TREND_SPAN`)."""
+        if not self._trend:
+            return 0.0
+        then, before = self._trend[0]
+        span = now - then
+        return (total - before) / span if span >= MIN_TREND_SPAN else 0.0
 
     @property
     def rise(self) -> float:
@@ -203,6 +370,11 @@ class Policy:
             self.rate_span = dt + self._prev_dt if sustained else 0.0
             self._prev_rate, self._prev_dt = rise, dt
         self._prev = (now, total)
+        trend = self._trend
+        while trend and now - trend[0][0] > TREND_WINDOW:
+            trend.popleft()
+        if not trend or now - trend[-1][0] >= TREND_STEP:
+            trend.append((now, total))
 
     def _crossing(self, total: int) -> Decision | None:
         """KILL when a sustained rise over the soft limit reaches the hard one within
@@ -225,18 +397,20 @@ class Policy:
             f"{format_size(total)} rising {format_size(self.rate)}/s: over hard limit "
             f"{format_size(lim.hard)} within {horizon:.2g}s"
         )
-        return Decision(Action.KILL, why, total, lim.hard)
+        return Decision(Action.KILL, why, total, lim.hard, cause=Cause.PROJECTED_HARD)
 
     def at_start(self, total: int) -> Decision:
         """The reading taken when the process starts. Over the soft limit already: a restart
         cannot help, so soft restarts are off for this lifetime and the decision's ``alarm``
         asks the caller to say so loudly."""
         lim = self.limits
+        self.start_total = total
         if lim.soft is not None and total >= lim.soft:
             self.starts_above = True
             why = f"starts at {format_size(total)}, over its soft limit {format_size(lim.soft)}"
-            return Decision(Action.WAIT, why, total, lim.soft, alarm=True)
-        return Decision(Action.OK, "starts under the soft limit", total, lim.soft)
+            return Decision(Action.WAIT, why, total, lim.soft, alarm=True, cause=Cause.STARTS_ABOVE)
+        why = "starts under the soft limit"
+        return Decision(Action.OK, why, total, lim.soft, cause=Cause.STARTS_UNDER)
 
     def _reclaimed_recently(self, now: float, total: int) -> bool:
         if self.reclaimed_at is None or now - self.reclaimed_at >= self.limits.reclaim_cooldown:
@@ -258,9 +432,47 @@ class Policy:
     def did_recycle(self) -> None:
         self.recycled_in_episode = True
 
+    @property
+    def loops(self) -> bool:
+        """A restart of this lifetime would loop: it started near its soft limit already,
+        or the restart is for pressure (where it started says nothing of that)."""
+        soft = self.limits.soft
+        start = self.start_total
+        near = soft is not None and start is not None and start >= LOOP_SHARE * soft
+        return near or self.pressured
+
     def did_restart(self, now: float) -> None:
+        """A restart began; it counts towards the cap and the back-off if it :attr:`loops`."""
         self.restarting = True
-        self._restarts.append(now)
+        if self.loops:
+            self._restarts.append(now)
+
+    def may_call_off(self, total: int, now: float) -> bool:
+        """Whether a restart decided may be called off at ``total`` once the jobs in hand
+        are done: well under the soft limit, and not again moments after the last one."""
+        soft = self.limits.soft
+        if soft is None or total >= soft * CALL_OFF_SHARE:
+            return False
+        return self.called_off_at is None or now - self.called_off_at >= CALL_OFF_AGAIN_AFTER
+
+    def did_call_off(self, now: float) -> None:
+        """The restart was called off: memory fell well under the soft limit once the
+        jobs in hand were done (a spike). Watch afresh."""
+        self.restarting = False
+        self.called_off_at = now
+
+    def state(self, total: int | None) -> State:
+        """What the warden is doing, ``total`` being the last reading (None: none yet)."""
+        hard = self.limits.hard
+        if not self.limits.enabled:
+            return State.OFF
+        if self.killed:
+            return State.KILLED
+        if self.restarting:
+            return State.RESTARTING
+        if total is not None and hard is not None and total >= hard:
+            return State.OVER_HARD
+        return State.OK if self.over_since is None else State.OVER_SOFT
 
     def did_kill(self) -> None:
         self.killed = True

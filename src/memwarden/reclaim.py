@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
+from memwarden import state
+
 log = logging.getLogger(__name__)
 
 MALLCTL_ARENAS_ALL = 4096  # jemalloc's "all arenas" index
@@ -59,7 +61,8 @@ def glibc_version() -> str | None:
     if fn is None:
         return None
     fn.restype = ctypes.c_char_p
-    return fn().decode()
+    version: bytes = fn()
+    return version.decode()
 
 
 @cache
@@ -103,7 +106,7 @@ def mallinfo2() -> dict[str, int] | None:
         return None
     fn.restype = _Mallinfo2
     info = fn()
-    return {name: int(getattr(info, name)) for name, _ in _Mallinfo2._fields_}
+    return {name: int(getattr(info, name)) for name, *_ in _Mallinfo2._fields_}
 
 
 def malloc_trim() -> bool:
@@ -170,11 +173,8 @@ class ReclaimRequests:
         self.on_request = on_request
 
     def listen(self) -> ReclaimRequests:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        os.mkfifo(self.path, 0o600)
-        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        fd = state.make_fifo(self.path)
         threading.Thread(
             target=self._serve, args=(fd,), name="memwarden-reclaim", daemon=True
         ).start()
@@ -199,14 +199,5 @@ class ReclaimRequests:
 
 def ask_to_reclaim(path: str) -> bool:
     """Ask the process listening at ``path`` (:class:`ReclaimRequests`) to reclaim; False
-    when nothing listens there (no such FIFO, or its process is gone)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:  # ENOENT: never listened; ENXIO: no reader any more
-        return False
-    try:
-        return os.write(fd, b"r") == 1
-    except OSError:  # EAGAIN: requests already waiting, which is as good
-        return True
-    finally:
-        os.close(fd)
+    when nothing of ours listens there (no such FIFO, its process gone, a planted file)."""
+    return state.poke_fifo(path)

@@ -1,27 +1,41 @@
 """``memwarden report JOURNAL... -o report.html``: one self-contained page (extra ``report``).
 
-Memory over time per process lifetime with the soft/hard limits and restart, reclaim and
-kill markers; the verdict and suspects of :mod:`memwarden.diagnose`; growth per job kind;
-restart reasons. Charts are drawn by matplotlib (Agg) as inline SVG, text as paths, so the
-page needs no network, font or script. ``-o report.png`` writes the main chart alone.
+Everything on the page comes from one :func:`memwarden.diagnose.analyse` of the journal,
+read once: the verdict, the suspects, the table of job kinds and the charts cannot
+disagree. The memory chart has one figure per series, never two mixed in one line:
+
+- **the whole worker**: the gauge's figure of each lifetime (cgroup working set, a process
+  tree's PSS, or ``memwarden run``'s reading of its command), with the soft and hard limits
+  and the restarts and kills they caused;
+- **each process**: its own RSS after each job (or its readings, for a process that runs
+  no jobs), with a pool child's share and the recycles it caused.
+
+Restarts, recycles and kills are grouped by cause and action. Charts are drawn by
+matplotlib (Agg) as inline SVG, text as paths, so the page needs no network, font or
+script. ``-o report.png`` writes the memory chart alone; any other extension is refused.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import math
+import os
 import re
-from collections import Counter, defaultdict
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from memwarden.diagnose import Lifetime, _reason, diagnose, lifetimes, load
+from memwarden.diagnose import Analysis, pace_words, run_analysis
+from memwarden.digest import Life
 from memwarden.units import format_size
 
 MiB = 1024 * 1024
 MAX_POINTS = 2000  # per lifetime line; longer ones are thinned (keeping each bucket's max)
+MAX_LINES = 8  # lifetimes drawn in their own colour and legend entry
+FORMATS = {".html": "html", ".htm": "html", ".png": "png"}
 
 
 def _pyplot() -> Any:
@@ -48,85 +62,171 @@ def _thin(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def memory_chart(lives: list[Lifetime]) -> Any:
-    """Memory (MiB) over time since the first record, one line per lifetime."""
+class _Clock:
+    """Seconds since the first record, in the unit that suits the journal's span."""
+
+    def __init__(self, lives: list[Life]) -> None:
+        self.t0 = min((life.first_ts for life in lives), default=0.0)
+        span = max((life.last_ts for life in lives), default=self.t0) - self.t0
+        self.unit, self.per = ("seconds", 1.0) if span < 120 else ("minutes", 60.0)
+        if span > 3 * 3600:
+            self.unit, self.per = "hours", 3600.0
+
+    def __call__(self, ts: float) -> float:
+        return (ts - self.t0) / self.per
+
+
+def _whole(life: Life) -> list[tuple[float, float]]:
+    s = life.samples
+    return [(s.ts[i], s.tot[i]) for i in range(len(s))]
+
+
+def _own(life: Life) -> list[tuple[float, float]]:
+    j = life.jobs
+    if len(j.n):
+        return [(j.ts[i], j.hi[i]) for i in range(len(j.n))]
+    if life.run:
+        return []  # its readings are the command's whole figure: the other panel
+    s = life.samples
+    return [(s.ts[i], s.hi[i]) for i in range(len(s))]
+
+
+def memory_chart(analysis: Analysis) -> Any:
+    """The memory chart: one panel per figure that the journal holds (MiB)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(11, 4.8), dpi=100)
-    t0 = min((life.start for life in lives), default=0.0)
-    span = max((r["ts"] for life in lives for r in life.jobs + life.samples), default=t0) - t0
-    unit, per = ("seconds", 1.0) if span < 120 else ("minutes", 60.0)
-    if span > 3 * 3600:
-        unit, per = "hours", 3600.0
-    limits: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    markers: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for n, life in enumerate(lives):
-        pts = [((j["ts"] - t0) / per, j["rss_after"] / MiB) for j in life.jobs]
-        pts += [
-            ((s["ts"] - t0) / per, (s.get("total") or s.get("rss") or 0) / MiB)
-            for s in life.samples
-        ]
-        pts.sort()
-        if not pts:
-            continue
-        xs, ys = zip(*_thin(pts), strict=True)
-        label = f"pid {life.pid}" if len(lives) <= 8 else ("lifetimes" if n == 0 else None)
-        ax.plot(xs, ys, lw=1.1, label=label, color=None if len(lives) <= 8 else "C0")
-        for s in life.samples:
-            for key in ("limit", "hard"):
-                if s.get(key):
-                    limits[key].append(((s["ts"] - t0) / per, s[key] / MiB))
-        for event, recs in (
-            ("reclaim", life.reclaims),
-            ("restart", life.restarts),
-            ("kill", life.kills),
-        ):
-            for r in recs:
-                y = r.get("total") or r.get("rss_before") or r.get("rss_after") or 0
-                markers[event].append(((r["ts"] - t0) / per, y / MiB))
-    top = max((y for line in ax.get_lines() for y in line.get_ydata()), default=0.0)
-    for key, style, name in (("limit", "--", "soft limit"), ("hard", ":", "hard limit")):
-        if limits[key]:
-            xs, ys = zip(*sorted(limits[key]), strict=True)
-            if top and max(ys) > 3 * top:  # far above the curve: a note, not a line
-                name += f" {max(ys):,.0f} MiB (off the chart)"
-                ys = tuple(float("nan") for _ in ys)
-            ax.step(xs, ys, where="post", ls=style, color="0.35", lw=1, label=name)
-    for event, (marker, color) in {
-        "reclaim": ("^", "tab:green"),
-        "restart": ("v", "tab:red"),
-        "kill": ("X", "black"),
-    }.items():
-        if markers[event]:
-            xs, ys = zip(*markers[event], strict=True)
-            ax.scatter(xs, ys, marker=marker, color=color, s=42, zorder=5, label=event)
-    ax.set_xlabel(f"{unit} since the first record")
-    ax.set_ylabel("memory (MiB)")
-    ax.set_title("Memory per process lifetime")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper left", fontsize=8, ncol=2)
+    lives = analysis.lives
+    clock = _Clock(lives)
+    panels = [
+        (name, fn)
+        for name, fn in (("whole", _whole), ("own", _own))
+        if any(fn(life) for life in lives)
+    ] or [("own", _own)]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(11, 4.8 if len(panels) == 1 else 7.6), dpi=100, squeeze=False
+    )
+    for ax, (name, fn) in zip(axes[:, 0], panels, strict=True):
+        ax.set_gid(f"panel-{name}")
+        _lines(ax, lives, fn, clock)
+        if name == "whole":
+            _whole_thresholds(ax, lives, clock)
+            ax.set_title("Whole worker: the figure the limits are checked against")
+        else:
+            _own_thresholds(ax, lives, clock)
+            ax.set_title("Each process: its own RSS after each job (or its readings)")
+        ax.set_ylabel("MiB")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=8, ncol=3, framealpha=0.85)
+    axes[-1, 0].set_xlabel(f"{clock.unit} since the first record")
     fig.tight_layout()
     return fig
 
 
-def kinds_chart(per_kind: list[dict[str, Any]]) -> Any:
+def _lines(ax: Any, lives: list[Life], fn: Any, clock: _Clock) -> None:
+    drawn = [life for life in lives if fn(life)]
+    for n, life in enumerate(drawn):
+        pts = sorted(_thin(fn(life)))
+        xs = [clock(t) for t, _ in pts]
+        ys = [v / MiB for _, v in pts]
+        few = len(drawn) <= MAX_LINES
+        label = f"pid {life.pid}" if few else ("lifetimes" if n == 0 else None)
+        ax.plot(xs, ys, lw=1.1, label=label, color=None if few else "C0")
+
+
+def _top(ax: Any) -> float:
+    return max((max(line.get_ydata(), default=0.0) for line in ax.get_lines()), default=0.0)
+
+
+def _whole_thresholds(ax: Any, lives: list[Life], clock: _Clock) -> None:
+    soft = sorted((t, s) for life in lives for t, s, _ in life.limits if s)
+    hard = sorted((t, h) for life in lives for t, _, h in life.limits if h)
+    top = _top(ax)
+    for pts, style, name in ((soft, "--", "soft limit"), (hard, ":", "hard limit")):
+        if not pts:
+            continue
+        xs = [clock(t) for t, _ in pts] + [clock(max(life.last_ts for life in lives))]
+        ys = [v / MiB for _, v in pts]
+        ys.append(ys[-1])
+        if top and max(ys) > 3 * top:  # far above the curve: a note, not a line
+            name += f" {max(ys):,.0f} MiB (off the chart)"
+            ys = [math.nan] * len(ys)
+        (line,) = ax.step(xs, ys, where="post", ls=style, color="0.35", lw=1, label=name)
+        line.set_gid("soft-limit" if style == "--" else "hard-limit")
+    _marks(ax, lives, clock, {"restart", "kill", "reclaim"}, "total")
+    ooms = [m.ts for life in lives for m in life.marks if m.event == "oom_kill"]
+    for i, ts in enumerate(ooms):
+        line = ax.axvline(clock(ts), color="purple", lw=1, label="OOM kill" if i == 0 else None)
+        line.set_gid("oom-kill")
+
+
+def _own_thresholds(ax: Any, lives: list[Life], clock: _Clock) -> None:
+    shares = sorted(
+        (m.ts, m.limit) for life in lives for m in life.marks if m.event == "recycle" and m.limit
+    )
+    if shares:
+        xs = [clock(t) for t, _ in shares] + [clock(max(life.last_ts for life in lives))]
+        ys = [v / MiB for _, v in shares]
+        ys.append(ys[-1])
+        (line,) = ax.step(
+            xs, ys, where="post", ls="--", color="0.35", lw=1, label="pool child's share (USS)"
+        )
+        line.set_gid("child-share")
+    _marks(ax, lives, clock, {"recycle"}, "own")
+    reclaims_here = {"reclaim"}
+    _marks(ax, lives, clock, reclaims_here, "own", only_without="total")
+
+
+STYLE = {
+    "reclaim": ("^", "tab:green"),
+    "restart": ("v", "tab:red"),
+    "recycle": ("v", "tab:orange"),
+    "kill": ("X", "black"),
+}
+
+
+def _marks(
+    ax: Any,
+    lives: list[Life],
+    clock: _Clock,
+    events: set[str],
+    figure: str,
+    only_without: str | None = None,
+) -> None:
+    for event in sorted(events):
+        pts = [
+            (clock(m.ts), getattr(m, figure) / MiB)
+            for life in lives
+            for m in life.marks
+            if m.event == event
+            and getattr(m, figure)
+            and (only_without is None or not getattr(m, only_without))
+        ]
+        if pts:
+            marker, color = STYLE[event]
+            xs, ys = zip(*pts, strict=True)
+            dots = ax.scatter(xs, ys, marker=marker, color=color, s=42, zorder=5, label=event)
+            dots.set_gid(f"marks-{event}")
+
+
+def kinds_chart(rows: list[dict[str, Any]]) -> Any:
     """Growth attributed to each kind next to the RSS growth seen inside its own jobs."""
     plt = _pyplot()
-    kinds = [k["job"] for k in per_kind][:15]
+    rows = rows[:15]
+    kinds = [k["job"] for k in rows]
     fig, ax = plt.subplots(figsize=(11, 0.45 * max(3, len(kinds)) + 1), dpi=100)
     ys = range(len(kinds))
     ax.barh(
         [y + 0.2 for y in ys],
-        [k["attributed"] / MiB for k in per_kind[:15]],
+        [k["attributed_bytes"] / MiB for k in rows],
         0.4,
-        label="attributed by diagnose",
+        label="growth attributed (the verdict's)",
         color="tab:red",
     )
     ax.barh(
         [y - 0.2 for y in ys],
-        [k["seen"] / MiB for k in per_kind[:15]],
+        [k["seen_bytes"] / MiB for k in rows],
         0.4,
-        label="RSS growth seen in its own jobs",
+        label="RSS growth seen inside its own jobs",
         color="tab:gray",
     )
     ax.set_yticks(list(ys), kinds)
@@ -147,31 +247,7 @@ def svg(fig: Any) -> str:
     return text[text.index("<svg") :]
 
 
-def per_kind_table(lives: list[Lifetime], result: dict[str, Any]) -> list[dict[str, Any]]:
-    runs: Counter[str] = Counter()
-    seen: Counter[str] = Counter()
-    secs: Counter[str] = Counter()
-    for life in lives:
-        for j in life.jobs:
-            runs[j["job"]] += 1
-            seen[j["job"]] += max(0, j["rss_after"] - (j.get("rss_before") or j["rss_after"]))
-            secs[j["job"]] += float(j.get("duration_s") or 0)
-    attributed = {s["job"]: s["growth_bytes"] for s in result["suspects"]}
-    rows = [
-        {
-            "job": k,
-            "runs": runs[k],
-            "seen": seen[k],
-            "attributed": attributed.get(k, 0),
-            "mean_s": secs[k] / runs[k],
-        }
-        for k in runs
-    ]
-    rows.sort(key=lambda r: (-r["attributed"], -r["seen"]))
-    return rows
-
-
-def _table(head: Sequence[str], rows: list[Sequence[Any]], cls: str) -> str:
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], cls: str) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
@@ -185,87 +261,161 @@ h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
 text-align:left}th{background:#f3f3f3}.verdict{font-size:1.2em;font-weight:600}
 .leak{color:#b00}.bloat{color:#b60}.stable{color:#070}figure{margin:0}svg{max-width:100%;height:auto}
-code{background:#f6f6f6;padding:0 .2em}
+code{background:#f6f6f6;padding:0 .2em}.note{color:#555}
 """
 
 
-def build(records: list[dict[str, Any]], skipped: int = 0, title: str = "memwarden report") -> str:
+def build(analysis: Analysis, title: str = "memwarden report") -> str:
     """The whole page as one HTML string."""
-    lives, _ = lifetimes(records)
-    result = diagnose(records, skipped)
+    result = analysis.result
     ev = result["evidence"]
-    kinds = per_kind_table(lives, result)
-    main = svg(memory_chart(lives))
+    pattern = result["pattern"]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="verdict {result["pattern"]}" id="verdict">{result["pattern"].upper()} '
+        f'<p class="verdict {pattern}" id="verdict">{pattern.upper()} '
         f"(confidence {result['confidence']:.2f})</p>",
         f"<p>{ev['jobs']} jobs in {ev['lifetimes']} process lifetime(s), {ev['kinds']} job "
-        f"kinds; {ev['reclaims']} reclaims freed {format_size(ev['reclaimed_bytes'])}; "
-        f"{result['skipped_lines']} malformed lines skipped.</p>",
-        f'<figure id="memory-chart">{main}</figure>',
-        "<h2>Suspects</h2>",
+        f"kinds; {ev['reclaims']} reclaims freed {format_size(ev['reclaimed_bytes'])} of the "
+        f"processes' RSS; {result['skipped_lines']} malformed lines skipped.</p>",
     ]
-    if result["suspects"]:
-        rows = []
-        for s in result["suspects"]:
-            top = (s.get("trace") or [{}])[0]
-            site = f"{top.get('where', '')} {top.get('code', '')}".strip()
-            rows.append(
-                [
-                    s["job"],
-                    format_size(s["growth_bytes"]),
-                    f"{s['share']:.0%}",
-                    s["runs"],
-                    format_size(s["per_run_bytes"]),
-                    site,
-                ]
-            )
-        parts.append(
-            _table(
-                ["job kind", "growth", "share", "runs", "per run", "traced at"], rows, "suspects"
-            )
-        )
-    else:
-        parts.append("<p>None: memory is stable.</p>")
+    pace = pace_words(result.get("pace"), pattern)
+    notes = ([pace] if pace else []) + result.get("notes", [])
+    parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
+    parts.append(f'<figure id="memory-chart">{svg(memory_chart(analysis))}</figure>')
+    parts += _suspects(result)
     parts.append("<h2>Advice</h2><ul>")
     parts += [f"<li>{html.escape(a)}</li>" for a in result["advice"]]
-    parts.append("</ul><h2>Growth per job kind</h2>")
-    if kinds:
-        parts.append(f'<figure id="kinds-chart">{svg(kinds_chart(kinds))}</figure>')
-        parts.append(
-            _table(
-                ["job kind", "runs", "attributed growth", "RSS growth in own jobs", "mean time"],
-                [
-                    [
-                        k["job"],
-                        k["runs"],
-                        format_size(k["attributed"]),
-                        format_size(k["seen"]),
-                        f"{k['mean_s']:.3f} s",
-                    ]
-                    for k in kinds
-                ],
-                "kinds",
-            )
-        )
-    reasons: Counter[tuple[str, str, str]] = Counter()
-    for life in lives:
-        for r in life.restarts + life.kills:
-            action = "kill" if r["event"] == "kill" else str(r.get("action") or "restart")
-            dry = " (dry run)" if r.get("dry_run") else ""
-            reasons[(_reason(r.get("reason")), action + dry, str(r.get("reason") or ""))] += 1
-    parts.append("<h2>Restart reasons</h2>")
-    if reasons:
-        rows = [[k[0], k[1], k[2], n] for k, n in reasons.most_common()]
-        parts.append(_table(["reason", "action", "last message", "count"], rows, "restarts"))
-    else:
-        parts.append("<p>No restarts or kills.</p>")
+    parts.append("</ul>")
+    parts += _kinds(result["kinds"])
+    parts += _reasons(ev)
+    parts += _input(result)
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _suspects(result: dict[str, Any]) -> list[str]:
+    out = ["<h2>Suspects</h2>"]
+    if not result["suspects"]:
+        out.append(f"<p>None: memory is {html.escape(result['pattern'])}.</p>")
+        return out
+    rows = []
+    for s in result["suspects"]:
+        top = (s.get("trace") or [{}])[0]
+        site = f"{top.get('where', '')} {top.get('code', '')}".strip()
+        rows.append(
+            [
+                s["job"],
+                format_size(s["growth_bytes"]),
+                f"{s['share']:.0%}",
+                s["runs"],
+                format_size(s["per_run_bytes"]),
+                site,
+            ]
+        )
+    out.append(
+        _table(["job kind", "growth", "share", "runs", "per run", "traced at"], rows, "suspects")
+    )
+    return out
+
+
+def _kinds(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["<h2>Growth per job kind</h2>"]
+    if not rows:
+        out.append("<p>No job records.</p>")
+        return out
+    out.append(f'<figure id="kinds-chart">{svg(kinds_chart(rows))}</figure>')
+    out.append(
+        '<p class="note">"Attributed" is the verdict\'s: the suspects above. "Seen inside its '
+        "own jobs\" is RSS growth between a job's start and end, which often lands in a later "
+        "job than the one that caused it, or in any job that runs beside it.</p>"
+    )
+    out.append(
+        _table(
+            [
+                "job kind",
+                "runs",
+                "growth attributed",
+                "share",
+                "RSS growth seen inside its own jobs",
+                "biggest rise in one job",
+                "mean time",
+            ],
+            [
+                [
+                    k["job"],
+                    k["runs"],
+                    format_size(k["attributed_bytes"]),
+                    f"{k['share']:.0%}",
+                    format_size(k["seen_bytes"]),
+                    format_size(k["biggest_bytes"]),
+                    f"{k['mean_s']:.3f} s",
+                ]
+                for k in rows[:40]
+            ],
+            "kinds",
+        )
+    )
+    if len(rows) > 40:
+        out.append(f"<p>… and {len(rows) - 40} more kinds.</p>")
+    return out
+
+
+def _reasons(ev: dict[str, Any]) -> list[str]:
+    out = ["<h2>Restarts, recycles and kills</h2>"]
+    groups = ev["restart_reasons"]
+    if ev["oom_kills"]:
+        out.append(f"<p>The kernel OOM-killed {ev['oom_kills']} process(es).</p>")
+    if not groups:
+        out.append("<p>No restarts, recycles or kills.</p>")
+        return out
+    rows = []
+    for g in groups:
+        low, high = g["low_bytes"], g["high_bytes"]
+        at = (
+            ""
+            if low is None
+            else format_size(low)
+            if high == low
+            else f"{format_size(low)} – {format_size(high)}"
+        )
+        limit = format_size(g["limit_bytes"]) if g["limit_bytes"] else ""
+        rows.append([g["cause"], g["action"], g["count"], at, limit, g["last_reason"]])
+    out.append(
+        _table(["cause", "action", "count", "memory at", "limit", "last message"], rows, "restarts")
+    )
+    return out
+
+
+def _input(result: dict[str, Any]) -> list[str]:
+    read = result.get("input")
+    if not read or not (read["bad_lines"] or read["problems"]):
+        return []
+    out = ["<h2>Input</h2><ul>"]
+    out += [f"<li>{html.escape(p)}</li>" for p in read["problems"]]
+    if read["bad_lines"]:
+        out.append(
+            f"<li>{read['bad_lines']} bad line(s) skipped of {read['lines']}: "
+            + html.escape("; ".join(read["first_bad_lines"][:5]))
+            + "</li>"
+        )
+    out.append("</ul>")
+    return out
+
+
+def output_format(output: str) -> str:
+    """``html`` or ``png`` by the file's extension; anything else is refused."""
+    ext = os.path.splitext(output)[1].lower()
+    if ext not in FORMATS:
+        click.echo(
+            f"memwarden: cannot write {output}: the report is a page (.html) or the memory "
+            "chart alone (.png)",
+            err=True,
+        )
+        sys.exit(2)
+    return FORMATS[ext]
 
 
 @click.command("report")
@@ -275,22 +425,20 @@ def build(records: list[dict[str, Any]], skipped: int = 0, title: str = "memward
     "--output",
     default="report.html",
     show_default=True,
-    help="report.html (the page) or report.png (the main chart alone).",
+    help="report.html (the page) or report.png (the memory chart alone).",
 )
 def report_command(journals: tuple[str, ...], output: str) -> None:
-    """An HTML report (or PNG chart) from journal files (- for stdin)."""
-    try:
-        records, bad = load(journals)
-    except OSError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if output.lower().endswith(".png"):
-        lives, _ = lifetimes(records)
-        fig = memory_chart(lives)
+    """An HTML report (or PNG chart) from journal files (- for stdin; gzip is read as is).
+    Exit status 1: nothing to report; 2: a file cannot be read, or an unknown -o format."""
+    kind = output_format(output)
+    _pyplot()  # the extra is there, before reading a big journal
+    analysis, _ = run_analysis(journals)
+    if kind == "png":
+        fig = memory_chart(analysis)
         fig.savefig(output, format="png")
         _pyplot().close(fig)
     else:
-        page = build(records, bad)
-        page = re.sub(r"[ \t]+\n", "\n", page)
+        page = re.sub(r"[ \t]+\n", "\n", build(analysis))
         with open(output, "w", encoding="utf-8") as f:
             f.write(page)
     click.echo(output)

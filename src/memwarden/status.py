@@ -10,14 +10,16 @@ from typing import Any
 
 import click
 
+from memwarden.redact import text
 from memwarden.units import format_duration, format_size
 
-COLUMNS = ("FLEET", "WORKER", "PID", "FRAMEWORK", "MEMORY", "SOFT", "HARD", "STATE")
-COLUMNS += ("RESTARTS/1H", "LAST CULPRIT", "UPTIME", "SEEN")
+COLUMNS: tuple[str, ...] = ("FLEET", "WORKER", "PID", "FRAMEWORK", "MEMORY", "SOFT", "HARD")
+COLUMNS += ("STATE",)
+COLUMNS += ("RESTARTS/1H", "OOM KILLS", "PSI10 SOME/FULL", "LAST CULPRIT", "UPTIME", "SEEN")
 
 
 def rows(report: dict[str, Any], now: float) -> list[tuple[str, ...]]:
-    out = []
+    out: list[tuple[str, ...]] = []
     for w in report["wardens"]:
         out.append(
             (
@@ -30,12 +32,22 @@ def rows(report: dict[str, Any], now: float) -> list[tuple[str, ...]]:
                 format_size(w.get("hard_limit")),
                 str(w.get("state") or "-") + (" (dry run)" if w.get("dry_run") else ""),
                 str(w.get("restarts_1h", "-")),
+                str(w.get("oom_kills", "-")),
+                _pressure(w),
                 str(w.get("last_culprit") or "-"),
                 format_duration(float(w.get("uptime_s") or 0)),
                 f"{max(0.0, now - float(w.get('ts') or now)):.0f}s ago",
             )
         )
     return out
+
+
+def _pressure(w: dict[str, Any]) -> str:
+    """``1.2/0.4%`` (some/full, avg10), ``*`` when it is the system's, not the cgroup's."""
+    some, full = w.get("psi_some10"), w.get("psi_full10")
+    if some is None or full is None:
+        return "-"
+    return f"{some:.1f}/{full:.1f}%" + ("*" if w.get("psi_src") == "system" else "")
 
 
 def render(report: dict[str, Any], now: float | None = None) -> str:
@@ -47,6 +59,11 @@ def render(report: dict[str, Any], now: float | None = None) -> str:
         lines.append("(no live warden: none has sent a heartbeat lately)")
     for fleet, holders in sorted(report["restarting"].items()):
         lines.append(f"restarting in {fleet}: {', '.join(holders)}")
+    if any(w.get("psi_src") == "system" for w in report["wardens"]):
+        lines.append("(* memory pressure of the whole machine: the cgroup keeps none, cgroup v1)")
+    bad = report.get("malformed", 0)
+    if bad:
+        lines.append(f"({bad} malformed heartbeat{'' if bad == 1 else 's'} skipped)")
     return "\n".join(lines)
 
 
@@ -79,7 +96,16 @@ def status(url: str | None, fleet: str | None, as_json: bool) -> None:
             "memwarden: status needs the redis package: pip install memwarden[redis]", err=True
         )
         sys.exit(2)
-    except Exception as exc:  # connection refused, bad URL, auth
+    except (OSError, ValueError) as exc:  # a bad URL
         click.echo(f"memwarden: cannot read Redis {redact(url)}: {type(exc).__name__}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # redis errors: connection refused, auth, timeouts
+        if type(exc).__module__.startswith("redis"):
+            click.echo(
+                f"memwarden: cannot read Redis {redact(url)}: {type(exc).__name__}", err=True
+            )
+        else:  # not Redis's fault: say what it was, not a traceback
+            shown = text(str(exc), known=[url])
+            click.echo(f"memwarden: status failed: {type(exc).__name__}: {shown}", err=True)
         sys.exit(1)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))

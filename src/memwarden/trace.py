@@ -8,14 +8,24 @@ blocks, the source line). tracemalloc slows allocation-heavy code about 10×, so
 by default, bounded, and stopped afterwards (unless someone else had started it).
 
 Also here: :func:`live_figures`, the live-memory figures the warden adds to ``job``
-records (``blocks``: ``sys.getallocatedblocks()``; ``heap_in_use``: glibc's
-``mallinfo2().uordblks``), a few microseconds each (``bench/live_figures.py``).
+records, and :func:`live_bytes`, the one live-memory figure diagnose reads from them:
+
+- ``blocks``: ``sys.getallocatedblocks()``, Python's small objects (pymalloc maps its arenas
+  itself, so no malloc figure counts them); about :data:`BLOCK_BYTES` each.
+- glibc: ``heap_in_use`` (``mallinfo2().uordblks``, bytes in use in the arenas) and
+  ``mmapped`` (``hblkhd``, the chunks of 128 KiB and more that malloc serves by ``mmap``:
+  a 5 MiB buffer kept per job moves ``mmapped``, never ``uordblks``).
+- jemalloc: ``allocated`` (``stats.allocated``, every live malloc byte, small or large).
+
+A few microseconds each on glibc, some tens under jemalloc (its ``epoch`` refresh):
+``bench/live_figures.py``; :class:`LiveFigures` turns them off where that is dear.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import hashlib
 import linecache
 import logging
@@ -48,13 +58,60 @@ def _mallinfo2() -> Callable[[], Any] | None:
     return fn  # type: ignore[no-any-return]
 
 
+#: Bytes per Python block, to put ``blocks`` on the malloc figures' scale (an estimate).
+BLOCK_BYTES = 64
+
+
+@cache
+def _jemalloc_allocated() -> Callable[[], int | None] | None:
+    """A reader of jemalloc's ``stats.allocated`` (after an ``epoch`` refresh), if usable."""
+    mallctl = reclaim._jemalloc_mallctl()
+    if mallctl is None:
+        return None
+
+    def read() -> int | None:
+        epoch = ctypes.c_uint64(1)
+        mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.c_size_t(8))
+        value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        got = mallctl(
+            b"stats.allocated", ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)
+        )
+        return int(value.value) if got == 0 else None  # stats built out: ENOENT
+
+    return read if read() is not None else None
+
+
 def live_figures() -> dict[str, int]:
-    """``blocks`` (Python's allocated blocks) and, on glibc, ``heap_in_use`` (malloc bytes)."""
+    """``blocks`` (Python's allocated blocks) and the allocator's live bytes: on glibc
+    ``heap_in_use`` and ``mmapped``, under jemalloc ``allocated``."""
     out = {"blocks": sys.getallocatedblocks()}
     fn = _mallinfo2()
     if fn is not None:
-        out["heap_in_use"] = int(fn().uordblks)
+        info = fn()
+        out["heap_in_use"] = int(info.uordblks)
+        out["mmapped"] = int(info.hblkhd)
+        return out
+    allocated = _jemalloc_allocated()
+    if allocated is not None:
+        value = allocated()
+        if value is not None:
+            out["allocated"] = value
     return out
+
+
+def live_bytes(fields: dict[str, Any], suffix: str = "") -> float | None:
+    """Live memory from a record's figures (``suffix`` ``"_before"`` for the job's start):
+    the allocator's live bytes plus Python's blocks. None unless the figures see every
+    allocator path: ``heap_in_use`` alone (journals before ``mmapped`` was recorded) or
+    ``blocks`` alone is blind to big buffers."""
+    blocks = fields.get("blocks" + suffix)
+    allocated = fields.get("allocated" + suffix)
+    if allocated is None:
+        heap, mapped = fields.get("heap_in_use" + suffix), fields.get("mmapped" + suffix)
+        if heap is None or mapped is None:
+            return None
+        allocated = heap + mapped
+    return float(allocated) + BLOCK_BYTES * float(blocks or 0)
 
 
 class LiveFigures:
@@ -234,13 +291,12 @@ class Tracer:
         return True
 
     def _blame(self) -> str | None:
-        from memwarden.diagnose import Lifetime, attribute_events, attribute_leak, rank
+        from memwarden.diagnose import leak_suspects
 
-        life = Lifetime(os.getpid(), jobs=list(self._history))
-        if life.live() is not None:
-            suspects = rank(attribute_leak([life], live=True))
-        else:
-            suspects = rank(attribute_events([life]))
+        # the warden's job fields, as this process's journal records in order
+        suspects = leak_suspects(
+            {**r, "event": "job", "ts": float(i), "pid": 0} for i, r in enumerate(self._history)
+        )
         if not suspects:
             if len(self._history) >= 10 * AUTO_AFTER:
                 self._history = self._history[-5 * AUTO_AFTER :]

@@ -9,15 +9,31 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
+
+from memwarden import redact
 
 
 class SettingError(ValueError):
     """A setting's value cannot be understood; the message names it and shows an example."""
 
-    def __init__(self, setting: str, value: object, expected: str, example: str) -> None:
+    def __init__(
+        self,
+        setting: str,
+        value: object,
+        expected: str,
+        example: str,
+        *,
+        example_setting: str | None = None,
+    ) -> None:
         self.setting = setting
-        super().__init__(f"{setting}={value!r}: {expected} (for example {setting}={example})")
+        shown = redact.value(value)
+        named = example_setting or setting
+        super().__init__(f"{setting}={shown!r}: {expected} (for example {named}={example})")
 
+
+#: The largest size taken (1 EiB): anything above is a typo, and would overflow later.
+MAX_SIZE = 1 << 60
 
 _SIZE_UNITS = {
     "": 1,
@@ -49,7 +65,7 @@ def parse_size(value: str | int | float, setting: str = "size", quota: int | Non
     if isinstance(value, int):
         if value < 0:
             raise SettingError(setting, value, "a size cannot be negative", example)
-        return value * 1024
+        return _bounded(value * 1024, setting, value)
     if isinstance(value, float):
         raise SettingError(setting, value, "give a size with a unit", example)
     text = str(value)
@@ -70,10 +86,16 @@ def parse_size(value: str | int | float, setting: str = "size", quota: int | Non
     if unit == "":
         if "." in number:
             raise SettingError(setting, value, "a bare number is KiB and must be whole", "524288")
-        return int(number) * 1024
+        return _bounded(int(number) * 1024, setting, value)
     if unit not in _SIZE_UNITS:
         raise SettingError(setting, value, f"unknown size unit {match.group(2)!r}", example)
-    return int(float(number) * _SIZE_UNITS[unit])
+    return _bounded(int(Fraction(number) * _SIZE_UNITS[unit]), setting, value)
+
+
+def _bounded(size: int, setting: str, value: object) -> int:
+    if size > MAX_SIZE:
+        raise SettingError(setting, value, "too large to be a memory size", "512MB")
+    return size
 
 
 def parse_duration(value: str | int | float, setting: str = "duration") -> float:
@@ -90,7 +112,10 @@ def parse_duration(value: str | int | float, setting: str = "duration") -> float
         raise SettingError(
             setting, value, "expected a duration such as 120, 90s, 2m or 1h", example
         )
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise SettingError(setting, value, "too long to be a duration", example)
+    return seconds
 
 
 def parse_bool(value: str | bool | int, setting: str = "flag") -> bool:

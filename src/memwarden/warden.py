@@ -27,18 +27,24 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from memwarden import reclaim as reclaim_mod
-from memwarden.config import Config
+from memwarden import state
+from memwarden.config import Config, limits_error
 from memwarden.coordination import HostLock, Once, RestartLock
+from memwarden.digest import action_word
+from memwarden.events import Cause, cause_field
 from memwarden.fleet import Fleet
 from memwarden.gauges import Gauge, ProcessGauge, Quota, Sample, choose_gauge
 from memwarden.gauges.cgroup import Cgroup
-from memwarden.gauges.proc import children_of, self_rss
+from memwarden.gauges.pressure import Signals
+from memwarden.gauges.proc import children_of, process_tree, rss, self_rss
 from memwarden.gauges.quota import detect_quota
 from memwarden.journal import Journal
+from memwarden.oom import OomWatch
 from memwarden.policy import Action, Decision, Limits, Policy
 from memwarden.restart import Restarter, make_restarter
 from memwarden.trace import LiveFigures, Tracer
-from memwarden.units import SettingError, format_size
+from memwarden.units import format_size
+from memwarden.wardens import being_killed, name_this_thread, runs_warden
 
 log = logging.getLogger("memwarden")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,8 +58,19 @@ SAMPLE_EVERY = 1.0
 #: (a child's trim took 18-40 ms in the quota bench; the hard limit is judged meanwhile).
 RECLAIM_SETTLE = 0.5
 
+#: A condition that holds (restarts capped, an unusable state dir) is said again at most
+#: this often (s).
+SAY_AGAIN_AFTER = 60.0
+
+#: Seconds a kill left to a larger sibling process waits for its memory to be freed after it
+#: is gone (a killed process's pages are uncharged from the cgroup a moment after its end).
+SIBLING_SETTLE = 1.0
+#: After that, while memory is not rising, up to this long (s): the killed sibling's memory
+#: is still being given back (slowly on a busy machine, where an exit waits for a CPU).
+SIBLING_SETTLE_MAX = 10.0
+
 #: The after-job decision while well under the limits (no allocation on the fast path).
-UNDER = Decision(Action.OK, "under soft limit", 0)
+UNDER = Decision(Action.OK, "under soft limit", 0, cause=Cause.UNDER_SOFT)
 
 
 def swallow_but(*let_through: type[BaseException]) -> Callable[[F], F]:
@@ -110,8 +127,15 @@ def signals_held(signums: Iterable[int]) -> Iterator[None]:
 class Hooks:
     """What an integration can do that the core cannot. Every hook is optional."""
 
-    #: Stop taking new jobs (do not exit): the first step of a graceful restart.
+    #: Stop taking new jobs (do not exit): the first step of a graceful restart. For good:
+    #: the worker exits once its jobs in hand are done.
     drain: Callable[[], None] | None = None
+    #: Stop taking new jobs for now (jobs in hand go on): memory is over the soft limit.
+    #: Called once per episode; cheap and idempotent where the framework allows.
+    pause: Callable[[], None] | None = None
+    #: Take new jobs again after :attr:`pause`: memory fell back under the soft limit
+    #: (never after a drain: a restart under way is not undone).
+    resume: Callable[[], None] | None = None
     #: Jobs running now, when the framework knows better than our own hook records.
     in_flight: Callable[[], list[dict[str, Any]]] | None = None
     #: Recycle one pool child; True if it will happen.
@@ -141,12 +165,7 @@ def resolve_limits(
         if hard is None:
             hard = int(q * hard_share)
     if soft is not None and hard is not None and hard < soft:
-        raise SettingError(
-            "MEMWARDEN_HARD_LIMIT",
-            config.hard_limit or format_size(hard),
-            f"the hard limit must not be below the soft limit ({format_size(soft)})",
-            "1GB",
-        )
+        raise limits_error(config, soft, hard, q)
     first = soft if soft is not None else hard
     return Limits(
         soft=soft,
@@ -163,29 +182,42 @@ def resolve_limits(
             None if first is None or (can_recycle and not pool_reclaim) else first // 10
         ),
         can_recycle=can_recycle,
+        drain_time=config.shutdown_timeout,
+        pressure_full=None if config.pressure_full is None else float(config.pressure_full) / 100,
+        pressure_hold=config.pressure_hold,
     )
 
 
 class RestartHistory:
-    """Restart times on this host (a small JSON file), for the per-window cap."""
+    """Restarts on this host (a small JSON file of ``[time, loops]`` pairs): the looping
+    ones (:attr:`Policy.loops`) for the per-window cap, all of them for ``status``."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def load(self) -> list[float]:
+    def entries(self) -> list[tuple[float, bool]]:
         try:
-            with open(self.path) as f:
-                return [float(t) for t in json.load(f)]
-        except (OSError, ValueError, TypeError):
+            raw = json.loads(state.read_text(self.path) or "[]")
+            # A bare time (an older file) counts as a loop: the cap as it was.
+            return [
+                (float(e), True) if not isinstance(e, list) else (float(e[0]), bool(e[1]))
+                for e in raw
+            ]
+        except (OSError, ValueError, TypeError, IndexError):
             return []
 
-    def add(self, t: float, keep: float) -> None:
-        times = [x for x in self.load() if t - x < keep] + [t]
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(times, f)
-        os.replace(tmp, self.path)
+    def load(self) -> list[float]:
+        """Times of every restart."""
+        return [t for t, _ in self.entries()]
+
+    def loops(self) -> list[float]:
+        """Times of the restarts that looped: what the cap counts."""
+        return [t for t, loops in self.entries() if loops]
+
+    def add(self, t: float, keep: float, loops: bool = True) -> None:
+        kept = [[x, lp] for x, lp in self.entries() if t - x < keep] + [[t, loops]]
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        state.write_atomic(self.path, json.dumps(kept))
 
 
 class Warden:
@@ -238,7 +270,9 @@ class Warden:
             if self.fleet is not None:
                 locks.append(self.fleet.lock)
         self.once = Once(*locks)
-        self.policy = Policy(self.limits, started_at=time.time(), past_restarts=self.history.load())
+        self.policy = Policy(
+            self.limits, started_at=time.time(), past_restarts=self.history.loops()
+        )
         self._in_flight: dict[Any, dict[str, Any]] = {}
         self._mutex = threading.RLock()
         self._stop = threading.Event()
@@ -253,8 +287,20 @@ class Warden:
         #: worker, whatever a ``kill`` hook could take instead.
         self.overrun = False
         self.last_culprit: str | None = None
-        self.counts = {"jobs": 0, "reclaims": 0, "freed": 0, "restarts": 0, "kills": 0}
+        self.counts = {
+            "jobs": 0,
+            "reclaims": 0,
+            "freed": 0,
+            "restarts": 0,
+            "kills": 0,
+            "oom_kills": 0,
+        }
         self._said_off = False
+        #: Intake paused by us (:attr:`Hooks.pause`), and when the restart cap was last said.
+        self.paused = False
+        self._capped_said_at = self._deferred_said_at = -SAY_AGAIN_AFTER
+        self._deferred_at = -SIBLING_SETTLE_MAX
+        self._deferred_total = 0
         #: tracemalloc around a few runs of one kind (MEMWARDEN_TRACE), and the metrics.
         self.tracer = (
             Tracer(self.config.trace, self.config.trace_runs, state, self.journal.write)
@@ -263,13 +309,44 @@ class Warden:
         )
         self.metrics: Any = None
         self.live = LiveFigures(self.config.live_memory)
+        #: The kernel's OOM kills in our cgroup, looked at start and about once a second.
+        self.oom = OomWatch(cgroup, state) if cgroup is not None else None
+        self._oom_looked_at = 0.0
+        #: Memory pressure (PSI) and the cgroup's memory events, for samples and metrics.
+        self.signals = Signals(cgroup)
         self._at_start()
 
     @swallow
     def _at_start(self) -> None:
         """The start-up reading: a process that starts over its soft limit is told loudly."""
+        self._look_for_oom_kills(at_start=True)
         if self.enabled:
             self._respond(self.policy.at_start(self.read().total))
+
+    def _look_for_oom_kills(self, at_start: bool = False) -> None:
+        """Say (journal and log) each OOM kill the kernel made in our cgroup."""
+        if self.oom is None:
+            return
+        self._oom_looked_at = time.monotonic()
+        kills = self.oom.new_kills()
+        if not kills:
+            return
+        self.counts["oom_kills"] += kills
+        self.journal.write(
+            "oom_kill",
+            kills=kills,
+            oom_kills=self.oom.seen,
+            cgroup=self.oom.cgroup.path,
+            limit=self.quota.limit,
+            before_start=at_start,
+        )
+        log.error(
+            "memwarden: the kernel OOM-killed %d process(es) in this cgroup%s: the ladder "
+            "acted too late. Lower MEMWARDEN_SOFT_LIMIT / MEMWARDEN_HARD_LIMIT, or see "
+            "`memwarden diagnose`.",
+            kills,
+            " before this worker started" if at_start else "",
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Warden:
@@ -393,14 +470,22 @@ class Warden:
         if fast_rss is not None:  # the per-job fast path: no full read while well under
             total = self.estimate(fast_rss)
             if total is not None and total < self._first_limit:
-                if self.policy.over_since is not None:
-                    return self.policy.observe(total, time.time())  # the episode is over
+                if self.policy.over_since is not None:  # the episode is over
+                    return self._respond(self.policy.observe(total, time.time()))
                 return UNDER
         total = self.read().total
         # Only the watchdog projects, over the lookahead it set for its own next reading: a
         # reading at a job's end comes when that job's growth is over, and readings of job
         # ends a few ms apart in a threads pool make a burst look like GiB/s.
-        return self._respond(self.policy.observe(total, time.time(), project=False))
+        decision = self.policy.observe(total, time.time(), project=False, busy=self._busy(total))
+        return self._respond(decision)
+
+    def _busy(self, total: int) -> bool | None:
+        """Whether a job is in hand, asked only over the soft limit (None under it)."""
+        soft = self.limits.soft
+        if soft is None or total < soft:
+            return None
+        return bool(self.in_flight())
 
     def _respond(self, decision: Decision) -> Decision:
         if decision.alarm:
@@ -413,6 +498,7 @@ class Warden:
         action = decision.action
         if action is Action.RECLAIM:
             return self._reclaim(decision)
+        self._steer_intake(decision)
         if action is Action.RECYCLE_CHILD:
             self.policy.did_recycle()
             if self.config.dry_run:
@@ -423,9 +509,33 @@ class Warden:
             self._restart(decision)
         elif action is Action.KILL:
             self._kill(decision)
-        elif action is Action.WAIT and "restarts in the last" in decision.reason:
+        elif decision.capped and time.monotonic() - self._capped_said_at >= SAY_AGAIN_AFTER:
+            self._capped_said_at = time.monotonic()
             log.error("memwarden: %s", decision.reason)
         return decision
+
+    def _steer_intake(self, decision: Decision) -> None:
+        """Pause intake while the policy says so (over the soft limit), resume when it no
+        longer does — never once a restart or kill is under way: a drain stays a drain."""
+        want = self.policy.paused
+        if want == self.paused or (not want and (self.policy.restarting or self.policy.killed)):
+            return
+        self.paused = want
+        hook = self.hooks.pause if want else self.hooks.resume
+        if hook is None:  # nothing to pause here (a pool child): nothing to say
+            return
+        event = "pause" if want else "resume"
+        self.journal.write(event, total=decision.total, limit=self.limits.soft)
+        log.info(
+            "memwarden: %s intake at %s (soft limit %s)",
+            event,
+            format_size(decision.total),
+            format_size(self.limits.soft),
+        )
+        try:
+            hook()
+        except Exception:
+            log.exception("memwarden: the %s hook failed", event)
 
     def _reclaim(self, decision: Decision, decide: bool = True) -> Decision:
         now = time.time()
@@ -451,15 +561,26 @@ class Warden:
             trimmed=got.trimmed,
             seconds=round(got.seconds, 6),
             reason=decision.reason,
+            **cause_field(decision.cause),
             **({"children_asked": asked} if asked else {}),
         )
-        log.info(
-            "memwarden: reclaimed %s (%s -> %s)",
-            format_size(got.freed),
-            format_size(decision.total),
-            format_size(after.total),
+        whole = (
+            ""
+            if self.gauge.source == "process"
+            else (
+                f"; {self.gauge.source} figure {format_size(decision.total)} -> "
+                f"{format_size(after.total)}"
+            )
         )
-        after_decision = self.policy.observe(after.total, time.time())
+        log.info(
+            "memwarden: reclaimed %s of this process's RSS (%s -> %s)%s",
+            format_size(got.freed),
+            format_size(got.before),
+            format_size(got.after),
+            whole,
+        )
+        busy = self._busy(after.total)
+        after_decision = self.policy.observe(after.total, time.time(), busy=busy)
         return self._respond(after_decision) if decide else after_decision
 
     def _ask_reclaim(self, reason: str) -> int:
@@ -472,14 +593,17 @@ class Warden:
             return 0
 
     @swallow
-    def reclaim_now(self, reason: str, decide: bool = True) -> Decision | None:
+    def reclaim_now(
+        self, reason: str, decide: bool = True, cause: Cause = Cause.ASKED
+    ) -> Decision | None:
         """Reclaim at once, asked from outside (a pool child asked by its worker), then
         decide as after any reclaim — or, with ``decide=False``, leave what follows to the
         next check (where only that moment can act on it) and return what it would be."""
         if not self.enabled:
             return None
         total = self.read().total
-        return self._reclaim(Decision(Action.RECLAIM, reason, total, self.limits.soft), decide)
+        asked = Decision(Action.RECLAIM, reason, total, self.limits.soft, cause=cause)
+        return self._reclaim(asked, decide)
 
     def _record(
         self,
@@ -492,6 +616,7 @@ class Warden:
         self.journal.write(
             event,
             reason=decision.reason,
+            **cause_field(decision.cause),
             total=decision.total,
             limit=decision.limit,
             gauge=self.gauge.source,
@@ -499,11 +624,12 @@ class Warden:
             **fields,
         )
         kinds = ", ".join(f"{j.get('job')}[{j.get('job_id')}]" for j in in_flight) or "none"
+        share = fields.get("action") == "recycle" and "share" in self.quota.source
         log.warning(
-            "memwarden: %s (%s): %s; in flight: %s",
-            event,
-            fields.get("action", event),
+            "memwarden: %s: %s%s; in flight: %s",
+            action_word(event, str(fields.get("action") or ""), bool(fields.get("dry_run"))),
             decision.reason,
+            "; the soft limit here is this pool child's share" if share else "",
             kinds,
         )
 
@@ -520,7 +646,7 @@ class Warden:
         self.policy.did_restart(now)
         self.counts["restarts"] += 1
         with contextlib.suppress(OSError):
-            self.history.add(now, self.limits.restart_window)
+            self.history.add(now, self.limits.restart_window, loops=self.policy.loops)
         self._record("restart", decision, action=self.restarter.name)
         threading.Thread(
             target=self._restart_sequence, args=(decision,), name="memwarden-restart", daemon=True
@@ -529,14 +655,17 @@ class Warden:
     @swallow
     def _restart_sequence(self, decision: Decision) -> None:
         timeout = self.config.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        if self.paused and self.hooks.resume is not None:
+            # Intake is paused already, and can resume: the jobs in hand end first, and if
+            # memory is back under the soft limit then (a spike that went back down), the
+            # restart is called off. Else the drain below makes it for good.
+            self._wait_for_jobs_in_hand(deadline)
+            if self._call_off():
+                return
         if self.hooks.drain is not None:
             self.hooks.drain()
-            deadline = time.monotonic() + timeout
-            # A kill under way may take one pool child or work horse (then we recover and
-            # the drain goes on: the worker waits for this restart) or the whole worker
-            # (then this thread dies with it).
-            while (self.policy.killed or self.in_flight()) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            self._wait_for_jobs_in_hand(deadline)
         if self.policy.killed:
             return
         self.restarter.restart(decision.reason)
@@ -551,32 +680,116 @@ class Warden:
                     f"still running {timeout:g}s after restart",
                     decision.total,
                     decision.limit,
+                    cause=Cause.SHUTDOWN_OVERRUN,
                 )
             )
 
+    def _wait_for_jobs_in_hand(self, deadline: float) -> None:
+        # A kill under way may take one pool child or work horse (then we recover and the
+        # drain goes on: the worker waits for this restart) or the whole worker (then this
+        # thread dies with it).
+        while (self.policy.killed or self.in_flight()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _call_off(self) -> bool:
+        """With the jobs in hand done: well under the soft limit again, and not moments
+        after the last call-off (:meth:`Policy.may_call_off`), the restart is called off
+        (its lock given back) and intake resumes. True when it was."""
+        soft = self.limits.soft
+        if self.policy.killed or self.in_flight() or soft is None or self.policy.pressured:
+            return False
+        total, now = self.read().total, time.time()
+        if not self.policy.may_call_off(total, now):
+            return False
+        # Said before the policy lets go: from then on another thread may resume intake.
+        self.journal.write("restart_called_off", total=total, limit=soft)
+        self.policy.did_call_off(now)
+        self.once.give_back()
+        self.counts["restarts"] -= 1
+        log.warning(
+            "memwarden: restart called off: %s, under the soft limit %s once the jobs in hand "
+            "were done",
+            format_size(total),
+            format_size(soft),
+        )
+        self._respond(self.policy.observe(total, time.time()))  # resumes intake
+        return True
+
     def _kill(self, decision: Decision) -> None:
-        # The job path and the watchdog may both decide KILL: the first one acts.
+        if self._a_sibling_holds_it(decision):
+            return
+        # The job path and the watchdog may both decide KILL: the first one acts. The jobs
+        # in flight are those started and not finished at this instant (job hooks take the
+        # same lock): one that ends a moment later still dies, one that starts later does
+        # not count.
         with self._mutex:
             if self.policy.killed:
                 return
             self.policy.did_kill()
+            in_flight = self.in_flight()
         if self.config.dry_run:
-            self._record("kill", decision, dry_run=True)
+            self._record("kill", decision, in_flight, dry_run=True)
             return
         self.counts["kills"] += 1
-        in_flight = self.in_flight()
         fields: dict[str, Any] = {}
         if self.hooks.before_kill is not None:
             try:
                 fields = self.hooks.before_kill(in_flight) or {}
             except Exception:
                 log.exception("memwarden: before_kill hook failed; killing anyway")
-        self._record("kill", decision, **fields)
+        # One list for the hook, the record and the log line (a hook may narrow it to the
+        # jobs that really die: those of the one child it kills).
+        self._record("kill", decision, fields.pop("in_flight", in_flight), **fields)
         self.journal.close()
         if self.hooks.kill is not None:
             self.hooks.kill()
             return
         kill_tree_and_self()
+
+    def _a_sibling_holds_it(self, decision: Decision) -> bool:
+        """Under a cgroup figure shared by sibling worker processes (Dramatiq's, Huey's),
+        the hard limit is everybody's: a process with no job in hand that is not the largest
+        in the cgroup leaves the kill to a larger one that runs a warden — its warden takes
+        it a moment later. Killing the smaller one would free less and still leave the
+        grower to be killed."""
+        cgroup = self.oom.cgroup if self.oom is not None else None
+        if cgroup is None or self.gauge.source != "cgroup" or self.hooks.kill is not None:
+            return False
+        if self.overrun:
+            return False
+        if self.in_flight():
+            return False
+        mine = set(process_tree(os.getpid()))
+        try:
+            with open(os.path.join(cgroup.path, "cgroup.procs")) as f:
+                others = [int(p) for p in f.read().split() if int(p) not in mine]
+        except (OSError, ValueError):
+            return False
+        own = sum(rss(p) for p in mine)
+        # Only a process that runs a warden takes the kill: one that runs none (a consumer's
+        # main process, its scheduler) would leave it to the kernel's OOM killer. One being
+        # killed (its warden's kill, seen before its memory is given back: its threads and
+        # its RSS may be gone already) frees memory: wait for it as for a kill taken.
+        larger = [p for p in others if (rss(p) > own and runs_warden(p)) or being_killed(p)]
+        now, was = time.monotonic(), self._deferred_total
+        self._deferred_total = decision.total
+        if larger:
+            self._deferred_at = now
+        elif now - self._deferred_at < SIBLING_SETTLE:
+            return True  # the larger one was just killed: its memory is still being freed
+        elif now - self._deferred_at < SIBLING_SETTLE_MAX and decision.total <= was:
+            return True  # and it still is: memory is not rising
+        if larger and time.monotonic() - self._deferred_said_at >= SAY_AGAIN_AFTER:
+            self._deferred_said_at = time.monotonic()
+            log.warning(
+                "memwarden: %s; no job in hand here and process %d is larger (%s > %s): "
+                "the kill is its to take",
+                decision.reason,
+                larger[0],
+                format_size(rss(larger[0])),
+                format_size(own),
+            )
+        return bool(larger)
 
     # ----------------------------------------------------------------- watchdog
     def start(self) -> Warden:
@@ -607,6 +820,8 @@ class Warden:
         self.journal.close()
 
     def _watch(self) -> None:
+        if self.limits.hard is not None and not self.config.dry_run:
+            name_this_thread()  # siblings may leave a hard kill to us (runs_warden)
         while not self._stop.is_set():
             self.watch_once()
             self._stop.wait(self.watch_interval())
@@ -630,7 +845,13 @@ class Warden:
         sample = self.read()
         # The policy judges the hard limit on where memory will be at the next reading.
         self.policy.lookahead = self.pace.interval_after(sample.total, self.policy.rise)
-        decision = self._respond(self.policy.observe(sample.total, time.time()))
+        busy = self._busy(sample.total)
+        psi = self.signals.full10() if self.limits.pressure_full is not None else None
+        decision = self._respond(
+            self.policy.observe(sample.total, time.time(), busy=busy, pressure=psi)
+        )
+        if time.monotonic() - self._oom_looked_at >= SAMPLE_EVERY:
+            self._look_for_oom_kills()
         if self.pace.record_due(quiet=decision.action in (Action.OK, Action.WAIT)):
             self.journal.write(
                 "sample",
@@ -639,6 +860,7 @@ class Warden:
                 limit=self.limits.soft,
                 hard=self.limits.hard,
                 gauge=sample.source,
+                **self.signals.journal_fields(),
             )
         return decision
 

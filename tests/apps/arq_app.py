@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from arq.connections import RedisSettings
@@ -47,6 +48,42 @@ async def hog(ctx: dict[str, Any], n: int, mb: int, first_only: bool = False) ->
     await done(ctx, n)
 
 
+async def big(ctx: dict[str, Any], n: int, mb: int, rate: float = 100.0) -> None:
+    """Take ``mb`` MiB at ``rate`` MiB/s, say so (``{queue}:peaked``), hold them until the
+    test sets ``{queue}:release:{n}`` (or 30 s have passed), free them: a big job that goes
+    back down."""
+    await attempt(ctx, n)
+    held: list[bytes] = []
+    t0 = time.monotonic()
+    for i in range(mb):
+        held.append(b"\x06" * workload.MB)
+        await asyncio.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
+    await ctx["redis"].hset(f"{QUEUE}:peaked", str(n), time.time())
+    deadline = time.monotonic() + 30
+    while not await ctx["redis"].exists(f"{QUEUE}:release:{n}") and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    del held
+    await done(ctx, n)
+
+
+async def keep(ctx: dict[str, Any], n: int, mb: float, io_s: float, big: bool) -> None:
+    """``io_s`` seconds of I/O, then keep ``mb`` MiB for good: one big (mmap'd) buffer, or
+    small heap pieces."""
+    await attempt(ctx, n)
+    await asyncio.sleep(io_s)
+    if big:
+        workload.LEAKED.append(b"\x08" * int(mb * workload.MB))
+    else:
+        workload.leak(mb)
+    await done(ctx, n)
+
+
+async def light(ctx: dict[str, Any], n: int) -> None:
+    """A small job that says when it started (``{queue}:started``)."""
+    await ctx["redis"].hset(f"{QUEUE}:started", str(n), time.time())
+    await done(ctx, n)
+
+
 async def nap(ctx: dict[str, Any], n: int, seconds: float) -> None:
     """A slow job, to be cut short."""
     await attempt(ctx, n)
@@ -60,11 +97,20 @@ async def user_job_start(ctx: dict[str, Any]) -> None:
 
 
 async def user_job_end(ctx: dict[str, Any]) -> None:
+    """The app's own after-job hook: it lingers 5 s after a ``lingering`` job."""
     await ctx["redis"].incr(f"{QUEUE}:user-hook-end")
+    if ctx.get("linger"):
+        await asyncio.sleep(5)
+
+
+async def lingering(ctx: dict[str, Any], n: int) -> None:
+    """A small job whose end lingers (the app's after-job hook takes 5 s for it)."""
+    ctx["linger"] = True
+    await done(ctx, n)
 
 
 class WorkerSettings:
-    functions = [work, hog, nap]
+    functions = [work, hog, nap, big, light, keep, lingering]
     queue_name = QUEUE
     redis_settings = REDIS
     max_jobs = 4

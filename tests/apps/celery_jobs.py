@@ -1,17 +1,19 @@
 """A Celery app for memwarden's end-to-end tests: real tasks that really grow memory.
 
 Configured by env: ``MWT_BROKER`` (Redis or RabbitMQ URL), ``MWT_QUEUE`` (unique per test),
-``MWT_RUN`` (prefix of the Redis keys where tasks record completions). Results and
-completion marks live in Redis DB 1.
+``MWT_RUN`` (prefix of the Redis keys where tasks record completions), ``MWT_VISIBILITY``
+(the Redis visibility timeout, s; ``default``: Celery's hour). Results and completion marks
+live in Redis DB 1.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 import memwarden.celery
 from memwarden import workload
@@ -31,13 +33,27 @@ app.conf.update(
     result_expires=900,
     broker_connection_retry_on_startup=True,
     worker_enable_remote_control=False,
+)
+VISIBILITY = os.environ.get("MWT_VISIBILITY", "4")
+if VISIBILITY != "default":
     # A short visibility timeout brings a SIGKILLed worker's tasks back in seconds (the
     # default is an hour); real tasks must finish well inside it or run twice.
-    broker_transport_options={"visibility_timeout": 4},
-)
+    # Kombu's restore takes a Redis lock that outlives a worker killed holding it by 5
+    # minutes (``unacked_mutex_expire``): the next worker could not restore for that long.
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(VISIBILITY),
+        "unacked_mutex_expire": max(2 * float(VISIBILITY), 5.0),
+    }
 if os.environ.get("MWT_GUARD", "1") != "0":
     memwarden.celery.guard(app)
 marks = redis.Redis.from_url(BACKEND)
+
+
+@signals.task_success.connect
+def _succeeded(sender: Any = None, **_: Any) -> None:
+    """Marks each success once Celery has stored it, by task id and process (connected
+    after the guard's receivers)."""
+    marks.hset(f"{RUN}:succeeded", f"{sender.request.id}:{os.getpid()}", f"{time.time():.6f}")
 
 
 def _where() -> str:
@@ -46,11 +62,14 @@ def _where() -> str:
 
 @app.task(name="mwt.work", bind=True)
 def work(self, kind: str = "", mb: int = 0) -> str:
-    """A short job; ``fragment`` leaves glibc fragmentation, ``leak`` keeps memory."""
+    """A short job; ``fragment`` leaves glibc fragmentation, ``leak`` keeps memory in small
+    (64 KiB, heap) pieces, ``leak_big`` in 1 MiB (mmap'd) ones."""
     if kind == "fragment":
         workload.fragment(mb, threads=2)
     elif kind == "leak":
         workload.leak(mb)
+    elif kind == "leak_big":
+        workload.leak(mb, chunk=MB)
     marks.sadd(f"{RUN}:done", self.request.id)
     return _where()
 
@@ -85,5 +104,44 @@ def poison(self, mb: int, step_mb: int = 8, pause: float = 0.05) -> str:
     for _ in range(0, mb, step_mb):
         held.append(bytearray(b"\x06") * (step_mb * MB))
         time.sleep(pause)
+    marks.sadd(f"{RUN}:done", self.request.id)
+    return _where()
+
+
+def _wait_for_key(name: str) -> None:
+    while not marks.exists(f"{RUN}:{name}"):
+        time.sleep(0.02)
+
+
+@app.task(name="mwt.hold", bind=True)
+def hold(self, mb: int = 0) -> str:
+    """Records its start, waits for the test's ``grow`` key, holds ``mb`` MiB (one big,
+    touched buffer) until the ``release`` key, then frees it and ends."""
+    marks.hset(f"{RUN}:started", self.request.id, f"{_where()}:{time.time():.6f}")
+    _wait_for_key("grow")
+    held = bytearray(b"\x08") * (mb * MB) if mb else None
+    _wait_for_key("release")
+    del held
+    marks.sadd(f"{RUN}:done", self.request.id)
+    return _where()
+
+
+@app.task(name="mwt.tick", bind=True)
+def tick(self, ms: float = 2.0) -> str:
+    """A short task: records its start, sleeps ``ms``, done."""
+    marks.hset(f"{RUN}:started", self.request.id, f"{_where()}:{time.time():.6f}")
+    time.sleep(ms / 1000)
+    marks.sadd(f"{RUN}:done", self.request.id)
+    return _where()
+
+
+@app.task(name="mwt.runaway", bind=True)
+def runaway(self, mb: int) -> str:
+    """Allocates ``mb`` MiB at memset speed on its first delivery (faster than any reading),
+    nothing after."""
+    attempt = marks.incr(f"{RUN}:runaway:{self.request.id}:attempts")
+    if attempt == 1:
+        held = bytearray(b"\x07") * (mb * MB)
+        del held
     marks.sadd(f"{RUN}:done", self.request.id)
     return _where()

@@ -7,16 +7,27 @@ process ran it (``{prefix}:pids``) and, for hogs, that it got to its end (``{pre
 Kinds: ``light``; ``fragment`` (glibc fragmentation of ``mb`` MiB, held a moment so the
 watchdog sees it); ``leak`` (keeps ``mb`` MiB for good); ``hog`` (keeps ``mb`` MiB, then waits
 up to a minute to be killed); ``hog_once`` (a hog on its first run only, light after);
-``leak_until_restart`` (keeps ``mb`` MiB, then holds until the journal has a ``restart``).
+``leak_until_restart`` (keeps ``mb`` MiB, then holds until the journal has a ``restart``);
+``grow`` (keeps ``mb`` MiB for good, taken at ``MWT_GROW_RATE`` MiB/s, default 100);
+``hold`` (takes ``mb`` MiB at that pace, holds them until the journal has a ``pause``
+record or 10 s have passed, then frees them: a big job that goes back down); ``hold_for``
+(takes ``mb`` MiB at that pace, holds them ``MWT_HOLD_S`` seconds, then frees them);
+``keep``/``keep_big`` (``MWT_IO_S`` seconds of I/O, default 0.05, then keeps ``mb`` MiB
+for good: as small heap objects, or as one big mmap'd buffer); ``grow_after_end`` (on its
+first run, a thread that keeps ``mb`` MiB once the job's status reads finished: memory over
+the limit while the worker still finishes a job that ended).
 
 ``ParentGrowsWorker``: a ``memwarden.rq.Worker`` whose parent process keeps
 ``MWT_PARENT_LEAK_MB`` MiB after every ``MWT_PARENT_LEAK_EVERY`` jobs — the parent that
-accumulates memory and inflates every horse it forks.
+accumulates memory and inflates every horse it forks. With ``MWT_PARENT_KEEP="2,8"`` it
+keeps a random 2–8 MiB after every job instead, one job in two as one big buffer.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import threading
 import time
 from typing import Any
 
@@ -51,6 +62,21 @@ def mw_job(prefix: str, kind: str, mb: int = 0) -> str:
     elif kind == "leak_until_restart":
         workload.leak(mb)
         wait_for_record("restart")
+    elif kind == "grow_after_end" and runs == 1 and job is not None:
+        threading.Thread(target=grow_once_finished, args=(job.key, mb), daemon=True).start()
+    elif kind in ("keep", "keep_big"):
+        time.sleep(float(os.environ.get("MWT_IO_S", "0.05")))
+        keep(mb, big=kind == "keep_big")
+    elif kind == "grow":
+        workload.LEAKED.extend(paced(mb))
+    elif kind == "hold_for":
+        held = paced(mb)
+        time.sleep(float(os.environ.get("MWT_HOLD_S", "5")))
+        del held
+    elif kind == "hold":
+        held = paced(mb)
+        wait_for_record("pause", timeout=10)
+        del held
     elif kind == "hog" or (kind == "hog_once" and runs == 1):
         held = bytearray(b"\x05") * (mb * MB)
         time.sleep(60)  # the watchdog must kill us long before this ends
@@ -58,6 +84,35 @@ def mw_job(prefix: str, kind: str, mb: int = 0) -> str:
         del held
     r.hincrby(f"{prefix}:done", job_id, 1)
     return kind
+
+
+def grow_once_finished(job_key: str, mb: int) -> None:
+    """Once the job reads finished in Redis, keep ``mb`` MiB (the worker dies with them)."""
+    deadline = time.monotonic() + 30
+    while store().hget(job_key, "status") != b"finished" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    workload.LEAKED.append(b"\x09" * (mb * MB))
+
+
+def keep(mb: float, big: bool) -> None:
+    """Keep ``mb`` MiB for good: one buffer (mmap'd by malloc) or 64 KiB heap pieces."""
+    if big:
+        workload.LEAKED.append(b"\x08" * int(mb * MB))
+    else:
+        workload.leak(mb)
+
+
+def paced(mb: int) -> list[bytes]:
+    """``mb`` MiB in 1 MiB pieces (each page touched) at ``MWT_GROW_RATE`` MiB/s."""
+    rate = float(os.environ.get("MWT_GROW_RATE", "100"))
+    kept: list[bytes] = []
+    t0 = time.monotonic()
+    for i in range(mb):
+        kept.append(b"\x06" * MB)
+        ahead = t0 + (i + 1) / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+    return kept
 
 
 def wait_for_record(event: str, timeout: float = 60.0) -> None:
@@ -77,10 +132,16 @@ class ParentGrowsWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._jobs_seen = 0
+        self._random = random.Random(os.getpid())
 
     def execute_job(self, job: Any, queue: Any) -> None:
         super().execute_job(job, queue)
         self._jobs_seen += 1
+        spread = os.environ.get("MWT_PARENT_KEEP")
+        if spread:
+            low, high = (float(x) for x in spread.split(","))
+            keep(self._random.uniform(low, high), big=self._jobs_seen % 2 == 0)
+            return
         every = int(os.environ.get("MWT_PARENT_LEAK_EVERY", "0"))
         if every and self._jobs_seen % every == 0:
             workload.leak(float(os.environ.get("MWT_PARENT_LEAK_MB", "0")))

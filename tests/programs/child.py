@@ -23,6 +23,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--record", required=True)
     p.add_argument("--grow", type=float, default=0.0, help="MiB per second")
+    p.add_argument("--idle-first", type=float, default=0.0, help="seconds idle before growing")
     p.add_argument("--upto", type=float, default=4096.0, help="stop growing at this many MiB")
     p.add_argument("--ignore-term", action="store_true")
     p.add_argument("--term-exit", type=int, default=None, help="exit status on SIGTERM")
@@ -30,6 +31,13 @@ def main() -> None:
     p.add_argument("--exit", type=int, default=None, help="exit at once with this status")
     p.add_argument("--grandchildren", type=int, default=0)
     p.add_argument("--escaped", type=int, default=0, help="grandchildren in their own session")
+    p.add_argument(
+        "--quiet-on-tstp", action="store_true", help="stop growing on SIGTSTP (a drained worker)"
+    )
+    p.add_argument(
+        "--runaway", action="store_true", help="grow without pause, in 1 MiB pieces (big objects)"
+    )
+    p.add_argument("--hog", type=float, default=0.0, help="a grandchild runs away at MiB/s")
     args = p.parse_args()
 
     def record(event: str, **fields: object) -> None:
@@ -38,15 +46,20 @@ def main() -> None:
             f.write(line + "\n")
 
     stopping = []
+    quiet = []
 
     def on_signal(signum: int, frame: object) -> None:
         record("signal", signal=signal.Signals(signum).name)
         if signum == signal.SIGTERM and not args.ignore_term:
             stopping.append(time.monotonic() + args.term_delay)
+        if signum == signal.SIGTSTP and args.quiet_on_tstp:
+            quiet.append(True)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+    handled = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
+    for signum in handled + ([signal.SIGTSTP] if args.quiet_on_tstp else []):
         signal.signal(signum, on_signal)
-    record("start", pgid=os.getpgid(0), sid=os.getsid(0))  # handlers are in place
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    record("start", pgid=os.getpgid(0), sid=os.getsid(0), nice=nice)  # handlers are in place
     if args.exit is not None:
         sys.exit(args.exit)
 
@@ -54,21 +67,38 @@ def main() -> None:
         subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=i < args.escaped)
         for i in range(args.grandchildren)
     ]
+    if args.hog:
+        hog = [sys.executable, __file__, "--record", os.devnull, "--runaway", "--grow"]
+        kids.append(subprocess.Popen([*hog, str(args.hog)]))
     for kid in kids:
         record("spawned", child=kid.pid)
 
+    if args.runaway:
+        runaway(args.grow, args.upto)
+    time.sleep(args.idle_first)
     grown, t0 = 0.0, time.monotonic()
     while True:
         if stopping and time.monotonic() >= stopping[0]:
             record("exit", status=args.term_exit or 0)
             os._exit(args.term_exit or 0)
-        if args.grow and grown < args.upto:
+        if args.grow and grown < args.upto and not quiet:
             # Steady steps: a child that was descheduled does not catch up in one jump.
             want = min(args.upto, args.grow * (time.monotonic() - t0), grown + args.grow * 0.05)
             if want - grown >= 1:
                 workload.leak(want - grown)
                 grown = want
         time.sleep(0.02)
+
+
+def runaway(rate: float, upto: float) -> None:
+    """``rate`` MiB/s in 1 MiB objects (each its own mmap), no sleep while behind."""
+    t0, grown = time.monotonic(), 0
+    while grown < upto:
+        if grown < rate * (time.monotonic() - t0):
+            workload.leak(1, chunk=workload.MB)
+            grown += 1
+        else:
+            time.sleep(0.001)
 
 
 if __name__ == "__main__":

@@ -67,11 +67,76 @@ def _mounts(root: str) -> list[tuple[str, str, str, str]]:
 
 
 def _join(root: str, mount_point: str, mount_root: str, path: str) -> str:
+    """The directory of cgroup ``path`` (as /proc/self/cgroup names it) under a mount."""
     rel = path
     if mount_root != "/" and (path == mount_root or path.startswith(mount_root + "/")):
         rel = path[len(mount_root) :]
-    full = mount_point.rstrip("/") + "/" + rel.lstrip("/")
+    ups = _above_namespace(mount_root)
+    if ups:
+        rel = _found_below(root, mount_point, ups, path) or rel
+    full = (mount_point.rstrip("/") + "/" + rel.strip("/")).rstrip("/") or "/"
     return os.path.join(root, full.lstrip("/")) if root else full
+
+
+def _above_namespace(mount_root: str) -> int:
+    """How many levels a mount's root lies above this process's cgroup namespace root (a
+    namespace that kept its parent's mount shows it as ``/../..``); 0 when not above."""
+    parts = [p for p in mount_root.split("/") if p]
+    return len(parts) if parts and all(p == ".." for p in parts) else 0
+
+
+def _found_below(root: str, mount_point: str, ups: int, path: str) -> str | None:
+    """``<ns root>/path`` relative to the mount: the one directory ``ups`` levels down whose
+    ``path`` holds this process (the names above a namespace are not told; each level
+    searched is one directory listing)."""
+    top = os.path.join(root, mount_point.lstrip("/")) if root else mount_point
+    me = str(os.getpid())
+    level = [""]
+    for _ in range(ups):
+        below = []
+        for rel in level:
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(os.path.join(top, rel) if rel else top):
+                    if entry.is_dir(follow_symlinks=False):
+                        below.append(os.path.join(rel, entry.name))
+        level = below
+    for rel in level:
+        candidate = os.path.join(rel, path.strip("/")) if path.strip("/") else rel
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open(os.path.join(top, candidate, "cgroup.procs")) as f,
+        ):
+            if me in f.read().split():
+                return "/" + candidate
+    return None
+
+
+def tracking_dir(root: str = "") -> str | None:
+    """A cgroup directory of this process in which child cgroups can hold processes without
+    moving their memory: v1's ``pids`` (else ``freezer``) hierarchy, v2's unified one (a
+    child there has no controller of its own: its memory stays charged to, and counted by,
+    this cgroup). None where there is none."""
+    try:
+        lines = _read(_proc_self(root, "cgroup"))
+        mounts = _mounts(root)
+    except OSError:
+        return None
+    own: dict[str, str] = {}
+    for line in lines.splitlines():
+        hier, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        for c in controllers.split(",") if controllers else (["" if hier == "0" else "?"]):
+            own[c] = path
+    for name in ("pids", "freezer"):
+        if name in own:
+            for mount_root, point, fstype, opts in mounts:
+                if fstype == "cgroup" and name in opts.split(","):
+                    return _join(root, point, mount_root, own[name])
+    if "" in own:
+        for mount_root, point, fstype, _opts in mounts:
+            if fstype == "cgroup2":
+                return _join(root, point, mount_root, own[""])
+    return None
 
 
 class Cgroup:
@@ -117,7 +182,14 @@ class Cgroup:
                     continue
                 top = os.path.join(root, point.lstrip("/")) if root else point
                 found = _join(root, point, mount_root, v2_path)
-                if os.path.exists(os.path.join(found, "memory.current")):
+                # A cgroup whose parent gives it no memory controller (``memwarden run``'s
+                # command cgroup, a systemd unit's leaf) is charged to the nearest ancestor
+                # that has one: that is the cgroup to read.
+                while not os.path.exists(os.path.join(found, "memory.current")):
+                    if os.path.normpath(found) == os.path.normpath(top) or len(found) <= 1:
+                        break
+                    found = os.path.dirname(found)
+                else:
                     return cls(found, 2, top)
         return None
 

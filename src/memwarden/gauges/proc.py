@@ -60,6 +60,27 @@ class SelfRss:
 self_rss = SelfRss()
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (someone else's counts: it is not gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def stat_fields(pid: int) -> list[bytes] | None:
+    """``/proc/<pid>/stat``'s fields after the command name, from the state (``[0]``) on —
+    ``[6]`` the flags, ``[19]`` the start time; None if it is gone (or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+
+
 def rss(pid: int) -> int:
     """RSS of any process in bytes (0 if it is gone)."""
     try:

@@ -10,6 +10,10 @@ user's own hooks still run, unchanged) and starts the warden with the worker.
   ran beside it. Each record says how many did (``concurrent``, the most jobs in flight
   during its run); a job kind whose records grow even at ``concurrent == 1`` is the
   culprit. A hard kill counts against every job in flight.
+- Pause (memory over the soft limit): the worker starts no job (its ``start_jobs`` is
+  held, job by job), the running ones go on; it starts them again once memory is back
+  under the limit. A job stays in arq's queue until it finishes, so one not started is
+  simply left there.
 - Drain: the worker stops picking jobs (``allow_pick_jobs``), the running ones finish within
   ``shutdown_timeout``, then the restart action (default SIGTERM: arq cancels what is left,
   and with ``retry_jobs`` those jobs stay queued and run again).
@@ -18,6 +22,11 @@ user's own hooks still run, unchanged) and starts the warden with the worker.
   cuts that key to :data:`PUT_BACK_DELAY` seconds, so the next worker runs the job at once;
   a job that was running at ``poison_kills`` kills is taken off the queue instead
   (quarantine list, a failed result naming the reason, a ``quarantine`` journal record).
+  Only jobs running at the kill (started, and not yet recorded by arq as ended) count.
+- A kill memwarden does not make (the kernel's OOM killer, a crash): every running job is
+  noted with its worker in Redis (``memwarden:arq:{queue}:running``), and each worker keeps
+  a lease; another worker frees the jobs of a dead one (counting the kill) at once when it
+  ran on this host and its pid is gone, else when its lease has run out (:data:`LEASE`).
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
-from typing import Any
+import uuid
+from typing import Any, cast
 
 import redis
 from arq.connections import RedisSettings
@@ -42,8 +53,14 @@ from arq.jobs import deserialize_job_raw, serialize_result
 from arq.worker import JobExecutionFailed, Worker
 
 from memwarden.config import Config
+from memwarden.gauges.proc import alive
 from memwarden.poison import PoisonJobs
-from memwarden.warden import Hooks, Warden, swallow
+from memwarden.warden import Hooks, Warden, swallow_but
+
+#: arq's control flow (asyncio's CancelledError) derives from BaseException: no hook
+#: boundary catches it. Declared for the integration contract.
+HOST_CONTROL_FLOW: tuple[type[BaseException], ...] = ()
+_hook_guard = swallow_but(*HOST_CONTROL_FLOW)
 
 log = logging.getLogger("memwarden")
 
@@ -55,6 +72,19 @@ PUT_BACK_DELAY = 2.0
 
 #: How long a quarantined job's failed result is kept when the worker keeps no results.
 QUARANTINE_RESULT = 24 * 3600
+#: A worker's lease on the jobs it runs (s), renewed every third of it.
+LEASE = 10.0
+#: How often a worker looks for jobs of dead workers (s).
+RESCUE_EVERY = 5.0
+
+#: HDEL field ARGV[1] of hash KEYS[1] if its value is still ARGV[2]: 1 if it was.
+TAKE_IF_MINE_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
 
 
 class ArqGuard:
@@ -71,6 +101,13 @@ class ArqGuard:
         self.quarantine_key = f"memwarden:arq:{self.queue}:quarantine"
         self._lock = threading.Lock()
         self._running: dict[str, dict[str, Any]] = {}  # job id -> name, try, most in flight
+        self.paused = False  # over the soft limit: start no job for now
+        self.draining = False
+        #: This worker, as its running jobs are noted in Redis, and its lease.
+        self.owner = ""
+        self.running_key = f"memwarden:arq:{self.queue}:running"
+        self._take_if: Any = None
+        self._stop = threading.Event()
 
     # ------------------------------------------------------------ wiring
     def install(self) -> Any:
@@ -89,11 +126,12 @@ class ArqGuard:
                 await user_start(ctx)
 
         async def after_job_end(ctx: dict[str, Any]) -> None:
+            running = self.job_ended(ctx)  # first: arq has recorded the job's end
             try:
                 if user_end is not None:
                     await user_end(ctx)
             finally:
-                self.job_end(ctx)
+                await self.job_end(ctx, running)
 
         for name, hook in (
             ("on_startup", on_startup),
@@ -104,7 +142,7 @@ class ArqGuard:
         _set(self.settings, "memwarden_guard", self)  # not a Worker argument: arq ignores it
         return self.settings
 
-    @swallow
+    @_hook_guard
     def startup(self, main: asyncio.Task[Any] | None) -> None:
         """The worker is up: find it (its ``main()`` runs this hook), make the warden."""
         frame = main.get_coro().cr_frame if main is not None else None  # type: ignore[union-attr]
@@ -112,14 +150,60 @@ class ArqGuard:
         self.worker = worker if isinstance(worker, Worker) else None
         if self.worker is None:
             log.warning("memwarden: arq worker not found: drain falls back to the stop signal")
+        else:
+            self._hold_start_jobs(self.worker)
         self.redis = _sync_redis(_get(self.settings, "redis_settings"))
         if self.poison is None and self.redis is not None:
             self.poison = PoisonJobs(
                 self.redis, kills=self.config.poison_kills, prefix=f"memwarden:arq:{self.queue}"
             )
-        hooks = Hooks(drain=self.drain, in_flight=self.in_flight, before_kill=self.before_kill)
+        hooks = Hooks(
+            drain=self.drain,
+            pause=self.pause,
+            resume=self.resume,
+            in_flight=self.in_flight,
+            before_kill=self.before_kill,
+        )
         self.warden = Warden(self.config, hooks=hooks, framework="arq").start()
         log.info("memwarden: guarding arq queue %s: %r", self.queue, self.warden)
+        if self.redis is not None:
+            self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+            self._take_if = self.redis.register_script(TAKE_IF_MINE_LUA)
+            self._renew()
+            self.rescue()
+            threading.Thread(target=self._lease_loop, name="memwarden-lease", daemon=True).start()
+
+    def _lease_key(self, owner: str) -> str:
+        return f"memwarden:arq:{self.queue}:lease:{owner}"
+
+    def _renew(self) -> None:
+        assert self.redis is not None
+        self.redis.set(self._lease_key(self.owner), 1, px=int(LEASE * 1000))
+
+    def _lease_loop(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(LEASE / 3):
+            try:
+                self._renew()
+                if time.monotonic() - last >= RESCUE_EVERY:
+                    last = time.monotonic()
+                    self.rescue()
+            except Exception:
+                log.exception("memwarden: arq lease or rescue failed (retried)")
+
+    def _hold_start_jobs(self, worker: Worker) -> None:
+        """Wrap the worker's ``start_jobs`` so that each job of a poll's batch starts only
+        while intake is open: a pause or a drain that comes in the middle of a batch leaves
+        the rest of it queued."""
+        start_jobs = worker.start_jobs
+
+        async def held_start_jobs(job_ids: list[bytes]) -> None:
+            for job_id in job_ids:
+                if self.paused or self.draining:
+                    return
+                await start_jobs([job_id])
+
+        worker.start_jobs = held_start_jobs  # type: ignore[method-assign]
 
     # ------------------------------------------------------------ records
     async def job_start(self, ctx: dict[str, Any]) -> None:
@@ -138,15 +222,36 @@ class ArqGuard:
             for other in self._running.values():
                 other["concurrent"] = max(other["concurrent"], n)
             self._running[job_id] = {"job": name, "job_try": ctx.get("job_try"), "concurrent": n}
+        if self.owner:
+            await ctx["redis"].hset(self.running_key, job_id, self.owner)
         self.warden.job_started(name, job_id, job_try=ctx.get("job_try"), queue=self.queue)
 
-    @swallow
-    def job_end(self, ctx: dict[str, Any]) -> None:
+    def job_ended(self, ctx: dict[str, Any]) -> dict[str, Any] | None:
+        """arq has recorded the job's end: from here a kill does not count it (it is still
+        in hand until the after-job hooks are done: a drain waits for them)."""
+        with self._lock:
+            running = self._running.get(str(ctx["job_id"]))
+            if running is not None:
+                running["ended"] = True
+            return running
+
+    async def job_end(self, ctx: dict[str, Any], running: dict[str, Any] | None) -> None:
+        try:
+            await self._job_end(ctx, running)
+        except Exception:  # the hook boundary, as memwarden.warden.swallow
+            log.exception("memwarden: internal error in job_end (job unaffected)")
+
+    async def _job_end(self, ctx: dict[str, Any], running: dict[str, Any] | None) -> None:
         if self.warden is None:
             return
         job_id = str(ctx["job_id"])
         with self._lock:
-            running = self._running.pop(job_id, None)
+            self._running.pop(job_id, None)
+        if self.owner:
+            # Not awaited: a stop that cancels this hook must not cut it (nor fail arq's
+            # shutdown); a note left behind is cleared by the next look (the job has ended).
+            note = ctx["redis"].eval(TAKE_IF_MINE_LUA, 1, self.running_key, job_id, self.owner)
+            asyncio.ensure_future(note).add_done_callback(_quietly)
         concurrent = running["concurrent"] if running else 1
         self.warden.job_finished(job_id, concurrent=concurrent)
 
@@ -164,7 +269,14 @@ class ArqGuard:
         return "<unknown>"
 
     # ------------------------------------------------------------ the warden's hooks
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
     def drain(self) -> None:
+        self.draining = True
         if self.worker is not None:
             self.worker.allow_pick_jobs = False
             log.warning("memwarden: arq worker %d draining: no new jobs", os.getpid())
@@ -173,31 +285,89 @@ class ArqGuard:
         with self._lock:
             return [{"job": v["job"], "job_id": k} for k, v in self._running.items()]
 
-    def before_kill(self, in_flight: list[dict[str, Any]]) -> None:
-        """Just before the hard kill: every job in flight free to run again at once, or
-        quarantined if it was running at ``poison_kills`` kills."""
+    def before_kill(self, in_flight: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Just before the hard kill: every job running free to run again at once, or
+        quarantined if it was running at ``poison_kills`` kills. Only jobs running at this
+        instant count (and make the kill record's ``in_flight``): started, and still in
+        arq's queue (arq takes a job off it as it records the job's end)."""
         self.drain()
         if self.redis is None:
-            return
-        running = {str(job["job_id"]): str(job["job"]) for job in in_flight}
-        for job_id, name in running.items():
-            kills = self.poison.record_kill(job_id) if self.poison is not None else 0
-            if self.poison is not None and kills >= self.poison.kills:
-                self.quarantine(job_id, name, kills)
-            else:
-                self.redis.pexpire(in_progress_key_prefix + job_id, int(PUT_BACK_DELAY * 1000))
-                log.warning("memwarden: arq job %s[%s] will run again", name, job_id)
+            return None
+        with self._lock:
+            started = {
+                job_id: str(v["job"]) for job_id, v in self._running.items() if not v.get("ended")
+            }
+        counted = []
+        for job_id, name in started.items():
+            if self.redis.zscore(self.queue, job_id) is None:
+                continue  # ended before the kill: arq has recorded it
+            counted.append({"job": name, "job_id": job_id})
+            self._free(job_id, name, by="watchdog")
         # Taken by the worker but not started yet: free them too, no kill counted.
         for job_id in list(self.worker.tasks) if self.worker is not None else []:
-            if job_id not in running:
+            if job_id not in started:
                 self.redis.pexpire(in_progress_key_prefix + job_id, int(PUT_BACK_DELAY * 1000))
+        return {"in_flight": counted}
+
+    def _free(self, job_id: str, name: str, by: str) -> None:
+        """A job cut by a kill: one kill counted; run again at once, or quarantined."""
+        assert self.redis is not None
+        kills = self.poison.record_kill(job_id) if self.poison is not None else 0
+        if self.owner and by == "watchdog":
+            self._take_if(keys=[self.running_key], args=[job_id, self.owner])
+        if self.poison is not None and kills >= self.poison.kills:
+            self.quarantine(job_id, name, kills)
+            return
+        self.redis.pexpire(in_progress_key_prefix + job_id, int(PUT_BACK_DELAY * 1000))
+        if self.warden is not None and by != "watchdog":
+            self.warden.journal.write(
+                "requeue", by=by, job=name, job_id=job_id, kills=kills, framework="arq"
+            )
+        log.warning("memwarden: arq job %s[%s] will run again (%d kills)", name, job_id, kills)
+
+    @_hook_guard
+    def rescue(self) -> None:
+        """Jobs noted as running by a worker that is gone (its lease ran out, or it ran on
+        this host and its pid is no more): each counts one kill and runs again at once, or
+        is quarantined at ``poison_kills``. A job no longer in the queue had ended."""
+        assert self.redis is not None
+        verdicts: dict[str, bool] = {}
+        running = cast("dict[bytes, bytes]", self.redis.hgetall(self.running_key))
+        for raw_id, raw_owner in running.items():
+            job_id, owner = raw_id.decode(), raw_owner.decode()
+            if owner == self.owner:
+                continue
+            if owner not in verdicts:
+                verdicts[owner] = self._dead(owner)
+            if not verdicts[owner] or not self._take_if(
+                keys=[self.running_key], args=[job_id, owner]
+            ):
+                continue
+            if self.redis.zscore(self.queue, job_id) is not None:
+                self._free(job_id, self._stored_name(job_id), by="rescue")
+
+    def _dead(self, owner: str) -> bool:
+        assert self.redis is not None
+        if not self.redis.exists(self._lease_key(owner)):
+            return True
+        host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        return host == socket.gethostname() and pid.isdigit() and not alive(int(pid))
+
+    def _stored_name(self, job_id: str) -> str:
+        assert self.redis is not None
+        raw = cast("bytes | None", self.redis.get(job_key_prefix + job_id))
+        if not raw:
+            return "<unknown>"
+        deserializer = self.worker.job_deserializer if self.worker is not None else None
+        return str(deserialize_job_raw(raw, deserializer=deserializer)[0])
 
     def quarantine(self, job_id: str, name: str, kills: int) -> None:
         """Off the queue for good: the job's definition to the quarantine list, a failed
         result naming the reason (``await job.result()`` raises it)."""
         assert self.redis is not None
         reason = f"running at {kills} hard kills: quarantined by memwarden, not retried"
-        raw = self.redis.get(job_key_prefix + job_id)
+        raw = cast("bytes | None", self.redis.get(job_key_prefix + job_id))
         now = int(time.time() * 1000)
         result = serialize_result(
             name,
@@ -235,6 +405,12 @@ class ArqGuard:
                 where=self.quarantine_key,
             )
         log.error("memwarden: arq job %s[%s] %s (%s)", name, job_id, reason, self.quarantine_key)
+
+
+def _quietly(done: asyncio.Future[Any]) -> None:
+    """Done callback of a fire-and-forget Redis call: its error is logged, never raised."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("memwarden: arq bookkeeping failed: %s", done.exception())
 
 
 def _get(settings: Any, name: str) -> Any:

@@ -5,25 +5,31 @@ own signals.
 
 - **Main process** (``worker_init``; watchdog from ``worker_ready``): the whole worker's
   figure (cgroup working set, else the PSS of its process tree). Over the soft limit:
-  reclaim, then after the grace a *warm shutdown* (Celery stops consuming, lets in-flight
-  tasks finish, closes its broker connection so prefetched messages go back) and the
-  restart action; for ``signal``/``exit`` the warm shutdown is the restart (the process
-  exits, with ``exit_code`` for ``exit``, and its supervisor starts it again). At the hard
-  limit (or on course to cross it before the next reading) a prefork worker loses only its
-  largest pool child when that alone brings it under: that child's task is counted as a
-  poison candidate and rejected back to the queue, billiard forks a new child, the worker
-  serves on. Otherwise, and after the shutdown timeout: the tasks in flight are counted as
-  poison candidates, pool children are killed at once (their tasks are rejected back to
-  the queue), a cold shutdown gets the broker connection closed, then SIGKILL. Where the task
-  runs in the worker itself (threads, solo) the worker is killed at once; on Redis its
-  unacked messages are first marked as timed out, so the next worker restores them.
+  reclaim, then intake *pauses* (:class:`Intake`: the consumer stops fetching, and under
+  threads/solo the tasks it holds but has not started go back to the broker; running ones
+  go on) until memory is back under it; after the grace a *warm shutdown* (Celery stops
+  consuming, lets the running tasks finish, closes its broker connection so what it holds
+  goes back) and the restart action; for ``signal``/``exit`` the warm shutdown is the
+  restart (the process exits, with ``exit_code`` for ``exit``, and its supervisor starts
+  it again). At the hard limit (or on course to cross it before the next reading) a
+  prefork worker loses only its largest pool child when that alone brings it under: that
+  child's task is counted as a poison candidate and rejected back to the queue, billiard
+  forks a new child, the worker serves on. Otherwise, and after the shutdown timeout: the
+  tasks in flight are counted as poison candidates; under prefork the pool children are
+  killed at once (their tasks are rejected back to the queue), a cold shutdown gets the
+  broker connection closed, then SIGKILL. Where the task runs in the worker itself
+  (threads, solo) every start and end of a task is frozen at the kill's instant, the tasks
+  then running are the ones counted, the consumer takes nothing more, every message the
+  worker holds goes back to its queue (Redis; RabbitMQ requeues them when the connection
+  drops), then SIGKILL.
 - **Prefork children** (``worker_process_init``): a ``job`` record per task from
   ``task_prerun``/``task_postrun``; after each task a child whose USS is over its share
   reclaims, then recycles by Celery's own ``worker_max_memory_per_child`` path — billiard's
   after-task memory check, answered with current USS instead of ``ru_maxrss`` (a peak
   that a freshly forked child inherits, so it would recycle after every task).
 - **threads / solo pools**: tasks run in the main process, whose warden writes the
-  records.
+  records; a task has started at ``task_prerun`` and finished once Celery has stored its
+  outcome (``task_success``/``task_failure``/``task_retry``, else ``task_postrun``).
 
 A task redelivered after ``poison_kills`` hard kills is not run: it is marked FAILED with
 :class:`PoisonJobError`, acknowledged, journaled (``quarantine``) and logged.
@@ -42,20 +48,39 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import billiard.pool
+from billiard.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from celery import Celery, signals
 from celery.concurrency import get_implementation
+from celery.concurrency.base import apply_target
+from celery.concurrency.thread import ApplyResult
 from celery.worker import state as worker_state
 
 from memwarden.config import Config
 from memwarden.gauges import Sample
-from memwarden.gauges.proc import children_of, process_tree, self_rss, smaps_rollup
+from memwarden.gauges.proc import (
+    alive,
+    children_of,
+    process_tree,
+    self_rss,
+    smaps_rollup,
+    stat_fields,
+)
 from memwarden.gauges.quota import Quota, detect_platform
 from memwarden.poison import PoisonJobs
 from memwarden.reclaim import ReclaimRequests, ask_to_reclaim
 from memwarden.restart import NoRestart, Restarter, make_restarter
 from memwarden.restart.exit import ExitRestarter
 from memwarden.units import format_size
-from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow
+from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow_but
+
+#: Celery's (billiard's) control flow from its signal handlers: a soft time limit, a hard
+#: one, a revoke's terminate. Raised into whatever runs, our hooks too: it passes through.
+HOST_CONTROL_FLOW: tuple[type[BaseException], ...] = (
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
+    Terminated,
+)
+_hook_guard = swallow_but(*HOST_CONTROL_FLOW)
 
 log = logging.getLogger("memwarden")
 
@@ -69,13 +94,16 @@ __all__ = [
 ]
 
 #: A child never restarts the worker: its soft layer ends at "recycle after this task".
-NEVER = 10 * 365 * 24 * 3600.0
+NEVER = 365 * 24 * 3600.0  # the longest duration a setting takes
 #: Longest wait for the cold shutdown to close the broker connection before SIGKILL.
 COLD_STOP_WAIT = 10.0
 #: Longest wait for a pool child killed at the hard limit to give its memory back.
 CHILD_EXIT_WAIT = 2.0
-#: Event-loop wake-up period for the threads pool (celery#6941).
+#: Event-loop wake-up period (celery#6941; also how soon the loop acts on a pause).
 WAKE_EVERY = 0.1
+#: Longest wait (s), at a drain or a kill, for the consumer's pending Redis fetch to be
+#: ended and read (a few ms while the event loop runs; it is not waited for once stopped).
+FETCH_SETTLE = 0.5
 
 
 class PoisonJobError(Exception):
@@ -119,6 +147,306 @@ class AfterWarmShutdown:
                 return
             self._done = True
             self.inner.restart(reason)
+
+
+OPEN, PAUSED, CLOSED = "open", "paused", "closed"
+
+
+class Intake:
+    """The gate between Celery's consumer and its pool, in the worker's main process.
+
+    ``open``: tasks are fetched and started. ``paused`` (memory over the soft limit): the
+    consumer fetches nothing, a task handed to the pool but not started goes back to the
+    broker instead of starting (threads, solo: prefork's pool keeps what it was handed),
+    running tasks go on. ``closed`` (a drain or a kill): the same, for good.
+
+    Under threads/solo it also knows the tasks running: started at ``task_prerun``, finished
+    once Celery has stored their outcome. Every start and end passes :attr:`turnstile`; a
+    kill takes it for good (:meth:`freeze`), so the tasks it counts are exactly those running
+    at that instant, and none starts or ends after it. The consumer is touched only from
+    its event loop's thread (:meth:`sync`, run soon after each change and every
+    ``WAKE_EVERY``). On Redis the fetch stops at once: the channel sends no new ``BRPOP``
+    while intake is not open, and a pending one is ended (``CLIENT UNBLOCK``)."""
+
+    def __init__(self) -> None:
+        self.state = OPEN
+        self.turnstile = threading.Lock()
+        self.consumer: Any = None
+        self.in_task = False  # solo: the event loop's thread is running a task
+        self._mutex = threading.Lock()  # state, waiting, returns: held for moments only
+        self._waiting: dict[int, Any] = {}  # id(request) -> request: handed over, unstarted
+        self._returns: list[Any] = []  # requests to give back, from the loop's thread
+        self._running: dict[Any, str] = {}  # task id -> name
+        self._stopped: Any = None  # the task consumer we stopped, to start again
+        self._synced_at = 0.0  # monotonic time of the last sync: the loop is alive
+        self._redis: Any = None  # Redis broker: a client of our own, for CLIENT UNBLOCK
+        self.channel: Any = None  # Redis broker: the consumer's channel
+        self._fetcher: tuple[Any, int | None] | None = None  # fetching connection, client id
+
+    # ------------------------------------------------------------ wiring
+    def attach(self, consumer: Any, pool: str, redis_client: Any = None) -> None:
+        """Put the gate between ``consumer`` and its pool, and on the Redis broker
+        (``redis_client``) between the channel and its fetch (at ``worker_ready``)."""
+        self.consumer = consumer
+        self._redis = redis_client
+        if redis_client is not None:
+            with contextlib.suppress(AttributeError):
+                self._gate_fetch(consumer.task_consumer.channel)
+        tasks_pool = consumer.pool
+        if pool == "threads":
+            tasks_pool.on_apply = self._threads_apply(tasks_pool.executor)
+        elif pool == "solo":
+            tasks_pool.on_apply = self._solo_apply
+        else:  # prefork (or another pool): its own queue; only what comes in is gated
+            tasks_pool.on_apply = self._gated_apply(tasks_pool.on_apply)
+
+    def _gate_fetch(self, channel: Any) -> None:
+        """kombu's Redis channel asks ``qos.can_consume()`` before each ``BRPOP`` and before
+        reading its answer: no new fetch while intake is not open, a pending one is read."""
+        self.channel = channel
+        qos = channel.qos
+        can_consume = qos.can_consume
+
+        def gated() -> bool:
+            fetching = self.state is OPEN or bool(getattr(channel, "_in_poll", None))
+            return fetching and bool(can_consume())
+
+        qos.can_consume = gated
+
+    def _threads_apply(self, executor: Any) -> Callable[..., Any]:
+        """The threads pool's ``on_apply``: a task starts when a thread takes it, if still
+        wanted then."""
+
+        def on_apply(
+            target: Any,
+            args: Any = None,
+            kwargs: Any = None,
+            callback: Any = None,
+            accept_callback: Any = None,
+            **_: Any,
+        ) -> Any:
+            request = request_of(accept_callback)
+            if not self._admit(request):
+                return None
+            run = (self._start, request, target, args, kwargs, callback, accept_callback)
+            return ApplyResult(executor.submit(*run))
+
+        return on_apply
+
+    def _solo_apply(
+        self,
+        target: Any,
+        args: Any = None,
+        kwargs: Any = None,
+        callback: Any = None,
+        accept_callback: Any = None,
+        **_: Any,
+    ) -> None:
+        """The solo pool's ``on_apply``: the task runs at once, in the loop's own thread."""
+        request = request_of(accept_callback)
+        if self._admit(request):
+            self.in_task = True  # no fetch is pending while it runs
+            try:
+                self._start(request, target, args, kwargs, callback, accept_callback)
+            finally:
+                self.in_task = False
+
+    def _gated_apply(self, handed: Callable[..., Any]) -> Callable[..., Any]:
+        """Another pool's ``on_apply`` (prefork), given back what comes while not open."""
+
+        def on_apply(target: Any, args: Any = None, kwargs: Any = None, **opts: Any) -> Any:
+            request = request_of(opts.get("accept_callback"))
+            if request is not None and self.state is not OPEN:
+                self._give_back([request])
+                return None
+            return handed(target, args, kwargs, **opts)
+
+        return on_apply
+
+    def _admit(self, request: Any) -> bool:
+        """A task handed to the pool (loop thread): kept for its start, or given back."""
+        if request is None:
+            return True
+        with self._mutex:
+            if self.state is OPEN:
+                self._waiting[id(request)] = request
+                return True
+        self._give_back([request])
+        return False
+
+    def _start(
+        self,
+        request: Any,
+        target: Any,
+        args: Any,
+        kwargs: Any,
+        callback: Any,
+        accept_callback: Any,
+    ) -> None:
+        """Start a task the pool has a slot for — unless given back meanwhile, or intake is
+        no longer open (then it goes back now)."""
+        if request is not None:
+            with self._mutex:
+                held = self._waiting.pop(id(request), None)
+                if held is None:
+                    return  # given back already
+                if self.state is not OPEN:
+                    self._returns.append(held)
+                    held = None
+            if held is None:
+                self._soon()
+                return
+        apply_target(target, args, kwargs, callback, accept_callback)
+
+    def _give_back(self, requests: list[Any]) -> None:
+        with self._mutex:
+            self._returns.extend(requests)
+        self._soon()
+
+    def _soon(self) -> None:
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                self.consumer.call_soon(self.sync)
+
+    # ------------------------------------------------------------ the warden's calls
+    def pause(self) -> None:
+        """Stop fetching; what the pool holds unstarted goes back to the broker."""
+        self._shut(PAUSED)
+
+    def resume(self) -> None:
+        """Fetch again after :meth:`pause` (never after a drain or a kill)."""
+        with self._mutex:
+            if self.state is not PAUSED:
+                return
+            self.state = OPEN
+        self._soon()
+
+    def close(self) -> None:
+        """For good (a drain, a kill): as :meth:`pause`, never resumed."""
+        self._shut(CLOSED)
+
+    def _shut(self, state: str) -> None:
+        with self._mutex:
+            if self.state is CLOSED or self.state == state:
+                return
+            self.state = state
+            self._returns.extend(self._waiting.values())
+            self._waiting.clear()
+        self._soon()
+        self._unblock()
+
+    def _unblock(self) -> None:
+        """End the channel's pending ``BRPOP``, if any (Redis)."""
+        pending = getattr(self.channel, "_in_poll", None)
+        if self._redis is None or pending is None:
+            return
+        known = self._fetcher
+        client_id = known[1] if known is not None and known[0] is pending else None
+        with contextlib.suppress(Exception):
+            if client_id is None:
+                client_id = redis_client_id(self._redis, pending)
+            if client_id is not None:
+                self._redis.client_unblock(client_id)
+
+    def _know_fetcher(self) -> None:
+        """Learn the Redis client id of the channel's fetching connection ahead of need
+        (loop thread), so that a pause ends its ``BRPOP`` in one round trip."""
+        pending = getattr(self.channel, "_in_poll", None)
+        if self._redis is None or pending is None:
+            return
+        if self._fetcher is None or self._fetcher[0] is not pending:
+            client_id = None  # not found (a proxy between): unblocked by a full lookup
+            with contextlib.suppress(Exception):
+                client_id = redis_client_id(self._redis, pending)
+            self._fetcher = (pending, client_id)
+
+    def settle(self, limit: float) -> bool:
+        """Intake not open: wait (at most ``limit`` s, and only while the event loop runs)
+        until the consumer has stopped and no fetch of its is pending — whatever a pending
+        one brought is given back meanwhile. True once settled."""
+        deadline = time.monotonic() + limit
+        unblocked_at = time.monotonic()
+        while not self.fetch_settled():
+            now = time.monotonic()
+            if now > deadline or now - self._synced_at > 3 * WAKE_EVERY:
+                return False  # out of time, or the loop has stopped (a warm shutdown)
+            if now - unblocked_at > 0.1:
+                unblocked_at = now
+                self._unblock()
+            time.sleep(0.002)
+        return True
+
+    def freeze(self) -> list[dict[str, Any]]:
+        """At a kill (threads, solo): intake closed, and no task starts or ends from now on
+        (the turnstile is kept); returns the tasks running at this instant."""
+        self.close()
+        self.turnstile.acquire()
+        return self.running()
+
+    # ------------------------------------------------------------ tasks (threads, solo)
+    def started(self, task_id: Any, name: str) -> None:
+        with self.turnstile:
+            self._running[task_id] = name
+
+    def finished(self, task_id: Any) -> None:
+        with self.turnstile:
+            self._running.pop(task_id, None)
+
+    def running(self) -> list[dict[str, Any]]:
+        """The tasks started and not finished (threads, solo)."""
+        for _ in range(5):
+            with contextlib.suppress(RuntimeError):  # changed size: another thread
+                return [{"job": n, "job_id": i} for i, n in list(self._running.items())]
+        return []
+
+    # ------------------------------------------------------------ the loop's thread
+    def sync(self) -> None:
+        """Bring the consumer in line with the state, and give back what is due (from the
+        event loop's thread only: kombu's channels are not thread-safe)."""
+        self._synced_at = time.monotonic()
+        with self._mutex:
+            returns, self._returns = self._returns, []
+            state = self.state
+        given = 0
+        for request in returns:
+            with contextlib.suppress(Exception):
+                if not request.acknowledged:
+                    request.reject(requeue=True)
+                    given += 1
+            worker_state.task_ready(request)
+        if given:
+            log.info("memwarden: %d task(s) not started went back to the queue", given)
+        self._know_fetcher()
+        task_consumer = getattr(self.consumer, "task_consumer", None)
+        if task_consumer is None:
+            return
+        if state is not OPEN and consuming(task_consumer):
+            task_consumer.cancel()
+            self._stopped = task_consumer
+        elif state is OPEN and self._stopped is task_consumer:
+            self._stopped = None
+            task_consumer.consume()
+
+    def fetch_settled(self) -> bool:
+        """True once the consumer has stopped and no fetch of its is pending (then nothing
+        more can arrive). A task the loop's thread is running (solo) means no fetch is."""
+        task_consumer = getattr(self.consumer, "task_consumer", None)
+        if self.in_task:
+            return True
+        if task_consumer is not None and consuming(task_consumer):
+            return False
+        return not getattr(self.channel, "_in_poll", None)
+
+
+def consuming(task_consumer: Any) -> bool:
+    """Whether a kombu consumer is consuming from any of its queues."""
+    return any(task_consumer.consuming_from(q) for q in task_consumer.queues)
+
+
+def request_of(accept_callback: Any) -> Any:
+    """The Celery request a pool is handed (its ``on_accepted`` method's owner), or None."""
+    request = getattr(accept_callback, "__self__", None)
+    return request if hasattr(request, "reject") and hasattr(request, "acknowledged") else None
 
 
 def no_loss_problems(app: Celery) -> list[str]:
@@ -186,7 +514,9 @@ class CeleryGuard:
         self.poison: PoisonJobs | None = None
         self._recycle_at: int | None = None  # child: USS that asked for recycling
         self._requests: ReclaimRequests | None = None  # child: the worker's reclaim asks
-        self._child_to_kill: tuple[int, int] | None = None  # main: (pid, USS) at a hard kill
+        self.intake = Intake()  # main: the gate between the consumer and the pool
+        #: Set by a kill that took one pool child only, for that kill's own thread.
+        self._child_only = threading.local()
         self.restarter: AfterWarmShutdown | None = None
         self.drained = False
         self._quarantined: list[Any] = []
@@ -207,16 +537,19 @@ class CeleryGuard:
             (signals.worker_process_shutdown, self._on_process_shutdown),
             (signals.task_prerun, self._on_prerun),
             (signals.task_postrun, self._on_postrun),
+            (signals.task_success, self._on_outcome),
+            (signals.task_failure, self._on_outcome),
+            (signals.task_retry, self._on_outcome),
             (signals.task_received, self._on_received),
         ):
             sig.connect(handler, weak=False, dispatch_uid=f"{self._uid}-{handler.__name__}")
         return self
 
     # ------------------------------------------------------------ main process
-    @swallow
+    @_hook_guard
     def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
         worker = sender
-        if worker is None or getattr(worker, "app", None) is not self.app:
+        if worker is None or not self._is_ours(worker):
             return
         self.main_pid = os.getpid()
         for problem in no_loss_problems(self.app):
@@ -228,7 +561,9 @@ class CeleryGuard:
         self.pool = pool_kind(worker.pool_cls)
         hooks = Hooks(
             drain=self._drain,
-            in_flight=active_tasks,
+            pause=self.intake.pause,
+            resume=self.intake.resume,
+            in_flight=self._in_flight,
             recycle=self._recycle_largest_child if self.pool == "prefork" else None,
             reclaim=(
                 self._ask_children_to_reclaim
@@ -254,6 +589,9 @@ class CeleryGuard:
 
                 self.redis_broker = redis.Redis.from_url(conn.as_uri(include_password=True))
 
+    def _is_ours(self, worker: Any) -> bool:
+        return getattr(worker, "app", None) is self.app
+
     def _set_child_share(self, worker: Any) -> None:
         assert self.warden is not None
         share = self.config.size("child_limit", self.warden.quota.limit)
@@ -269,14 +607,29 @@ class CeleryGuard:
             # billiard's after-task check needs a limit to run at all; we answer it.
             worker.max_memory_per_child = max(1, share // 1024)
 
-    @swallow
+    @property
+    def runs_tasks_here(self) -> bool:
+        """Tasks run in this process, the worker's main one (threads, solo)."""
+        return self.pool in ("threads", "solo") and os.getpid() == self.main_pid
+
+    def _in_flight(self) -> list[dict[str, Any]]:
+        """Tasks running now: started and not finished (threads, solo), else Celery's own
+        record of the tasks its pool children accepted."""
+        return self.intake.running() if self.runs_tasks_here else active_tasks()
+
+    @_hook_guard
     def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
         if self.warden is None or os.getpid() != self.main_pid:
             return
-        if self.pool == "threads" and sender is not None:
+        if sender is not None:
+            try:
+                self.intake.attach(sender, self.pool, self.redis_broker)
+            except Exception:  # the watchdog still runs; pauses then only stop nothing
+                log.exception("memwarden: cannot gate this worker's intake")
             # celery#6941: a thread's ack does not wake the event loop, so with late acks
-            # the worker idles for seconds between tasks (and would notice a drain late).
-            sender.timer.call_repeatedly(WAKE_EVERY, _wake)
+            # the worker idles for seconds between tasks (and would notice a drain late);
+            # each wake also brings the consumer in line with a pause or resume.
+            sender.timer.call_repeatedly(WAKE_EVERY, self.intake.sync)
         self.warden.start()
         log.info(
             "memwarden: guarding celery worker (%s pool): %r, child share %s",
@@ -324,31 +677,66 @@ class CeleryGuard:
         exits = self.restarter is not None and self.restarter.exits
         code = self.config.exit_code if exits else 0
         self.drained = True
+        # What the pool holds unstarted goes back, not run in the drain; the consumer's
+        # last fetch is over before Celery's shutdown stops its event loop.
+        self.intake.close()
+        self.intake.settle(FETCH_SETTLE)
         worker_state.should_stop = code
 
-    @swallow
+    @_hook_guard
     def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
         """The warm shutdown is over: make sure a drain's restart action has run."""
         if self.drained and self.restarter is not None and os.getpid() == self.main_pid:
             self.restarter.restart("memwarden drain finished", at_shutdown=True)
 
     def _before_kill(self, in_flight: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """Choose what dies and count its tasks as poison candidates. A prefork worker at
-        its hard limit loses only its largest pool child when that alone brings it under:
-        the kernel's OOM killer would take that child too, but later, and then the whole
-        cgroup may stall first. During a drain that is still true (the warm shutdown then
-        ends cleanly); a drain that overran its shutdown timeout takes the worker."""
-        self._child_to_kill = self._kill_one_child()
-        fields: dict[str, Any] | None = None
-        if self._child_to_kill is not None:
-            pid, uss = self._child_to_kill
-            in_flight = active_tasks(pid)
-            fields = {"in_flight": in_flight, "target": "child", "child_pid": pid, "uss": uss}
+        """Everything a hard kill does but the worker's end, which :meth:`_kill` does:
+
+        - A prefork worker at its hard limit loses only its largest pool child when that
+          alone brings it under (the kernel's OOM killer would take that child too, but
+          later, and then the whole cgroup may stall first): killed here, its task counted,
+          and the warden told that it lives on. During a drain that is still true (the warm
+          shutdown then ends cleanly); a drain that overran its shutdown timeout takes the
+          worker.
+        - Threads, solo: no task starts or ends from now on; those running at this instant
+          are counted, the consumer takes nothing more, and every message the worker holds
+          goes back to its queue (Redis; RabbitMQ requeues when the connection drops).
+        - Prefork, the whole worker: intake closed, the tasks its children run counted.
+
+        Returns the ``kill`` record's fields: its exact ``in_flight`` and ``target``."""
+        child = self._kill_one_child()
+        if child is not None:
+            pid, uss = child
+            jobs = active_tasks(pid)
+            self._count_kills(jobs)
+            self._kill_child(pid, uss)
+            self._child_only.done = True
+            return {"in_flight": jobs, "target": "child", "child_pid": pid, "uss": uss}
+        if not self.runs_tasks_here:
+            self.intake.close()
+            jobs = active_tasks()
+            self._count_kills(jobs)
+            return {"in_flight": jobs}
+        jobs = self.intake.freeze()
+        self._count_kills(jobs)
+        fields: dict[str, Any] = {"in_flight": jobs}
+        given = self._give_back_held()
+        if given is not None:
+            fields["given_back"] = given
+        return fields
+
+    def _count_kills(self, jobs: list[dict[str, Any]]) -> None:
+        """One kill against each of these tasks (poison counts), each said. A count that
+        cannot be written is said too; the kill goes on."""
         if self.poison is None:
-            return fields
-        for job in in_flight:
+            return
+        for job in jobs:
             if job.get("job_id") is not None:
-                kills = self.poison.record_kill(job["job_id"])
+                try:
+                    kills = self.poison.record_kill(job["job_id"])
+                except Exception as exc:
+                    log.warning("memwarden: kill not counted for %s: %s", job["job_id"], exc)
+                    continue
                 log.warning(
                     "memwarden: %s[%s] was running at this hard kill (%d of %d)",
                     job.get("job"),
@@ -356,7 +744,6 @@ class CeleryGuard:
                     kills,
                     self.poison.kills,
                 )
-        return fields
 
     def _kill_one_child(self) -> tuple[int, int] | None:
         """(pid, USS) of the pool child whose death alone brings the worker under its hard
@@ -379,35 +766,61 @@ class CeleryGuard:
             return None
         return pid, uss
 
-    def _kill(self) -> None:
-        """At the hard limit, the largest pool child alone when that suffices (its task is
-        rejected back to the queue, billiard forks a new child, the worker serves on).
-        Otherwise cold stop, then kill: pool children die now (their memory goes, their tasks
-        are rejected back to the queue), a cold shutdown closes the broker connection (Redis
-        puts prefetched messages back), and SIGKILL ends whatever is left."""
-        target, self._child_to_kill = self._child_to_kill, None
-        if target is not None and self.warden is not None:
-            pid, uss = target
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-                log.warning(
-                    "memwarden: pool child %d (USS %s) killed at the hard limit; its task "
-                    "goes back to the queue",
-                    pid,
-                    format_size(uss),
-                )
-            # Judge afresh once its memory is gone (it is freed before the zombie is reaped),
-            # or the next reading would take the other child too.
-            deadline = time.monotonic() + CHILD_EXIT_WAIT
-            while holds_memory(pid) and time.monotonic() < deadline:
-                time.sleep(0.005)
+    def _kill_child(self, pid: int, uss: int) -> None:
+        """SIGKILL one pool child (its task is rejected back to the queue, billiard forks a
+        new child), wait for its memory to go, and tell the warden that the worker lives
+        on."""
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            log.warning(
+                "memwarden: pool child %d (USS %s) killed at the hard limit; its task goes "
+                "back to the queue",
+                pid,
+                format_size(uss),
+            )
+        # Judge afresh once its memory is gone (it is freed before the zombie is reaped),
+        # or the next reading would take the other child too.
+        deadline = time.monotonic() + CHILD_EXIT_WAIT
+        while holds_memory(pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.warden is not None:
             self.warden.policy.did_recover()
+
+    def _give_back_held(self) -> int | None:
+        """Redis, intake closed: once the consumer's last fetch is answered (a blocked one
+        is unblocked; one that brought a message has it given back), every message this
+        worker still holds goes back to the head of its queue. How many (None: not Redis)."""
+        channel = self.intake.channel
+        if self.redis_broker is None or channel is None:
+            return None
+        qos = channel.qos
+        self.intake.settle(FETCH_SETTLE)
+        tags = held_tags(qos)
+        try:
+            for tag in tags:
+                qos.restore_by_tag(tag, leftmost=False)  # the right end: fetched next
+        except Exception as exc:
+            log.warning("memwarden: messages not given back (%s); marked for the next worker", exc)
+            self._expire_unacked(tags)
+        return len(tags)
+
+    def _kill(self) -> None:
+        """The worker's end, once :meth:`_before_kill` has done the rest (nothing when only
+        a pool child had to die). Threads, solo: SIGKILL. Prefork: pool children die now
+        (their memory goes, their tasks are rejected back to the queue), a cold shutdown
+        closes the broker connection (Redis puts what the worker held back), and SIGKILL
+        ends whatever is left."""
+        if getattr(self._child_only, "done", False):
+            self._child_only.done = False
+            return  # one pool child died; the worker serves on
+        if self.runs_tasks_here:
+            kill_tree_and_self()  # what it held went back in _before_kill
             return
         me = os.getpid()
         kids = [pid for pid in process_tree(me) if pid != me]
         held = self._held_tags()
-        if self.pool != "prefork" or not kids or not self.app.conf.task_reject_on_worker_lost:
-            # The task runs in this process, or a child's death would fail it: all at once.
+        if not kids or not self.app.conf.task_reject_on_worker_lost:
+            # No child, or a child's death would fail its task: all at once.
             self._expire_unacked(held)
             kill_tree_and_self()
             return
@@ -449,7 +862,7 @@ class CeleryGuard:
         except Exception as exc:  # the kill goes ahead; the visibility timeout still holds
             log.warning("memwarden: unacked messages not marked for restore: %s", exc)
 
-    @swallow
+    @_hook_guard
     def _on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         """A poison task is failed, acknowledged and skipped instead of run again."""
         if request is None or self.poison is None or os.getpid() != self.main_pid:
@@ -490,7 +903,7 @@ class CeleryGuard:
         log.error("%s", exc)
 
     # ------------------------------------------------------------ pool children
-    @swallow
+    @_hook_guard
     def _on_process_init(self, **_: Any) -> None:
         if self.main_pid is None or os.getpid() == self.main_pid:
             return  # solo sends this signal in the main process
@@ -524,7 +937,7 @@ class CeleryGuard:
                 lambda: warden.reclaim_now("asked by the worker: over its soft limit", False),
             ).listen()
 
-    @swallow
+    @_hook_guard
     def _on_process_shutdown(self, **_: Any) -> None:
         if self._requests is not None:  # a child leaving (recycled): its FIFO goes too
             self._requests.close()
@@ -548,21 +961,33 @@ class CeleryGuard:
         return share_kib
 
     # ------------------------------------------------------------ every task
-    @swallow
+    @_hook_guard
     def _on_prerun(self, task_id: Any = None, task: Any = None, **_: Any) -> None:
         if self.warden is not None and task is not None:
+            if self.runs_tasks_here:
+                self.intake.started(task_id, task.name)  # held here once a kill is decided
             queue = (getattr(task.request, "delivery_info", None) or {}).get("routing_key")
             extra = {"queue": queue} if queue else {}
             self.warden.job_started(task.name, task_id, **extra)
 
-    @swallow
+    @_hook_guard
+    def _on_outcome(self, sender: Any = None, **kwargs: Any) -> None:
+        """Celery has stored the task's outcome: it has finished (threads, solo)."""
+        if not self.runs_tasks_here:
+            return
+        task_id = kwargs.get("task_id")
+        if task_id is None:
+            request = kwargs.get("request") or getattr(sender, "request", None)
+            task_id = getattr(request, "id", None)
+        if task_id is not None:
+            self.intake.finished(task_id)
+
+    @_hook_guard
     def _on_postrun(self, task_id: Any = None, **_: Any) -> None:
+        if self.runs_tasks_here:
+            self.intake.finished(task_id)  # an outcome stored nowhere (Reject, Ignore)
         if self.warden is not None:
             self.warden.job_finished(task_id)
-
-
-def _wake() -> None:
-    """Nothing: being called is the point (the loop then sees acks and flags)."""
 
 
 def default_child_share(soft: int, base: int, concurrency: int) -> int:
@@ -584,21 +1009,30 @@ def largest_child() -> tuple[int, int] | None:
 
 def holds_memory(pid: int) -> bool:
     """True while ``pid`` runs (a zombie has given its memory back)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split(None, 1)[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
+    fields = stat_fields(pid)
+    return fields is not None and bool(fields) and fields[0] not in (b"Z", b"X")
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # someone else's process
-    return True
+def held_tags(qos: Any) -> list[Any]:
+    """Delivery tags of the messages a kombu virtual channel (Redis) holds unacknowledged."""
+    for _ in range(5):
+        with contextlib.suppress(RuntimeError):  # changed size: the loop's thread
+            dirty = set(qos._dirty)
+            return [tag for tag in list(qos._delivered) if tag not in dirty]
+    return []
+
+
+def redis_client_id(redis_client: Any, connection: Any) -> int | None:
+    """The Redis server's id for a redis-py ``connection`` of this process (matched by
+    its socket's address in ``CLIENT LIST``), or None."""
+    sock = getattr(connection, "_sock", None)
+    if sock is None:
+        return None
+    host, port = sock.getsockname()[:2]
+    for client in redis_client.client_list():
+        if client.get("addr") in (f"{host}:{port}", f"[{host}]:{port}"):
+            return int(client["id"])
+    return None
 
 
 def reserved_requests() -> list[Any]:

@@ -4,6 +4,11 @@ One :class:`~memwarden.warden.Warden` per worker process, built when the process
 
 - Records: ``before_process_message`` / ``after_process_message`` (and ``after_skip_message``)
   give one ``job`` record per message: actor name, message id, queue, per worker thread.
+  The middleware's own record of the message each worker thread has in hand is the
+  warden's in-flight list.
+- Pause / resume (over the soft limit): the worker threads pause after their current
+  message and take the next one again when memory is back under it; the consumers keep
+  their prefetched messages (and their heartbeats), nothing goes back to the broker.
 - Drain: this process's worker threads pause after their current message (prefetched
   messages stay unacked and go back to the queue when the worker stops).
 - Restart: Dramatiq's main process treats any worker process that exits as fatal and shuts
@@ -13,9 +18,14 @@ One :class:`~memwarden.warden.Warden` per worker process, built when the process
   the ones it runs, requeues prefetched ones; then the main process re-executes itself in
   place. The whole tree comes back fresh with no supervisor involved. Other ``restart``
   values (exit, heroku, …) act as in the core after this process's own drain.
-- Hard kill: messages are acked late, so an interrupted message comes back through the
-  broker. Every message in flight is counted against its id (:class:`PoisonJobs`, Redis);
-  one running at ``poison_kills`` kills is failed (dead-lettered) when it comes back.
+- Hard kill: intake stops (a message a thread takes now waits for the kill, unacked), the
+  messages in hand at that instant are counted against their ids (:class:`PoisonJobs`,
+  Redis), and on the Redis broker every message the worker holds goes back to its queue
+  before the SIGKILL (:mod:`memwarden.integrations.dramatiq_redis`; RabbitMQ redelivers
+  on the dropped connection). One running at ``poison_kills`` kills is failed
+  (dead-lettered) when it comes back.
+- Redis broker: a sweep thread refreshes this worker's heartbeat and gives back what dead
+  workers held, at boot and every few seconds, whatever ``maintenance_chance``.
 """
 
 from __future__ import annotations
@@ -33,10 +43,22 @@ import dramatiq
 from dramatiq.middleware import SkipMessage
 
 from memwarden.config import Config
+from memwarden.integrations.dramatiq_redis import (
+    KILL_SETTLE,
+    Redelivery,
+    Sweeper,
+    is_redis_broker,
+    sweep_period,
+)
 from memwarden.poison import PoisonJobs
 from memwarden.restart import Restarter
 from memwarden.units import SettingError
-from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow
+from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow_but
+
+#: Dramatiq's control flow from its signal handlers (``Interrupt``, ``Shutdown``) derives
+#: from BaseException: no hook boundary catches it. Declared for the integration contract.
+HOST_CONTROL_FLOW: tuple[type[BaseException], ...] = ()
+_hook_guard = swallow_but(*HOST_CONTROL_FLOW)
 
 log = logging.getLogger("memwarden")
 
@@ -44,6 +66,9 @@ __all__ = ["DramatiqReload", "MemoryWarden", "dramatiq_main_pid"]
 
 #: How long a hard kill waits for the main process to pass our reload on to us.
 RELOAD_ACK_TIMEOUT = 2.0
+#: How long a thread that takes a message once the kill is decided waits for it (s): the
+#: message stays unacked and goes back to the broker; should the kill not come, it runs.
+KILL_WAIT = 60.0
 
 
 def dramatiq_main_pid() -> int | None:
@@ -62,15 +87,15 @@ def dramatiq_main_pid() -> int | None:
 
 
 def redis_redelivery_note(broker: dramatiq.Broker) -> str | None:
-    """With the Redis broker a killed worker's messages come back only after its heartbeat
-    times out, at the next queue maintenance (a random share of broker commands)."""
-    timeout = getattr(broker, "heartbeat_timeout", None)
-    chance = getattr(broker, "maintenance_chance", None)
-    if timeout is None or chance is None:
+    """When the messages of a dead worker come back with the Redis broker."""
+    if not is_redis_broker(broker):
         return None
+    timeout = float(getattr(broker, "heartbeat_timeout", 0)) / 1000
+    period = sweep_period(timeout * 1000)
     return (
-        f"Redis broker: messages of a killed worker come back after heartbeat_timeout "
-        f"({timeout / 1000:g} s), at the next maintenance ({chance / 10000:g}% of commands)"
+        f"Redis broker: messages held by a worker memwarden kills go back at once; by one "
+        f"that dies otherwise, within heartbeat_timeout + {period:g} s "
+        f"({timeout + period:g} s) while a guarded worker runs"
     )
 
 
@@ -118,8 +143,21 @@ class MemoryWarden(dramatiq.Middleware):
         self.poison: PoisonJobs | None = None
         self.worker: dramatiq.Worker | None = None
         self.stopping = threading.Event()
+        #: Set once a hard kill is decided: intake is over for good.
+        self.killing = threading.Event()
         self.main_pid: int | None = None  # the dramatiq CLI's main process, when under it
         self.reload: DramatiqReload | None = None
+        self.redelivery: Redelivery | None = None
+        self.sweeper: Sweeper | None = None
+        #: Clear while intake is paused (or drained): a message a worker thread takes then
+        #: waits, unbegun, for the resume (or the stop, or the kill).
+        self.intake = threading.Event()
+        self.intake.set()
+        #: How many messages worker threads hold unbegun, waiting for intake.
+        self.holding = 0
+        #: The message each worker thread has in hand (thread ident -> record).
+        self._in_hand: dict[int, dict[str, Any]] = {}
+        self._hand_lock = threading.Lock()
 
     # ----------------------------------------------------------------- process life
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
@@ -134,7 +172,13 @@ class MemoryWarden(dramatiq.Middleware):
         self.worker = worker
         self.main_pid = main_pid = dramatiq_main_pid()
         restarter: Restarter | None = None
-        hooks = Hooks(drain=self.drain, before_kill=self.count_kills)
+        hooks = Hooks(
+            drain=self.drain,
+            pause=self.pause,
+            resume=self.resume,
+            in_flight=self.in_hand,
+            before_kill=self.before_kill,
+        )
         if main_pid is not None and self.config.restart == "signal":
             # The restart is the whole tree's, and so is the drain: every worker process
             # stops taking messages at once, not only the one that decided.
@@ -143,27 +187,40 @@ class MemoryWarden(dramatiq.Middleware):
             hooks.kill = self.reload_then_die
         self.warden = Warden(self.config, hooks=hooks, restarter=restarter, framework="dramatiq")
         self.poison = self._poison_counter(broker)
+        if is_redis_broker(broker):
+            self.redelivery = Redelivery(broker)
         log.info("memwarden: %r guarding dramatiq worker %d", self.warden, os.getpid())
         note = redis_redelivery_note(broker)
         if note:
             log.info("memwarden: %s", note)
 
-    @swallow
+    @_hook_guard
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.main_pid is not None:
             self._note_stop_signals()
         if self.warden is not None:
             self.warden.start()
+        if self.redelivery is not None:
+            period = sweep_period(float(getattr(broker, "heartbeat_timeout", 0)))
+            self.sweeper = Sweeper(self.redelivery, period).start()
 
-    @swallow
+    @_hook_guard
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.stopping.set()  # a message waiting for the resume runs: the worker joins it
+
+    @_hook_guard
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         # Not before: the watchdog (and the restart's hard-kill deadline) keeps guarding
         # the messages that are finishing during the shutdown.
         if self.warden is not None:
             self.warden.stop()
+        if self.sweeper is not None:
+            self.sweeper.stop()
 
     # ----------------------------------------------------------------- messages
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if not self.intake.is_set():
+            self._wait_for_intake(message)
         kills = self._poison_kills(message)
         if kills:
             message.fail()
@@ -171,12 +228,13 @@ class MemoryWarden(dramatiq.Middleware):
                 f"memwarden: message {message.message_id} ({message.actor_name}) was running "
                 f"at {kills} hard kills of its worker: quarantined as a poison message"
             )
+        self._took(message)
         if self.warden is not None:
             self.warden.job_started(
                 message.actor_name, message.message_id, queue=message.queue_name
             )
 
-    @swallow
+    @_hook_guard
     def after_process_message(
         self,
         broker: dramatiq.Broker,
@@ -185,23 +243,111 @@ class MemoryWarden(dramatiq.Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
+        self._done()
         if self.warden is not None:
             self.warden.job_finished(message.message_id)
 
-    @swallow
+    @_hook_guard
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        self._done()
         if self.warden is not None:
             self.warden.job_finished(message.message_id)
+
+    @_hook_guard
+    def _took(self, message: Any) -> None:
+        thread = threading.current_thread()
+        record = {
+            "job": message.actor_name,
+            "job_id": message.message_id,
+            "queue": message.queue_name,
+            "thread": thread.name,
+        }
+        with self._hand_lock:
+            self._in_hand[thread.ident or 0] = record
+
+    def _done(self) -> None:
+        with self._hand_lock:
+            self._in_hand.pop(threading.get_ident(), None)
+
+    def in_hand(self) -> list[dict[str, Any]]:
+        """The messages the worker threads have in hand now (begun, not ended)."""
+        with self._hand_lock:
+            return [dict(r) for r in self._in_hand.values()]
+
+    def _wait_for_intake(self, message: Any) -> None:
+        """A message taken while intake is paused (a worker thread already waiting on the
+        work queue takes one) is not begun until the resume. Once the kill is decided it
+        never is: it stays unacked, is given back, and this thread waits to die with the
+        process. When the worker stops meanwhile, it runs (Dramatiq joins its threads)."""
+        log.info("memwarden: message %s waits, unbegun, for intake", message.message_id)
+        with self._hand_lock:
+            self.holding += 1
+        try:
+            while not (self.intake.wait(0.1) or self.stopping.is_set() or self.killing.is_set()):
+                pass
+        finally:
+            with self._hand_lock:
+                self.holding -= 1
+        if self.killing.is_set():
+            threading.Event().wait(KILL_WAIT)
 
     # ----------------------------------------------------------------- warden hooks
     def drain(self) -> None:
         """Stop taking messages: each worker thread pauses after its current one."""
+        self.pause()
+
+    def pause(self) -> None:
+        """Stop taking messages for now: each worker thread pauses after its current one
+        (one already waiting on the work queue holds what it takes, unbegun); the consumers
+        keep their prefetched messages for the resume. Not ``Worker.pause``, which blocks
+        until every thread is idle."""
+        self.intake.clear()
         if self.worker is not None:
             for thread in self.worker.workers:
                 thread.pause()
 
+    def resume(self) -> None:
+        """Take messages again after :meth:`pause`, unless the worker is being stopped."""
+        if self.stopping.is_set() or self.killing.is_set():
+            return
+        if self.worker is not None:
+            for thread in self.worker.workers:
+                thread.resume()
+        self.intake.set()
+
+    def before_kill(self, in_flight: list[dict[str, Any]]) -> dict[str, Any]:
+        """Just before the hard kill: stop intake for good, give back to the broker every
+        message this worker holds (Redis), and count one kill against each message in hand
+        at this instant. Returns the kill record's exact ``in_flight`` (and ``given_back``)."""
+        self.killing.set()
+        self.intake.clear()
+        fields: dict[str, Any] = {}
+        with contextlib.suppress(Exception):
+            self._stop_intake()
+        if self.redelivery is not None:
+            try:
+                fields["given_back"] = self.redelivery.give_back()
+            except Exception:
+                log.exception(
+                    "memwarden: could not give the messages back; they come back in %g s",
+                    KILL_SETTLE / 1000,
+                )
+        hand = self.in_hand()
+        fields["in_flight"] = hand
+        self.count_kills(hand)
+        return fields
+
+    def _stop_intake(self) -> None:
+        """No consumer fetches again, no worker thread takes another message."""
+        if self.worker is None:
+            return
+        for consumer in self.worker.consumers.values():
+            consumer.stop()
+        self.pause()
+
+    @_hook_guard
     def count_kills(self, in_flight: list[dict[str, Any]]) -> None:
-        """Before a hard kill: one kill against every message in flight."""
+        """One kill against every message in ``in_flight``."""
         if self.poison is None:
             return
         for job in in_flight:
@@ -225,7 +371,7 @@ class MemoryWarden(dramatiq.Middleware):
         kill_tree_and_self()
 
     # ----------------------------------------------------------------- helpers
-    @swallow
+    @_hook_guard
     def _poison_kills(self, message: Any) -> int:
         """The message's kill count when it is poison, else 0 (or None on error)."""
         if self.poison is None:

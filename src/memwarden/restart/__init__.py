@@ -37,4 +37,5 @@ def make_restarter(config: Config) -> Restarter:
     if config.restart == "none":
         return NoRestart()
     module = importlib.import_module(f"memwarden.restart.{config.restart}")
-    return module.make(config)  # type: ignore[no-any-return]
+    restarter: Restarter = module.make(config)
+    return restarter

@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from memwarden import redact
 from memwarden.restart import Restarter
 from memwarden.restart.api import ApiError, Secret, call
 from memwarden.restart.exit import ExitRestarter
@@ -43,6 +44,7 @@ class HerokuRestarter:
         api_url: str = "https://api.heroku.com",
         timeout: float = 5.0,
         retries: int = 3,
+        deadline: float | None = None,
         fallback: Restarter,
     ) -> None:
         self.app = app
@@ -51,7 +53,11 @@ class HerokuRestarter:
         self.api_url = api_url.rstrip("/")
         self.timeout = timeout
         self.retries = retries
+        #: The whole call, retries included, ends this long after it starts (None: as
+        #: the tries and back-offs add up).
+        self.deadline = deadline
         self.fallback = fallback
+        self._fell_back = False
 
     @classmethod
     def from_env(
@@ -64,6 +70,7 @@ class HerokuRestarter:
             api_url=config.heroku_api_url,
             timeout=config.api_timeout,
             retries=config.api_retries,
+            deadline=config.shutdown_timeout,
             fallback=fallback,
         )
 
@@ -85,6 +92,11 @@ class HerokuRestarter:
                 "HEROKU_API_TOKEN is not set: `heroku authorizations:create --scope write "
                 "--description memwarden`, then `heroku config:set HEROKU_API_TOKEN=…`"
             )
+        elif not self._token.reveal().isascii() or not self._token.reveal().isprintable():
+            found.append(
+                "HEROKU_API_TOKEN holds characters no HTTP header can carry (a stray "
+                "quote, space or non-ASCII letter?): set it again from `heroku authorizations`"
+            )
         return found
 
     @property
@@ -94,6 +106,15 @@ class HerokuRestarter:
         return f"{self.api_url}/apps/{app}/dynos/{dyno}"
 
     def restart(self, reason: str) -> None:
+        """Ask Heroku; on any failure at all, the local way instead (once, said loudly)."""
+        try:
+            self._restart(reason)
+        except Exception as exc:
+            shown = redact.text(str(exc), known=[self._token.reveal()])
+            log.error("memwarden: Heroku restart failed (%s: %s)", type(exc).__name__, shown)
+            self._fall_back()
+
+    def _restart(self, reason: str) -> None:
         problems = self.problems()
         if problems:
             for problem in problems:
@@ -118,6 +139,7 @@ class HerokuRestarter:
                 },
                 timeout=self.timeout,
                 retries=self.retries,
+                deadline=self.deadline,
             )
         except ApiError as exc:
             log.error("memwarden: %s", exc)
@@ -132,6 +154,9 @@ class HerokuRestarter:
         )
 
     def _fall_back(self) -> None:
+        if self._fell_back:
+            return
+        self._fell_back = True
         log.error("memwarden: restarting the local way instead (%s)", self.fallback.name)
         self.fallback.restart("heroku API unavailable")
 

@@ -50,7 +50,12 @@ class BenchCgroup:
         if own is None:
             raise SystemExit("bench: this process has no memory cgroup; cannot make a dyno")
         self.limit = limit
-        self.path = os.path.join(own.path, f"memwarden-bench-{uuid.uuid4().hex[:8]}")
+        # v2: a cgroup with processes (ours) gives its children no controller, so the dyno
+        # goes beside ours where there is a parent to hold it.
+        base = own.path
+        if own.version == 2 and os.path.normpath(own.path) != os.path.normpath(own.top):
+            base = os.path.dirname(own.path)
+        self.path = os.path.join(base, f"memwarden-bench-{uuid.uuid4().hex[:8]}")
         os.mkdir(self.path)
         self.version = own.version
         self.cgroup = Cgroup(self.path, own.version)
@@ -195,16 +200,17 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def parse_lines(text: str) -> list[dict[str, Any]]:
-    """The ``contender=...`` lines of a bench's output, as dicts (numbers converted)."""
+def parse_lines(text: str, key: str = "contender") -> list[dict[str, Any]]:
+    """The ``contender=...`` lines (``key=...``) of a bench's output, as dicts (numbers
+    converted)."""
     rows = []
     for line in text.splitlines():
-        if not line.startswith("contender="):
+        if not line.startswith(f"{key}="):
             continue
         row: dict[str, Any] = {}
         for part in line.split():
-            key, _, raw = part.partition("=")
-            row[key] = _number(raw)
+            name, _, raw = part.partition("=")
+            row[name] = _number(raw)
         rows.append(row)
     return rows
 
@@ -218,9 +224,12 @@ def _number(raw: str) -> Any:
     return raw
 
 
-def table(results: Sequence[Result], columns: Sequence[tuple[str, str]]) -> str:
-    """A Markdown table: ``columns`` are (header, key) with key a Result field or extra key."""
-    head = "| contender | " + " | ".join(h for h, _ in columns) + " |"
+def table(
+    results: Sequence[Result], columns: Sequence[tuple[str, str]], label: str = "contender"
+) -> str:
+    """A Markdown table: ``columns`` are (header, key) with key a Result field or extra key;
+    the first column, headed ``label``, names the result."""
+    head = f"| {label} | " + " | ".join(h for h, _ in columns) + " |"
     rule = "|---|" + "---:|" * len(columns)
     rows = [head, rule]
     for r in results:

@@ -108,6 +108,9 @@ def test_big_job_pauses_intake_and_its_end_resumes_it(request, tmp_path, redis_u
         big = run.enqueue("hold", 150)
         light = run.enqueue("light")
         run.wait(lambda: run.done(light), "the light job after the big one")
+        # The forking worker's parent writes a job's record once the horse has ended: stop
+        # the worker only after that (the job's own mark comes a moment before).
+        run.wait(lambda: len(run.records("job")) == 2, "both job records")
     assert run.done(big) == 1 and run.done(light) == 1
     pauses, resumes = run.records("pause"), run.records("resume")
     assert len(pauses) == 1 and len(resumes) == 1
@@ -201,3 +204,17 @@ def test_job_dequeued_after_intake_stopped_goes_back(request, tmp_path, redis_ur
 
 
 TAKE_150_MIB = "import time\nb = b'\\x07' * (150 << 20)\ntime.sleep(600)\n"
+
+
+def test_a_stop_as_the_worker_turns_idle_still_records_the_job(request, tmp_path, redis_url):
+    """SIGTERM lands just after the horse is reaped, as RQ marks the worker idle (its
+    handler then raises ``StopRequested`` at once): the job's record is still written, and
+    the worker stops cleanly (warm shutdown, status 0), not restarted by us."""
+    with rq_run(request, tmp_path, "apps.rq_jobs.StoppedAsItIdlesWorker") as run:
+        job = run.enqueue("light")
+        run.wait(lambda: run.loop is not None and run.loop.exits, "the worker to stop")
+        assert run.loop is not None
+        assert run.loop.exits[0] == 0
+    assert run.done(job) == 1
+    assert [r["job_id"] for r in run.records("job")] == [job]
+    graceful_only(run)

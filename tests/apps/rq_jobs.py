@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 from typing import Any
@@ -145,3 +146,17 @@ class ParentGrowsWorker(Worker):
         every = int(os.environ.get("MWT_PARENT_LEAK_EVERY", "0"))
         if every and self._jobs_seen % every == 0:
             workload.leak(float(os.environ.get("MWT_PARENT_LEAK_MB", "0")))
+
+
+class StoppedAsItIdlesWorker(Worker):
+    """A guarded forking worker whose stop signal (SIGTERM, what a platform sends) lands
+    the moment RQ marks it idle after its first job: the horse is reaped, our after-job
+    record not yet written."""
+
+    _mw_stop_sent = False
+
+    def set_state(self, state: Any, pipeline: Any = None) -> None:
+        super().set_state(state, pipeline)
+        if state == "idle" and self._mw_wait[0] and not self._mw_stop_sent:  # horse reaped
+            self._mw_stop_sent = True
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -165,6 +165,16 @@ class Run:
         ):
             yield sup, cg
 
+    def wait(self, condition: Any, timeout: float, what: str) -> None:
+        """``wait_for`` that shows the worker's log and the journal's last records on a
+        timeout (a failure on a busy CI machine is then read, not guessed)."""
+        try:
+            wait_for(condition, timeout, 0.2, what)
+        except AssertionError:
+            print(self.log.read_text(errors="replace")[-8000:] if self.log.exists() else "")
+            print("\n".join(json.dumps(r) for r in self.records()[-40:]))
+            raise
+
     def send(self, name: str, *args: Any) -> str:
         task_id = self.app.send_task(name, args=args, queue=self.queue).id
         self.sent.append(task_id)
@@ -262,7 +272,7 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
                 batch.append(run.send("mwt.work", "fragment", FRAGMENT_MB))
             else:
                 batch.append(run.send("mwt.work"))
-        wait_for(lambda: set(batch) <= run.done(), 120, 0.2, "the 200 jobs to complete")
+        run.wait(lambda: set(batch) <= run.done(), 120, "the 200 jobs to complete")
         restarts, jobs = run.records("restart"), run.records("job")
         assert {r["job_id"] for r in jobs} >= set(batch)  # a record from every job
         assert all(r["job"] == "mwt.work" and r["framework"] == "celery" for r in jobs)
@@ -292,7 +302,7 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
         # 2. A job that grows past the hard limit mid-run: killed, back, done on a fresh worker
         # (prefork: its pool child alone is killed).
         hog = run.send("mwt.grow", HOG_MB, 16, HOG_STEP_MB, HOG_PAUSE)
-        wait_for(lambda: hog in run.done(), 90, 0.2, "the hog to come back and complete")
+        run.wait(lambda: hog in run.done(), 90, "the hog to come back and complete")
         key = f"{run.name}:grow:{hog}"
         assert int(run.marks.get(f"{key}:attempts") or 0) == 2
         finished = run.marks.hgetall(f"{key}:finished")
@@ -312,8 +322,8 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
         poison = run.send("mwt.poison", HOG_MB, HOG_STEP_MB, HOG_PAUSE)
         behind = [run.send("mwt.work") for _ in range(10)]
         result = AsyncResult(poison, app=run.app)
-        wait_for(lambda: result.state == "FAILURE", 120, 0.2, "the poison job to be failed")
-        wait_for(lambda: set(behind) <= run.done(), 60, 0.2, "the jobs behind it")
+        run.wait(lambda: result.state == "FAILURE", 120, "the poison job to be failed")
+        run.wait(lambda: set(behind) <= run.done(), 60, "the jobs behind it")
         assert poison not in run.done()
         assert int(run.marks.get(f"{run.name}:poison:{poison}:runs") or 0) == 2
         assert "memwarden" in str(result.result) and "2 hard kills" in str(result.result)
@@ -336,7 +346,7 @@ def test_drain_past_the_shutdown_timeout_ends_in_a_kill_and_the_task_comes_back(
     run: Run = run_factory(RESULTS, "prefork", MEMWARDEN_SHUTDOWN_TIMEOUT="0.5")
     with run.worker() as (sup, cg):
         slow = run.send("mwt.grow", 200, 8, 8, 0.02, 6.0)  # over soft, then holds 6 s
-        wait_for(lambda: slow in run.done(), 60, 0.2, "the slow task to come back and finish")
+        run.wait(lambda: slow in run.done(), 60, "the slow task to come back and finish")
         key = f"{run.name}:grow:{slow}"
         assert int(run.marks.get(f"{key}:attempts") or 0) == 2
         assert b"1" not in run.marks.hgetall(f"{key}:finished")  # the first run was cut
@@ -356,7 +366,7 @@ def test_solo_pool_restarts_and_warns_about_unsafe_settings(run_factory: Any) ->
     run: Run = run_factory(RESULTS, "solo", MWT_UNSAFE="1", MEMWARDEN_RESTART="signal")
     with run.worker() as (sup, _):
         batch = [run.send("mwt.work", "leak", LEAK_MB) for _ in range(30)]
-        wait_for(lambda: set(batch) <= run.done(), 60, 0.2, "the 30 jobs to complete")
+        run.wait(lambda: set(batch) <= run.done(), 60, "the 30 jobs to complete")
         assert len(sup.starts) >= 2  # 480 MiB of leaks: drained and restarted
     log = run.log.read_text()
     assert "JOBS CAN BE LOST: task_acks_late is off" in log
@@ -388,7 +398,7 @@ def test_heroku_restart_runs_once_per_drain_and_keeps_the_token_secret(run_facto
         )
         with run.worker() as (sup, _):
             batch = [run.send("mwt.work", "leak", LEAK_MB) for _ in range(30)]
-            wait_for(lambda: set(batch) <= run.done(), 90, 0.2, "the 30 jobs to complete")
+            run.wait(lambda: set(batch) <= run.done(), 90, "the 30 jobs to complete")
 
             def drains() -> list[dict[str, Any]]:
                 # read afresh: the last jobs may finish before the drain they cause is recorded

@@ -1,6 +1,6 @@
 """Leak, bloat or stable — and which job kind — from journal records alone.
 
-Pure functions over records (DESIGN.md "Journal schema"); no framework, no numpy. Records
+Pure functions over records (docs/journal.md "Records"); no framework, no numpy. Records
 are read once, as they come (:class:`memwarden.digest.Digest`): memory is bounded by the
 number of process lifetimes and job kinds, not by the journal's length.
 

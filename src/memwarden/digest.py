@@ -8,7 +8,7 @@ consecutive records, keeping their lowest and highest level, their job kinds' co
 the last live-memory figure), so a lifetime of a million jobs costs what one of 4096 does.
 Under :data:`BUDGET` points for all lifetimes together, the longest series merge first.
 
-Which records make one lifetime (DESIGN.md "Journal schema"):
+Which records make one lifetime (docs/journal.md "Records"):
 
 - records are keyed by host and ``pid``; a pid seen again after a restart or kill (or a
   ``start`` record of ``memwarden run``) with far less memory is a new lifetime (containers

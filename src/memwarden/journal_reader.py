@@ -6,7 +6,7 @@ the way goes into a :class:`ReadSummary` instead of an exception:
 
 - gzip is chosen by content (the magic bytes), not by the file's name;
 - a line that is not a JSON object, is longer than :data:`MAX_LINE`, or whose fields do not
-  fit the schema (DESIGN.md "Journal schema": a string ``rss_before``, a 10^400 or negative
+  fit the schema (docs/journal.md "Records": a string ``rss_before``, a 10^400 or negative
   or NaN size, a list as pid, an event that is not a string) is counted and skipped, with its
   line number (the first :data:`KEEP_BAD` are kept for the message);
 - a file that cannot be opened, a truncated or corrupt gzip stream, a closed or terminal

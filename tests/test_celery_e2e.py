@@ -323,7 +323,7 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
         behind = [run.send("mwt.work") for _ in range(10)]
         result = AsyncResult(poison, app=run.app)
         run.wait(lambda: result.state == "FAILURE", 120, "the poison job to be failed")
-        run.wait(lambda: set(behind) <= run.done(), 60, "the jobs behind it")
+        run.wait(lambda: set(behind) <= run.done(), 180, "the jobs behind it")
         assert poison not in run.done()
         assert int(run.marks.get(f"{run.name}:poison:{poison}:runs") or 0) == 2
         assert "memwarden" in str(result.result) and "2 hard kills" in str(result.result)

@@ -12,6 +12,8 @@ visibility timeout — so a task that came back only by that timeout fails the t
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -236,6 +238,48 @@ def test_prefork_pauses_intake_over_the_soft_limit_and_resumes_under_it(run_fact
     resume = run.records("resume")
     assert len(resume) == 1
     assert all((started_at(run, t) or 0) >= resume[0]["ts"] for t in ticks)
+    assert run.records("kill") == []
+
+
+HOLD_300_MIB = "import time\nb = b'\\x07' * (300 << 20)\ntime.sleep(600)\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker_url", [RESULTS, AMQP], ids=["redis", "rabbitmq"])
+def test_prefork_tasks_given_back_while_paused_leave_the_pool_its_slots(
+    run_factory: Any, broker_url: str
+) -> None:
+    """Prefork: Celery takes a pool slot (its worker semaphore) for a task before it hands
+    it to the pool, and gets it back when the task's result comes. A task that reaches the
+    pool while intake is paused goes back to the broker without running: its slot must come
+    back too. Here every slot frees while paused (the memory is another process's), so each
+    goes to a task that goes back; once resumed, the tasks must run — before, the pool was
+    left with no slot and the worker took nothing ever again."""
+    need_service("Redis", 6379)
+    if broker_url == AMQP:
+        need_service("RabbitMQ", 5672)
+    run: Run = run_factory(
+        broker_url, "prefork", quota=1024 * MiB, concurrency=2, defaults=True, **PAUSE_ENV
+    )
+    with run.worker() as (sup, cg):
+        waiters = [run.send("mwt.wait_key", "go") for _ in range(2)]
+        wait_for(lambda: all(started_at(run, w) for w in waiters), 60, 0.05, "both children")
+        ticks = [run.send("mwt.tick", 1) for _ in range(4)]
+        wait_for(lambda: run.queued()[0] == 0, 60, 0.05, "the ticks to be prefetched")
+        hog = subprocess.Popen([sys.executable, "-c", HOLD_300_MIB], preexec_fn=cg.join)
+        try:
+            wait_for(lambda: run.records("pause"), 60, 0.05, "the pause")
+            run.marks.set(f"{run.name}:go", 1)
+            wait_for(lambda: set(waiters) <= run.done(), 60, 0.05, "the waiters to end")
+            gone = "task(s) not started went back to the queue"
+            wait_for(lambda: gone in run.log.read_text(), 60, 0.05, "ticks to go back")
+            assert not [t for t in ticks if started_at(run, t)], "a tick started while paused"
+        finally:
+            hog.kill()
+            hog.wait()
+        run.wait(lambda: set(ticks) <= run.done(), 60, "the ticks, once resumed")
+        assert never_drained(run, sup)
+    assert len(run.records("resume")) == 1
     assert run.records("kill") == []
 
 

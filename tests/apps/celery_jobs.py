@@ -126,6 +126,15 @@ def hold(self, mb: int = 0) -> str:
     return _where()
 
 
+@app.task(name="mwt.wait_key", bind=True)
+def wait_key(self, name: str) -> str:
+    """Records its start, waits for the test's key ``name``, ends."""
+    marks.hset(f"{RUN}:started", self.request.id, f"{_where()}:{time.time():.6f}")
+    _wait_for_key(name)
+    marks.sadd(f"{RUN}:done", self.request.id)
+    return _where()
+
+
 @app.task(name="mwt.tick", bind=True)
 def tick(self, ms: float = 2.0) -> str:
     """A short task: records its start, sleeps ``ms``, done."""

@@ -258,10 +258,24 @@ class Intake:
             request = request_of(opts.get("accept_callback"))
             if request is not None and self.state is not OPEN:
                 self._give_back([request])
+                self._free_slot()
                 return None
             return handed(target, args, kwargs, **opts)
 
         return on_apply
+
+    def _free_slot(self) -> None:
+        """Prefork: Celery took a pool slot (its worker's semaphore) for a task before
+        handing it to the pool, and frees it when the task's result comes back. A task given
+        back never runs: its slot is freed here, or the pool is left one slot short for
+        good (with all of them gone, the worker takes nothing ever again)."""
+        controller = getattr(self.consumer, "controller", None)
+        semaphore = getattr(controller, "semaphore", None)
+        takes_slots = getattr(controller, "process_task", None) == getattr(
+            controller, "_process_task_sem", None
+        )
+        if semaphore is not None and takes_slots:
+            semaphore.release()  # may hand the slot to a waiting task (given back too)
 
     def _admit(self, request: Any) -> bool:
         """A task handed to the pool (loop thread): kept for its start, or given back."""

@@ -273,8 +273,10 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
             else:
                 batch.append(run.send("mwt.work"))
         run.wait(lambda: set(batch) <= run.done(), 120, "the 200 jobs to complete")
+        # A record from every job: written at the task's end, a moment after its own mark.
+        recorded = lambda: {r["job_id"] for r in run.records("job")} >= set(batch)  # noqa: E731
+        run.wait(recorded, 60, "a record from every job")
         restarts, jobs = run.records("restart"), run.records("job")
-        assert {r["job_id"] for r in jobs} >= set(batch)  # a record from every job
         assert all(r["job"] == "mwt.work" and r["framework"] == "celery" for r in jobs)
         if pool == "prefork":
             # Children over their share recycled after their task (the worker serves on)...
@@ -367,6 +369,8 @@ def test_solo_pool_restarts_and_warns_about_unsafe_settings(run_factory: Any) ->
     with run.worker() as (sup, _):
         batch = [run.send("mwt.work", "leak", LEAK_MB) for _ in range(30)]
         run.wait(lambda: set(batch) <= run.done(), 60, "the 30 jobs to complete")
+        recorded = lambda: {j["job_id"] for j in run.records("job")} >= set(batch)  # noqa: E731
+        run.wait(recorded, 60, "a record from every job (a moment after its mark)")
         assert len(sup.starts) >= 2  # 480 MiB of leaks: drained and restarted
     log = run.log.read_text()
     assert "JOBS CAN BE LOST: task_acks_late is off" in log

@@ -58,6 +58,9 @@ def test_no_message_lost_through_reloads_kills_and_a_poison_message(
             jobs.append(f"j{i}")
             tree.send(f"j{i}", kind_of, mb)
         wait_for(lambda: tree.done() >= set(jobs), timeout=180, what="all 240 messages done")
+        sent = {tree.sent[j] for j in jobs}  # each record comes a moment after its mark
+        recorded = lambda: {r["job_id"] for r in tree.records("job")} >= sent  # noqa: E731
+        wait_for(recorded, timeout=60, what="a record from every message")
 
         restarts = tree.records("restart")
         assert len(restarts) >= 3, restarts

@@ -70,6 +70,12 @@ def test_intake_pauses_over_the_soft_limit_and_resumes_when_the_big_message_ends
             lambda: f"all done; missing {everything - tree.done()}\n{tree.tail()}",
         )
 
+        sent = set(tree.sent.values())  # each record comes a moment after its mark
+        expect(
+            lambda: {r["job_id"] for r in tree.records("job")} >= sent,
+            60,
+            lambda: f"a record from every message\n{tree.tail()}",
+        )
         (pause,) = tree.records("pause")
         (resume,) = tree.records("resume")
         assert pause["ts"] < resume["ts"]

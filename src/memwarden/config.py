@@ -77,6 +77,12 @@ class Config:
         "allowed per restart window",
     )
     restart_window: float = _setting(3600.0, "duration", "Window for max_restarts")
+    max_early_exits: int = _setting(
+        5,
+        "int",
+        "memwarden run: early exits of the command (dying before min_uptime) per restart "
+        "window before run gives up",
+    )
     reclaim: bool = _setting(True, "bool", "Try gc + malloc_trim before any restart")
     pressure_full: float | str | None = _setting(
         None,
@@ -292,6 +298,7 @@ _DURATIONS: dict[str, tuple[float, float, bool, str]] = {
 #: Whole numbers: (lowest, highest, example).
 _INTS: dict[str, tuple[int, int, str]] = {
     "max_restarts": (0, 1_000_000, "3"),
+    "max_early_exits": (1, 1_000_000, "5"),
     "exit_code": (1, 255, "75"),
     "poison_kills": (1, 1_000_000, "3"),
     "trace_runs": (1, 1_000_000, "5"),
@@ -504,7 +511,6 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
 #: ``MEMWARDEN_*`` variables read outside :class:`Config`: ``memwarden run``'s own, and
 #: the job protocol's paths it gives its command (``memwarden.command``).
 OTHER_ENV = (
-    "MEMWARDEN_MAX_EARLY_EXITS",
     "MEMWARDEN_BRAKE",
     "MEMWARDEN_JOBS",
     "MEMWARDEN_QUARANTINE",

@@ -130,17 +130,6 @@ def settings(env: Mapping[str, str] | None = None, **options: Any) -> RunSetting
     """
     env = dict(os.environ if env is None else env)
     given = {k: v for k, v in options.items() if v is not None}
-    early = given.pop("max_early_exits", None)
-    if early is None:
-        early = env.get(MAX_EARLY_EXITS_ENV, "").strip() or 5
-    try:
-        max_early = int(early)
-    except (TypeError, ValueError):
-        raise SettingError(
-            MAX_EARLY_EXITS_ENV, early, "expected a whole number >= 1", "5"
-        ) from None
-    if max_early < 1:
-        raise SettingError(MAX_EARLY_EXITS_ENV, early, "expected a whole number >= 1", "5")
     if "quota" in given:
         env["MEMWARDEN_QUOTA"] = str(given["quota"])
     config = Config.from_env(env, **given).replace(reclaim=False)
@@ -157,7 +146,7 @@ def settings(env: Mapping[str, str] | None = None, **options: Any) -> RunSetting
         quota=quota,
         limits=limits,
         cgroup=cgroup,
-        max_early_exits=max_early,
+        max_early_exits=config.max_early_exits,
         forward_sigterm=quota.platform != "heroku",
         drain_signal=drain_number(config),
     )
@@ -1329,7 +1318,11 @@ def _option(name: str, help: str, **kw: Any) -> Callable[[F], F]:
 @_option("min-uptime", "No soft restart before this uptime (MEMWARDEN_MIN_UPTIME).")
 @_option("max-restarts", "Soft restarts per window (MEMWARDEN_MAX_RESTARTS).", type=int)
 @_option("restart-window", "Window of the caps (MEMWARDEN_RESTART_WINDOW).")
-@_option("max-early-exits", f"Early exits per window before giving up ({MAX_EARLY_EXITS_ENV}).")
+@_option(
+    "max-early-exits",
+    f"Early exits per window before giving up ({MAX_EARLY_EXITS_ENV}).",
+    type=int,
+)
 @_option("stop-signal", "CMD's graceful stop signal (MEMWARDEN_STOP_SIGNAL).")
 @_option(
     "drain-signal",

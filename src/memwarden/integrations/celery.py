@@ -644,6 +644,7 @@ class CeleryGuard:
             # the worker idles for seconds between tasks (and would notice a drain late);
             # each wake also brings the consumer in line with a pause or resume.
             sender.timer.call_repeatedly(WAKE_EVERY, self.intake.sync)
+            sender.timer.call_repeatedly(WAKE_EVERY, self._release_quarantined)
         self.warden.start()
         log.info(
             "memwarden: guarding celery worker (%s pool): %r, child share %s",
@@ -881,12 +882,23 @@ class CeleryGuard:
         """A poison task is failed, acknowledged and skipped instead of run again."""
         if request is None or self.poison is None or os.getpid() != self.main_pid:
             return
-        while self._quarantined:
-            worker_state.task_ready(self._quarantined.pop())
+        self._release_quarantined()
         kills = self.poison.count(request.id)
         if kills < self.poison.kills:
             return
         self._quarantine(request, kills)
+
+    @_hook_guard
+    def _release_quarantined(self) -> None:
+        """Celery reserves a request after ``task_received`` (an ETA task only when its ETA
+        comes): a quarantined one leaves the reserved set once it is in it. Left there, it
+        held a slot of fetching for good under ``worker_disable_prefetch`` (Redis), which
+        fetches only while fewer tasks are reserved than the pool has slots. Event loop's
+        thread only (the timer, or the next receipt)."""
+        for request in list(self._quarantined):
+            if request in worker_state.reserved_requests:
+                worker_state.task_ready(request)
+                self._quarantined.remove(request)
 
     def _quarantine(self, request: Any, kills: int) -> None:
         from billiard.einfo import ExceptionInfo

@@ -167,6 +167,17 @@ PAUSE_ENV = {
 }
 
 
+def pause_run(run_factory: Any, broker_url: str, pool: str) -> Run:
+    """Two slots of ``pool`` in a 1 GiB cgroup, default settings but ``PAUSE_ENV``."""
+    need_service("Redis", 6379)
+    if broker_url == AMQP:
+        need_service("RabbitMQ", 5672)
+    run: Run = run_factory(
+        broker_url, pool, quota=1024 * MiB, concurrency=2, defaults=True, **PAUSE_ENV
+    )
+    return run
+
+
 def never_drained(run: Run, sup: Any) -> bool:
     """One worker lifetime throughout, and any restart it decided was called off."""
     return len(sup.starts) == 1 and len(run.records("restart_called_off")) == len(
@@ -182,12 +193,7 @@ def test_threads_pool_pauses_intake_over_the_soft_limit_and_resumes_under_it(
     """Two threads busy, six tasks prefetched behind them. Memory goes over the soft limit:
     intake pauses — the six go back to the broker (not run, not stranded), nothing is
     fetched. Memory falls back under: intake resumes and the six run, on the same worker."""
-    need_service("Redis", 6379)
-    if broker_url == AMQP:
-        need_service("RabbitMQ", 5672)
-    run: Run = run_factory(
-        broker_url, "threads", quota=1024 * MiB, concurrency=2, defaults=True, **PAUSE_ENV
-    )
+    run = pause_run(run_factory, broker_url, "threads")
     with run.worker() as (sup, _):
         big, small = run.send("mwt.hold", 300), run.send("mwt.hold", 0)
         wait_for(lambda: started_at(run, big) and started_at(run, small), 60, 0.05, "holders")
@@ -255,12 +261,7 @@ def test_prefork_tasks_given_back_while_paused_leave_the_pool_its_slots(
     back too. Here every slot frees while paused (the memory is another process's), so each
     goes to a task that goes back; once resumed, the tasks must run — before, the pool was
     left with no slot and the worker took nothing ever again."""
-    need_service("Redis", 6379)
-    if broker_url == AMQP:
-        need_service("RabbitMQ", 5672)
-    run: Run = run_factory(
-        broker_url, "prefork", quota=1024 * MiB, concurrency=2, defaults=True, **PAUSE_ENV
-    )
+    run = pause_run(run_factory, broker_url, "prefork")
     with run.worker() as (sup, cg):
         waiters = [run.send("mwt.wait_key", "go") for _ in range(2)]
         wait_for(lambda: all(started_at(run, w) for w in waiters), 60, 0.05, "both children")

@@ -347,6 +347,51 @@ def test_reclaims_that_keep_coming_do_not_starve_the_restart():
     assert d.action is Action.RESTART and total < 300 * MB, (d, total // MB)
 
 
+def test_a_reclaim_that_dips_just_under_the_soft_limit_ends_no_episode():
+    """A fragmented heap that each reclaim trims just under the soft limit and that is over
+    it again moments later lives at the limit: the grace runs on from the first crossing,
+    and the restart comes when it is over."""
+    p = policy(reclaim_regrow=20 * MB, min_uptime=0)
+    now, d = 100.0, None
+    while now < 200:
+        d = p.observe(850 * MB, now, busy=True)
+        if d.action is Action.RECLAIM:
+            p.did_reclaim(now, 790 * MB)
+            d = p.observe(790 * MB, now + 0.1, busy=True)
+        if d.action is Action.RESTART:
+            break
+        assert p.observe(790 * MB, now + 1, busy=True).action is Action.OK
+        now += 5
+    assert d is not None and d.action is Action.RESTART, d
+    assert 160 <= now < 170  # the grace (60 s) from the first crossing, not from the last
+    # A deep dip ends the episode: the grace starts afresh at the next crossing.
+    q = policy(reclaim=False)
+    assert q.observe(850 * MB, 100).action is Action.WAIT
+    assert q.observe(700 * MB, 101).action is Action.OK
+    assert q.observe(850 * MB, 102).action is Action.WAIT
+    assert q.observe(850 * MB, 161).action is Action.WAIT
+    # So does a long one, however shallow.
+    r = policy(reclaim=False)
+    assert r.observe(850 * MB, 100).action is Action.WAIT
+    assert r.observe(790 * MB, 101).action is Action.OK
+    assert r.observe(850 * MB, 140).action is Action.WAIT
+    assert r.observe(850 * MB, 161).action is Action.WAIT
+
+
+def test_a_pool_recycles_a_child_before_a_regrown_heap_is_trimmed_again():
+    """Prefork, each job churning: the reclaim trims the heap just under the limit, the next
+    jobs take it over again. The next rung is the recycle, not one more trim."""
+    p = policy(reclaim_regrow=20 * MB, can_recycle=True)
+    assert p.observe(850 * MB, 100).action is Action.RECLAIM
+    p.did_reclaim(100, 780 * MB)
+    assert p.observe(780 * MB, 100.1).action is Action.OK
+    d = p.observe(850 * MB, 100.5)  # 70 MiB regrown: trimmed again, before
+    assert d.action is Action.RECYCLE_CHILD, d
+    p.did_recycle()
+    # Once the pool has had its recycle, a regrown heap is trimmed again.
+    assert p.observe(850 * MB, 100.6).action is Action.RECLAIM
+
+
 def test_at_the_hard_limit_a_rising_memory_is_killed_without_a_reclaim():
     """Rising at the hard limit, the memory is live: a reclaim would only give it the time
     to reach the quota (seen: a poison job in a threads pool OOM-killed by the kernel while

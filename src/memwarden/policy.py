@@ -13,10 +13,13 @@ growing hundreds of MiB/s crosses the last few percent between two readings, and
 does not wait). Such a crossing skips the reclaim: memory allocated that fast is live.
 
 No rung starves the next: the grace counts from the first crossing whatever reclaims run
-on the way, and a reclaim that leaves memory over the soft limit is followed at once by the
-next rung's check. The grace is cut short — a graceful restart now, whatever the minimum
-uptime — when memory would reach the hard limit before the grace (and a drain) is over at
-the pace it grows (growth-aware grace), and when the worker has no job in hand: nothing will
+on the way — a dip just under the soft limit that a reclaim won ends no episode
+(:data:`EPISODE_QUIET`) — a reclaim that leaves memory over the soft limit is followed at
+once by the next rung's check, and a heap that regrows soon after a reclaim is trimmed
+again only while no other rung is due (a recycle not yet taken, a grace run out). The
+grace is cut short — a graceful restart now, whatever the minimum uptime — when memory
+would reach the hard limit before the grace (and a drain) is over at the pace it grows
+(growth-aware grace), and when the worker has no job in hand: nothing will
 bring it down, and its drain is instant.
 
 Restarts are held back by a minimum uptime that doubles with each *looping* restart in the
@@ -79,6 +82,10 @@ CALL_OFF_SHARE = 0.9
 #: Nor within this many seconds of the last call-off: a second crossing so soon is no
 #: passing spike but the level itself (stranded memory and the load), met again at once.
 CALL_OFF_AGAIN_AFTER = 30.0
+#: An episode over the soft limit (its grace clock) outlives a dip under it that stays over
+#: ``CALL_OFF_SHARE`` of it for less than this many seconds: a reclaim that won back a few
+#: MiB of a fragmented heap, with the next crossing moments away, ends no episode.
+EPISODE_QUIET = 30.0
 #: Seconds a reclaim gets to show in PSI's avg10 before pressure calls for the next rung.
 PSI_SETTLE = 10.0
 
@@ -140,6 +147,9 @@ class Policy:
     started_at: float
     past_restarts: Sequence[float] = ()
     over_since: float | None = None
+    #: When the episode began: the grace counts from here. Unlike :attr:`over_since` it
+    #: outlives a shallow, short dip under the soft limit (:data:`EPISODE_QUIET`).
+    grace_since: float | None = None
     reclaimed_at: float | None = None
     reclaimed_total: int | None = None
     recycled_in_episode: bool = False
@@ -175,6 +185,7 @@ class Policy:
     #: whatever readings cost.
     look_soon: bool = False
     _restarts: list[float] = field(default_factory=list, repr=False)
+    _last_over: float | None = field(default=None, repr=False)
     _prev: tuple[float, int] | None = field(default=None, repr=False)
     _prev_rate: float = field(default=0.0, repr=False)
     _prev_dt: float = field(default=0.0, repr=False)
@@ -218,12 +229,10 @@ class Policy:
             )
         crossing = self._crossing(total) if project else None
         if crossing is not None:
-            if self.over_since is None:
-                self.over_since = now
+            self._over(now)
             return crossing
         if lim.hard is not None and total >= lim.hard:
-            if self.over_since is None:
-                self.over_since = now
+            self._over(now)
             # Still rising at the hard limit: that memory is live, and a reclaim would only
             # give it the time to reach the quota.
             rising = self._prev_rate > 0 or self.rate > 0
@@ -241,16 +250,37 @@ class Policy:
         over_soft = lim.soft is not None and total >= lim.soft
         self.pressured = not over_soft and held is not None
         if over_soft:
-            if self.over_since is None:
-                self.over_since = now
+            self._over(now)
             over = f"{format_size(total)} over soft limit {format_size(lim.soft)}"
             return self._ladder(total, now, busy, over, Cause.OVER_SOFT)
         self.over_since = None
+        if not self._lingers(total, now):
+            self.grace_since = None
         if held is not None:
             return self._ladder(total, now, busy, held, Cause.PRESSURE)
         self.recycled_in_episode = False
         self.paused = False
         return Decision(Action.OK, "under soft limit", total, lim.soft, cause=Cause.UNDER_SOFT)
+
+    def _over(self, now: float) -> None:
+        """This reading is over the soft limit: the episode goes on, or begins (also after
+        a dip that was short at its last reading but has lasted :data:`EPISODE_QUIET`)."""
+        last = self._last_over
+        if self.over_since is None and last is not None and now - last >= EPISODE_QUIET:
+            self.grace_since = None
+        if self.over_since is None:
+            self.over_since = now
+        if self.grace_since is None:
+            self.grace_since = now
+        self._last_over = now
+
+    def _lingers(self, total: int, now: float) -> bool:
+        """An episode survives this reading under the soft limit: a shallow dip, just over
+        ``CALL_OFF_SHARE`` of it, and a short one."""
+        soft, last = self.limits.soft, self._last_over
+        if self.grace_since is None or soft is None or last is None:
+            return False
+        return total >= soft * CALL_OFF_SHARE and now - last < EPISODE_QUIET
 
     def _pressure_held(self, pressure: float | None, now: float) -> str | None:
         """The reason when full pressure has stayed at or over the threshold for the hold
@@ -278,7 +308,13 @@ class Policy:
         def decide(action: Action, why: str, cause: Cause) -> Decision:
             return Decision(action, why, total, lim.soft, cause=cause)
 
-        if lim.reclaim and not self._reclaimed_recently(now, total):
+        # A heap that regrew since the last reclaim is trimmed again only while the ladder
+        # has nothing else due (the recycle rung, a grace run out): else each crossing is
+        # trimmed back just under, flaps, and the next rung never comes.
+        recycle_next = lim.can_recycle and not self.recycled_in_episode
+        grace_over = self.grace_since is not None and now - self.grace_since >= lim.grace
+        regrow = not (recycle_next or grace_over)
+        if lim.reclaim and not self._reclaimed_recently(now, total, regrow=regrow):
             return decide(Action.RECLAIM, over, base)
         # Intake pauses only where a restart can follow: a worker that started over its
         # limit, or whose restarts are capped, would otherwise stop serving for good.
@@ -312,8 +348,8 @@ class Policy:
             # always filed such restarts under it.
             idle = Cause.NO_JOB_IN_HAND if base is Cause.OVER_SOFT else base
             return decide(Action.RESTART, f"{over} with no job in hand", idle)
-        if self.over_since is not None:  # the grace (pressure's was its hold)
-            waited = now - self.over_since
+        if self.over_since is not None and self.grace_since is not None:
+            waited = now - self.grace_since  # the grace (pressure's was its hold)
             eta = self._eta_hard(total, now)
             if eta is not None:
                 why = f"{over}, rising: hard limit in {format_duration(eta)}, before grace ends"
@@ -334,13 +370,14 @@ class Policy:
         before the grace left and a drain are over; None otherwise. The pace is the faster
         of the sustained rise and the trend (:data:`TREND_WINDOW`)."""
         lim = self.limits
-        if lim.hard is None or self.over_since is None:
+        if lim.hard is None or self.over_since is None or self.grace_since is None:
             return None
         rate = max(self.rate, self.trend(total, now))
         if rate <= 0:
             return None
         eta = max(0.0, (lim.hard - total) / rate)
-        return eta if eta < max(0.0, lim.grace - (now - self.over_since)) + lim.drain_time else None
+        left = max(0.0, lim.grace - (now - self.grace_since))
+        return eta if eta < left + lim.drain_time else None
 
     def trend(self, total: int, now: float) -> float:
         """Bytes/s over the kept readings of the last :data:`TREND_WINDOW` (0 when they span
@@ -412,13 +449,17 @@ class Policy:
         why = "starts under the soft limit"
         return Decision(Action.OK, why, total, lim.soft, cause=Cause.STARTS_UNDER)
 
-    def _reclaimed_recently(self, now: float, total: int) -> bool:
+    def _reclaimed_recently(self, now: float, total: int, regrow: bool = True) -> bool:
+        """A reclaim ran within the cooldown, and (``regrow``) memory has not regrown by
+        ``reclaim_regrow`` since."""
         if self.reclaimed_at is None or now - self.reclaimed_at >= self.limits.reclaim_cooldown:
             return False
-        regrow = self.limits.reclaim_regrow
-        if regrow is None or self.reclaimed_total is None:
+        if not regrow:
             return True
-        return total - self.reclaimed_total < regrow
+        regrow_by = self.limits.reclaim_regrow
+        if regrow_by is None or self.reclaimed_total is None:
+            return True
+        return total - self.reclaimed_total < regrow_by
 
     def did_reclaim(self, now: float, total_after: int | None = None) -> None:
         """A reclaim ran at ``now``; ``total_after`` is the reading after it."""
@@ -480,8 +521,8 @@ class Policy:
     def did_recover(self) -> None:
         """The kill took only a child (an RQ work horse) and we live on: watch afresh."""
         self.killed = False
-        self.over_since = None
+        self.over_since = self.grace_since = None
 
     def did_dry_run(self, now: float) -> None:
         """A dry-run restart: start a fresh grace period so it is not decided every reading."""
-        self.over_since = now
+        self.over_since = self.grace_since = now

@@ -674,8 +674,10 @@ class CeleryGuard:
         return sum(ask_to_reclaim(self._ear(pid)) for pid in children_of(os.getpid()))
 
     def _recycle_largest_child(self, reason: str) -> bool:
-        """The pool child holding the most (USS) leaves after its current task."""
-        largest = largest_child()
+        """The pool child holding the most (USS) leaves after its current task (of those not
+        already leaving: a second recycle in an episode takes another child)."""
+        leaving = {pid for pid in children_of(os.getpid()) if os.path.exists(self._flag(pid))}
+        largest = largest_child(leaving)
         if largest is None:
             return False
         uss, pid = largest
@@ -1023,10 +1025,13 @@ def default_child_share(soft: int, base: int, concurrency: int) -> int:
     return max(soft // (concurrency + 1), (soft - base) // max(1, concurrency))
 
 
-def largest_child() -> tuple[int, int] | None:
-    """(USS, pid) of this process's child holding the most private memory, if any."""
+def largest_child(skip: set[int] | None = None) -> tuple[int, int] | None:
+    """(USS, pid) of this process's child holding the most private memory, if any (pids
+    in ``skip`` left out)."""
     sizes = []
     for pid in children_of(os.getpid()):
+        if skip and pid in skip:
+            continue
         mem = smaps_rollup(pid)
         if mem is not None:
             sizes.append((mem.uss, pid))

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/diagnose_scale.py                 # 10, 100 and 400 MB
     .venv/bin/python bench/diagnose_scale.py --sizes 10 50   # other sizes (MB)
-    .venv/bin/python bench/diagnose_scale.py --stdlib        # json, though orjson is installed
+    .venv/bin/python bench/diagnose_scale.py --stdlib        # json, though msgspec/orjson are in
+    .venv/bin/python bench/diagnose_scale.py --no-msgspec    # orjson alone (msgspec hidden)
     .venv/bin/python bench/diagnose_scale.py --dir /tmp/j    # journals kept there, reused
     .venv/bin/python bench/diagnose_scale.py --against /tmp/old/src   # old code beside
 
@@ -168,21 +169,23 @@ def generate(path: str, size: int, seed: int = 14) -> int:
     return os.path.getsize(path)
 
 
-#: Runs the command line with orjson hidden: the standard library's parser.
-STDLIB = "import sys; sys.modules['orjson'] = None; from memwarden.cli import main; main()"
+#: Runs the command line with the modules named hidden (``{}``), e.g. orjson and msgspec:
+#: the standard library's parser.
+HIDING = "import sys; sys.modules.update(dict.fromkeys({})); from memwarden.cli import main; main()"
 
 
 def measure_rss(
-    args: list[str], stdlib: bool = False, src: str | None = None
+    args: list[str], hide: tuple[str, ...] = (), src: str | None = None
 ) -> tuple[float, float, float, bytes]:
     """Wall seconds, CPU seconds, peak RSS (MB) and stdout of one command in a fresh
-    process, from ``wait4`` (``src``: the memwarden imported, else this one)."""
+    process, from ``wait4`` (``hide``: modules it cannot import; ``src``: the memwarden
+    imported, else this one)."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out:
-        run = ["-c", STDLIB] if stdlib else ["-m", "memwarden.cli"]
+        run = ["-c", HIDING.format(list(hide))] if hide else ["-m", "memwarden.cli"]
         proc = subprocess.Popen(
             [sys.executable, *run, *args], stdout=out, stderr=subprocess.PIPE, env=env
         )
@@ -197,22 +200,32 @@ def measure_rss(
         return seconds, cpu, usage.ru_maxrss * 1024 / MB, out.read()
 
 
-def parser_name() -> str:
-    """The parser the commands use: orjson if this Python can import it."""
-    try:
-        import orjson  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
-    except ImportError:
-        return "json"
-    return "orjson"
+def parser_name(hide: tuple[str, ...]) -> str:
+    """The parsers the commands use: msgspec (job lines) and orjson (the rest) where this
+    Python can import them and they are not hidden, else the standard library's json."""
+    found = []
+    for name in ("msgspec", "orjson"):
+        if name in hide:
+            continue
+        try:
+            __import__(name)
+        except ImportError:
+            continue
+        found.append(name)
+    return "+".join(found) or "json"
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 400], help="MB")
     parser.add_argument("--dir", default=None, help="where the journals go and stay")
-    parser.add_argument("--stdlib", action="store_true", help="hide orjson: stdlib json")
+    parser.add_argument(
+        "--stdlib", action="store_true", help="hide msgspec and orjson: stdlib json"
+    )
+    parser.add_argument("--no-msgspec", action="store_true", help="hide msgspec: orjson alone")
     parser.add_argument("--against", metavar="SRC", help="also run the memwarden in SRC")
     opts = parser.parse_args(argv)
+    hide = ("msgspec", "orjson") if opts.stdlib else ("msgspec",) if opts.no_msgspec else ()
     work = opts.dir or tempfile.mkdtemp(prefix="memwarden-scale-")
     os.makedirs(work, exist_ok=True)
     rows = []
@@ -232,7 +245,7 @@ def main(argv: list[str]) -> None:
                 ("report", ["report", path, "-o", html]),
             ):
                 for label, src in ([("old", opts.against)] if opts.against else []) + [("", None)]:
-                    seconds, cpu, peak, out = measure_rss(args, opts.stdlib, src)
+                    seconds, cpu, peak, out = measure_rss(args, hide, src)
                     if command == "diagnose":
                         result = json.loads(out)
                         first = result["suspects"][0]["job"] if result["suspects"] else "-"
@@ -243,7 +256,7 @@ def main(argv: list[str]) -> None:
     finally:
         if opts.dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nparser: {'json' if opts.stdlib else parser_name()}; load average now ", end="")
+    print(f"\nparser: {parser_name(hide)}; load average now ", end="")
     print(f"{os.getloadavg()[0]:.1f}")
     head = f"{'command':<14} {'size':>7} {'wall s':>7} {'MB/s':>6} {'CPU s':>7} {'MB/s':>6}"
     print(f"{head} {'peak RSS':>9}  verdict")

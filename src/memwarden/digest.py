@@ -33,7 +33,14 @@ from itertools import repeat
 from typing import Any
 
 from memwarden.events import Cause, cause_of, cause_words
-from memwarden.journal_reader import ReadSummary, check, feed, job_fields
+from memwarden.journal_reader import (
+    JOB_FIELDS,
+    ReadSummary,
+    check,
+    feed,
+    has_live_keys,
+    job_fields,
+)
 
 try:
     from collections import _count_elements  # type: ignore[attr-defined]  # Counter's C helper
@@ -74,15 +81,23 @@ def median(xs: Iterable[float]) -> float:
     return float(s[mid]) if n % 2 else (s[mid - 1] + s[mid]) / 2.0
 
 
-def _live(get: Any, suffix: str) -> float | None:
-    """:func:`memwarden.trace.live_bytes` of a record's ``get``, inlined for speed."""
-    allocated = get("allocated" + suffix)
+def _live_before(values: tuple[Any, ...]) -> float | None:
+    """:func:`memwarden.trace.live_bytes` before a job, from the values of a job record's
+    :data:`JOB_FIELDS` (inlined for speed)."""
+    blocks, heap, mapped, allocated = values[15:19]
     if allocated is None:
-        heap, mapped = get("heap_in_use" + suffix), get("mmapped" + suffix)
         if heap is None or mapped is None:
             return None
         allocated = heap + mapped
-    return float(allocated) + BLOCK_BYTES * float(get("blocks" + suffix) or 0)
+    return float(allocated) + BLOCK_BYTES * float(blocks or 0)
+
+
+assert JOB_FIELDS[15:19] == (
+    "blocks_before",
+    "heap_in_use_before",
+    "mmapped_before",
+    "allocated_before",
+)
 
 
 def _second(_: Any, b: Any) -> Any:
@@ -542,7 +557,7 @@ class Digest:
         """Add every valid record of journal files (:func:`memwarden.journal_reader.feed`);
         what reading met goes into ``summary``. The collector is paused, as in add_all."""
         with _gc_paused():
-            feed(paths, summary, self._record, self._take_job)
+            feed(paths, summary, self._record, self._take_job, self._job)
         return self
 
     def add(self, r: Any) -> None:
@@ -638,6 +653,13 @@ class Digest:
         values = job_fields(r)
         if values is None:
             return False
+        self._job(values, r)
+        return True
+
+    def _job(self, values: tuple[Any, ...], r: Any) -> None:
+        """Add a job record: ``values`` those of :data:`JOB_FIELDS` (checked), ``r`` the
+        record (a dict, or a ``JobLine`` msgspec decoded: ``journal_reader.fast_jobs``),
+        read only on rare paths."""
         kind, pid, wp, host, hostname, dyno, ts, after, before, duration = values[:10]
         forked = wp is not None and wp != pid
         after = float(after)
@@ -645,7 +667,10 @@ class Digest:
         ts = float(ts)
         life = self.open.get((host or hostname or dyno, wp if forked else pid))
         if life is None or life.ended is not None or not life.recent or ts - life.level_ts > 300:
-            life = self._life(r, start_level, wp if forked else None)
+            record = (
+                r if type(r) is dict else dict(zip(JOB_FIELDS, values, strict=True), event="job")
+            )
+            life = self._life(record, start_level, wp if forked else None)
         else:  # the common case, as _life does it
             life.recent.append(start_level)
             life.level_ts = ts
@@ -659,7 +684,7 @@ class Digest:
         blocks, heap, mapped, allocated = values[10:14]
         if allocated is None:
             if heap is None or mapped is None:
-                if "blocks" in r or "heap_in_use" in r:
+                if has_live_keys(r):
                     life.live_partial += 1
             else:
                 allocated = heap + mapped
@@ -681,7 +706,7 @@ class Digest:
             stats.live_runs = seen = stats.live_runs + 1
             deltas = stats.live_deltas
             if len(deltas) < RESERVOIR or draw % seen < RESERVOIR:
-                before_live = _live(r.get, "_before")
+                before_live = _live_before(values)
                 if before_live is not None:
                     stats.keep(
                         len(deltas) if len(deltas) < RESERVOIR else draw % RESERVOIR,
@@ -707,7 +732,6 @@ class Digest:
                 self._merge_jobs(life)
             if self.points > self._next_budget:
                 self._squeeze()
-        return True
 
     def _merge_jobs(self, life: Life) -> None:
         jobs = life.jobs

@@ -359,6 +359,36 @@ def _orjson() -> Callable[[str], Any] | None:
 parse: Callable[[str], Any] = _orjson() or parse_stdlib
 
 
+def _msgspec() -> Any:
+    """:mod:`memwarden.fast_job` when msgspec is installed, else None."""
+    try:
+        from memwarden import fast_job
+    except ImportError:
+        return None
+    return fast_job
+
+
+_fast = _msgspec()
+
+#: ``(decode, JobLine, errors, fields)``: msgspec's decoder of a job record's line
+#: (``pip install msgspec``: parsed and checked in one step, in C), or None. ``decode``
+#: returns a ``JobLine`` where :func:`job_fields` lets the line's record through, and
+#: ``fields`` gives its values as :func:`job_fields` would; on any other line it returns
+#: another type or raises one of ``errors``. Not used while :data:`parse` is
+#: :func:`parse_stdlib`: that is the standard library's path, whole.
+fast_jobs: tuple[Callable[[str], Any], type, tuple[type[Exception], ...], Any] | None = (
+    (_fast.decode, _fast.JobLine, _fast.ERRORS, _fast.fields) if _fast is not None else None
+)
+
+
+def has_live_keys(r: Any) -> bool:
+    """Whether a job record (a dict, or a ``JobLine``) names ``blocks`` or
+    ``heap_in_use``, even as null: its live figures were meant to be there."""
+    if type(r) is dict:
+        return "blocks" in r or "heap_in_use" in r
+    return bool(_fast is not None and _fast.has_live_keys(r))
+
+
 # ----------------------------------------------------------------------------- sources
 def _open(path: str, summary: ReadSummary) -> IO[bytes] | None:
     if path == "-":
@@ -405,15 +435,18 @@ def feed(
     summary: ReadSummary,
     emit: Callable[[Record], None],
     take: Callable[[Record], bool] | None = None,
+    take_line: Callable[[tuple[Any, ...], Any], None] | None = None,
 ) -> None:
     """Hand every valid record of ``paths`` (as :func:`read_journals` orders them) to
     ``emit``, in file order, without a generator step per record. ``take``, when given,
     sees each parsed line first: it returns True when it has taken the record, which must
     then be a job record :func:`check` lets through (``Digest`` checks its job records as
     it reads them: :func:`job_fields`); on False the record is checked and emitted as
-    usual."""
+    usual. ``take_line``, when given and msgspec is there (:data:`fast_jobs`), takes each
+    job record msgspec decodes and checks from its line, before any other parser sees it:
+    its values (as :func:`job_fields` gives them) and the ``JobLine``."""
     for path in _ordered(paths, summary):
-        for _ in _scan_source(path, summary, emit, take):
+        for _ in _scan_source(path, summary, emit, take, take_line):
             pass
 
 
@@ -422,6 +455,7 @@ def _scan_source(
     summary: ReadSummary,
     emit: Callable[[Record], None],
     take: Callable[[Record], bool] | None = None,
+    take_line: Callable[[tuple[Any, ...], Any], None] | None = None,
 ) -> Generator[None, None, None]:
     """Emit the valid records of one source; a step per chunk (see :func:`feed`)."""
     source = _name(path)
@@ -431,6 +465,8 @@ def _scan_source(
     number = records = taken = 0
     events = summary.events
     parse_, check_ = parse, check  # (tests swap ``parse``)
+    fast = fast_jobs if take_line is not None and parse_ is not parse_stdlib else None
+    decode, job_line, errors, fields = fast if fast is not None else (None, None, (), None)
     try:
         for lines in _line_lists(_chunks(stream, source, summary)):
             for line in lines:
@@ -438,6 +474,18 @@ def _scan_source(
                 if line is None:
                     summary.skip(source, number, f"longer than {MAX_LINE} bytes")
                     continue
+                if decode is not None:
+                    try:
+                        job = decode(line)
+                    except errors:
+                        pass
+                    else:
+                        if type(job) is job_line:
+                            take_line(fields(job), job)  # type: ignore[misc]
+                            if not taken:
+                                events["job"] += 0
+                            taken += 1
+                            continue
                 try:
                     record = parse_(line)
                 except (ValueError, RecursionError):

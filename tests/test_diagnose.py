@@ -312,15 +312,11 @@ def test_kinds_in_turn_blame_the_kind_whose_own_jobs_grow(order):
         assert "evidence" in result["suspects"][0]  # from the event study, not a fallback
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14, open: past POINTS (4096) jobs a lifetime's series merges and the order "
-    "of jobs inside a point is lost; the leak then goes to the regression over windows, "
-    "whose rows hold the same mix when kinds come in turn (and whose levels are a point's "
-    "lowest, not its last): it names a neighbour. The streamed high-water credits are right.",
-)
 @pytest.mark.parametrize("order", [("leak", "light", "light"), ("a", "leak", "b")])
 def test_kinds_in_turn_in_a_long_lifetime_blame_the_kind_whose_own_jobs_grow(order):
+    """Past POINTS (4096) jobs a lifetime's series merges and the event study cannot run;
+    the regression over windows then sees the same mix of kinds in every window (a whole
+    number of turns): it says nothing, and the streamed high-water credits answer."""
     result = diagnose(in_turn(order, 5000, kept=256 * 1024))
     assert result["pattern"] == "leak"
     assert first(result) == "leak", result["suspects"]
@@ -537,6 +533,17 @@ def test_statistics_helpers():
     rows = [[float(i), float(i % 3)] for i in range(30)]
     beta = nnls(rows, [2.0 * r[0] for r in rows])
     assert beta[0] == pytest.approx(2.0, rel=1e-3) and beta[1] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_windows_that_hold_one_mix_cannot_tell_kinds_apart():
+    from memwarden.diagnose import collinear, normal_equations
+
+    turns = [[8.0, 4.0, 0.0]] * 40  # every window: the same mix (kinds in turn)
+    assert collinear(normal_equations(turns, [1.0] * 40)[0])
+    mixed = [[8.0 + i % 3, 4.0 + i % 2, 0.0] for i in range(40)]
+    assert not collinear(normal_equations(mixed, [1.0] * 40)[0])
+    rare = [[60.0, 0.0]] * 5999 + [[59.0, 1.0]]  # a kind run once: told apart, not dropped
+    assert not collinear(normal_equations(rare, [1.0] * 6000)[0])
 
 
 def test_batched_series_keep_what_job_by_job_kept():

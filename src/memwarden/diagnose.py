@@ -126,8 +126,10 @@ def sustained(ys: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def nnls(rows: list[list[float]], ys: list[float], sweeps: int = 3000) -> list[float]:
-    """Non-negative least squares by coordinate descent on the (scaled) normal equations."""
+def normal_equations(
+    rows: list[list[float]], ys: list[float]
+) -> tuple[list[list[float]], list[float]]:
+    """``XᵀX`` and ``Xᵀy`` of the rows ``X`` and values ``y``."""
     k = len(rows[0]) if rows else 0
     gram = [[0.0] * k for _ in range(k)]
     rhs = [0.0] * k
@@ -138,6 +140,32 @@ def nnls(rows: list[list[float]], ys: list[float], sweeps: int = 3000) -> list[f
             g = gram[a]
             for b, vb in nz:
                 g[b] += va * vb
+    return gram, rhs
+
+
+def collinear(gram: list[list[float]]) -> bool:
+    """Whether the columns that are used (``gram[j][j] > 0``) are linearly dependent: one
+    column's counts follow from the others' in every row (kinds served in turn, counted
+    in windows that span whole turns, hold the same mix in every row), so no regression
+    can tell which of them made the change."""
+    used = [j for j in range(len(gram)) if gram[j][j] > 0]
+    norm = [math.sqrt(gram[j][j]) for j in used]
+    corr = [
+        [gram[i][j] / (norm[a] * norm[b]) for b, j in enumerate(used)] for a, i in enumerate(used)
+    ]
+    return len(used) > 1 and _solve(corr, [0.0] * len(used)) is None
+
+
+def nnls(
+    rows: list[list[float]],
+    ys: list[float],
+    sweeps: int = 3000,
+    normal: tuple[list[list[float]], list[float]] | None = None,
+) -> list[float]:
+    """Non-negative least squares by coordinate descent on the (scaled) normal equations
+    (``normal``: :func:`normal_equations` of ``rows`` and ``ys``, when known)."""
+    gram, rhs = normal or normal_equations(rows, ys)
+    k = len(gram)
     scale = [math.sqrt(gram[j][j]) if gram[j][j] > 0 else 0.0 for j in range(k)]
     beta = [0.0] * k
     for _ in range(sweeps):
@@ -411,7 +439,10 @@ def attribute_windows(
         step = len(rows) / MAX_ROWS
         keep = [int(i * step) for i in range(MAX_ROWS)]
         rows, ys = [rows[i] for i in keep], [ys[i] for i in keep]
-    beta = nnls(rows, ys)
+    normal = normal_equations(rows, ys)
+    if collinear(normal[0]):
+        return {}  # the windows cannot tell the kinds apart: this says nothing
+    beta = nnls(rows, ys, normal=normal)
     out: Attribution = {}
     for col, coef in enumerate(beta):
         if runs[col]:

@@ -56,6 +56,14 @@ def _succeeded(sender: Any = None, **_: Any) -> None:
     marks.hset(f"{RUN}:succeeded", f"{sender.request.id}:{os.getpid()}", f"{time.time():.6f}")
 
 
+@signals.task_received.connect
+def _received(request: Any = None, **_: Any) -> None:
+    """Marks each receipt of a task by the worker (its consumer fetched it): task id ->
+    the receipts' times, space-separated (a redelivery adds one)."""
+    if request is not None:
+        marks.append(f"{RUN}:received:{request.id}", f"{time.time():.6f} ")
+
+
 def _where() -> str:
     return f"{os.getpid()}:{os.getppid()}"
 

@@ -49,7 +49,7 @@ from typing import Any
 
 import billiard.pool
 from billiard.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from celery.concurrency import get_implementation
 from celery.concurrency.base import apply_target
 from celery.concurrency.thread import ApplyResult
@@ -166,7 +166,11 @@ class Intake:
     at that instant, and none starts or ends after it. The consumer is touched only from
     its event loop's thread (:meth:`sync`, run soon after each change and every
     ``WAKE_EVERY``). On Redis the fetch stops at once: the channel sends no new ``BRPOP``
-    while intake is not open, and a pending one is ended (``CLIENT UNBLOCK``)."""
+    while intake is not open, and a pending one is ended (``CLIENT UNBLOCK``).
+
+    A broker reconnect gives Celery's consumer a new connection, channel and task consumer,
+    which Celery starts consuming at once: :meth:`reattach` gates the new ones before it
+    does, so a paused worker's new task consumer starts only once intake opens again."""
 
     def __init__(self) -> None:
         self.state = OPEN
@@ -189,9 +193,7 @@ class Intake:
         (``redis_client``) between the channel and its fetch (at ``worker_ready``)."""
         self.consumer = consumer
         self._redis = redis_client
-        if redis_client is not None:
-            with contextlib.suppress(AttributeError):
-                self._gate_fetch(consumer.task_consumer.channel)
+        self._gate_task_consumer(consumer.task_consumer)
         tasks_pool = consumer.pool
         if pool == "threads":
             tasks_pool.on_apply = self._threads_apply(tasks_pool.executor)
@@ -200,15 +202,57 @@ class Intake:
         else:  # prefork (or another pool): its own queue; only what comes in is gated
             tasks_pool.on_apply = self._gated_apply(tasks_pool.on_apply)
 
+    def reattach(self, consumer: Any) -> None:
+        """The consumer has started again (a broker reconnect; from its thread, before its
+        event loop starts consuming): gate its new task consumer and channel. Nothing
+        before the first :meth:`attach`."""
+        if self.consumer is None:
+            return
+        self.consumer = consumer
+        self._stopped = None  # the old task consumer is gone
+        self._fetcher = None
+        self._gate_task_consumer(consumer.task_consumer)
+        log.info("memwarden: broker reconnected; intake %s", self.state)
+
+    def _gate_task_consumer(self, task_consumer: Any) -> None:
+        """Gate a task consumer (and on Redis its channel's fetch)."""
+        if task_consumer is None:
+            return
+        if self._redis is not None:
+            with contextlib.suppress(AttributeError):
+                self._gate_fetch(task_consumer.channel)
+        self._gate_consume(task_consumer)
+
+    def _gate_consume(self, task_consumer: Any) -> None:
+        """Celery's event loop starts its task consumer at every (re)start: while intake is
+        not open that start is put off until :meth:`sync` opens it (on RabbitMQ a start
+        would have the broker push messages at once)."""
+        consume = task_consumer.consume
+
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            if self.state is OPEN:
+                return consume(*args, **kwargs)
+            self._stopped = task_consumer  # started by sync once intake is open
+            return None
+
+        task_consumer.consume = gated
+
     def _gate_fetch(self, channel: Any) -> None:
         """kombu's Redis channel asks ``qos.can_consume()`` before each ``BRPOP`` and before
-        reading its answer: no new fetch while intake is not open, a pending one is read."""
+        reading its socket: no new fetch while intake is not open, a pending one is read.
+        Once the consumer is stopped (no queue active, so no fetch can start) the socket is
+        read too: readable then, it was closed by the server, and left unread the event
+        loop would spin on it and never reconnect."""
         self.channel = channel
         qos = channel.qos
         can_consume = qos.can_consume
 
         def gated() -> bool:
-            fetching = self.state is OPEN or bool(getattr(channel, "_in_poll", None))
+            fetching = (
+                self.state is OPEN
+                or bool(getattr(channel, "_in_poll", None))
+                or not getattr(channel, "active_queues", True)
+            )
             return fetching and bool(can_consume())
 
         qos.can_consume = gated
@@ -538,6 +582,7 @@ class CeleryGuard:
         #: for the visibility timeout (AMQP requeues them when the connection drops).
         self.redis_broker: Any = None
         self._uid = f"memwarden-{id(self)}"
+        self._timers: list[Any] = []  # the event loop's periodic calls (timer entries)
 
     def __repr__(self) -> str:
         return f"CeleryGuard(pool={self.pool}, warden={self.warden!r})"
@@ -557,6 +602,12 @@ class CeleryGuard:
             (signals.task_received, self._on_received),
         ):
             sig.connect(handler, weak=False, dispatch_uid=f"{self._uid}-{handler.__name__}")
+        step = type(
+            "MemwardenIntake",
+            (IntakeStep,),
+            {"guard": self, "name": f"memwarden.intake.{self._uid}", "__module__": __name__},
+        )
+        self.app.steps["consumer"].add(step)
         return self
 
     # ------------------------------------------------------------ main process
@@ -640,11 +691,8 @@ class CeleryGuard:
                 self.intake.attach(sender, self.pool, self.redis_broker)
             except Exception:  # the watchdog still runs; pauses then only stop nothing
                 log.exception("memwarden: cannot gate this worker's intake")
-            # celery#6941: a thread's ack does not wake the event loop, so with late acks
-            # the worker idles for seconds between tasks (and would notice a drain late);
-            # each wake also brings the consumer in line with a pause or resume.
-            sender.timer.call_repeatedly(WAKE_EVERY, self.intake.sync)
-            sender.timer.call_repeatedly(WAKE_EVERY, self._release_quarantined)
+            if not self._timers:  # not already set by IntakeStep (no event loop)
+                self._wake(sender.timer)
         self.warden.start()
         log.info(
             "memwarden: guarding celery worker (%s pool): %r, child share %s",
@@ -652,6 +700,31 @@ class CeleryGuard:
             self.warden,
             format_size(self.child_share),
         )
+
+    def _wake(self, timer: Any) -> None:
+        """Set the event loop's periodic calls (again: Celery clears its timer when the
+        broker connection is lost). celery#6941: a thread's ack does not wake the event
+        loop, so with late acks the worker idles for seconds between tasks (and would notice
+        a drain late); each wake also brings the consumer in line with a pause or resume."""
+        for entry in self._timers:
+            with contextlib.suppress(Exception):
+                entry.cancel()
+        self._timers = [
+            timer.call_repeatedly(WAKE_EVERY, self.intake.sync),
+            timer.call_repeatedly(WAKE_EVERY, self._release_quarantined),
+        ]
+
+    @_hook_guard
+    def _on_consumer_start(self, consumer: Any) -> None:
+        """Celery's consumer (re)started: a reconnect's new task consumer is gated."""
+        if self.warden is not None and os.getpid() == self.main_pid:
+            self.intake.reattach(consumer)
+
+    @_hook_guard
+    def _on_event_loop(self, hub: Any) -> None:
+        """Celery's event loop (re)starts (its timer emptied after a lost connection)."""
+        if self.warden is not None and os.getpid() == self.main_pid:
+            self._wake(hub.timer)
 
     def _forget_stale_flags(self) -> None:
         """Recycle flags and reclaim FIFOs left by children that are gone (pids get reused)."""
@@ -1016,6 +1089,22 @@ class CeleryGuard:
             self.intake.finished(task_id)  # an outcome stored nowhere (Reject, Ignore)
         if self.warden is not None:
             self.warden.job_finished(task_id)
+
+
+class IntakeStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """A step of the worker's consumer, after its task consumer: at every (re)start of the
+    consumer (a broker reconnect rebuilds connection, channel and task consumer, and clears
+    the event loop's timer) memwarden's gate and periodic calls are set again. Bound to
+    one :class:`CeleryGuard` by :meth:`CeleryGuard.connect`."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+    guard: CeleryGuard
+
+    def start(self, parent: Any) -> None:
+        self.guard._on_consumer_start(parent)
+
+    def register_with_event_loop(self, parent: Any, hub: Any) -> None:
+        self.guard._on_event_loop(hub)
 
 
 def default_child_share(soft: int, base: int, concurrency: int) -> int:

@@ -177,7 +177,7 @@ def test_a_heap_that_bloats_again_is_reclaimed_again_inside_the_cooldown():
     p = policy(reclaim_regrow=50 * MB)
     assert p.observe(850 * MB, 100).action is Action.RECLAIM
     p.did_reclaim(100, 700 * MB)  # reclaim brought it back under
-    assert p.observe(740 * MB, 101).action is Action.OK
+    assert p.observe(700 * MB, 101).action is Action.OK
     # over again but grown less than 50 MiB since the reclaim: no second reclaim yet
     p2 = policy(reclaim_regrow=50 * MB, reclaim=True)
     p2.observe(850 * MB, 100)
@@ -360,7 +360,8 @@ def test_a_reclaim_that_dips_just_under_the_soft_limit_ends_no_episode():
             d = p.observe(790 * MB, now + 0.1, busy=True)
         if d.action is Action.RESTART:
             break
-        assert p.observe(790 * MB, now + 1, busy=True).action is Action.OK
+        d = p.observe(790 * MB, now + 1, busy=True)  # paused: the jobs in hand go on
+        assert d.action is Action.WAIT and d.cause is Cause.JUST_UNDER, d
         now += 5
     assert d is not None and d.action is Action.RESTART, d
     assert 160 <= now < 170  # the grace (60 s) from the first crossing, not from the last
@@ -373,9 +374,34 @@ def test_a_reclaim_that_dips_just_under_the_soft_limit_ends_no_episode():
     # So does a long one, however shallow.
     r = policy(reclaim=False)
     assert r.observe(850 * MB, 100).action is Action.WAIT
-    assert r.observe(790 * MB, 101).action is Action.OK
+    assert r.observe(790 * MB, 101).cause is Cause.JUST_UNDER  # paused, jobs in hand
     assert r.observe(850 * MB, 140).action is Action.WAIT
     assert r.observe(850 * MB, 161).action is Action.WAIT
+
+
+def test_a_reclaim_just_under_the_soft_limit_keeps_intake_paused_until_the_jobs_end():
+    """Intake pauses at the crossing, beside the reclaim. A trim that wins memory back only
+    just under the limit keeps it paused while jobs are in hand; then a worker that can only
+    restart restarts (its drain is instant). A deep dip resumes at once."""
+    p = policy(min_uptime=3600)
+    assert p.observe(850 * MB, 100, busy=True).action is Action.RECLAIM
+    assert p.paused
+    p.did_reclaim(100, 790 * MB)
+    d = p.observe(790 * MB, 100.01, busy=True)
+    assert d.action is Action.WAIT and d.cause is Cause.JUST_UNDER and p.paused, d
+    d = p.observe(795 * MB, 100.5, busy=False)  # the jobs in hand are done
+    assert d.action is Action.RESTART and d.cause is Cause.NO_JOB_IN_HAND, d
+    q = policy()
+    q.observe(850 * MB, 100, busy=True)
+    q.did_reclaim(100, 600 * MB)
+    assert q.observe(600 * MB, 100.01, busy=True).action is Action.OK
+    assert not q.paused
+    # Long under the limit, however shallow: intake resumes.
+    r = policy()
+    r.observe(850 * MB, 100, busy=True)
+    r.did_reclaim(100, 790 * MB)
+    assert r.observe(790 * MB, 100.01, busy=True).action is Action.WAIT
+    assert r.observe(790 * MB, 131, busy=True).action is Action.OK and not r.paused
 
 
 def test_a_pool_recycles_a_child_before_a_regrown_heap_is_trimmed_again():
@@ -384,7 +410,8 @@ def test_a_pool_recycles_a_child_before_a_regrown_heap_is_trimmed_again():
     p = policy(reclaim_regrow=20 * MB, can_recycle=True)
     assert p.observe(850 * MB, 100).action is Action.RECLAIM
     p.did_reclaim(100, 780 * MB)
-    assert p.observe(780 * MB, 100.1).action is Action.OK
+    assert p.observe(780 * MB, 100.1, busy=False).action is Action.OK  # a pool resumes
+    assert not p.paused
     d = p.observe(850 * MB, 100.5)  # 70 MiB regrown: trimmed again, before
     assert d.action is Action.RECYCLE_CHILD, d
     p.did_recycle()

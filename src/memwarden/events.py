@@ -40,8 +40,12 @@ class Cause(str, Enum):
     GRACE_OVER = "grace_over"
     #: Over the soft limit, the grace still running: wait.
     GRACE = "grace"
-    #: Over the soft limit with no job in hand: restart now (its drain is instant).
+    #: Over the soft limit (or, intake paused, just under it) with no job in hand: restart
+    #: now (its drain is instant).
     NO_JOB_IN_HAND = "no_job_in_hand"
+    #: Just under the soft limit after a crossing (a shallow, short dip): intake stays
+    #: paused until the jobs in hand are done.
+    JUST_UNDER = "just_under_soft_limit"
     #: Full memory pressure (PSI) held for the hold time, under the soft limit.
     PRESSURE = "memory_pressure"
     #: Under pressure, a reclaim has not yet had the time to show in PSI.

@@ -254,13 +254,33 @@ class Policy:
             over = f"{format_size(total)} over soft limit {format_size(lim.soft)}"
             return self._ladder(total, now, busy, over, Cause.OVER_SOFT)
         self.over_since = None
-        if not self._lingers(total, now):
+        lingers = self._lingers(total, now)
+        if not lingers:
             self.grace_since = None
         if held is not None:
             return self._ladder(total, now, busy, held, Cause.PRESSURE)
         self.recycled_in_episode = False
+        if self.paused and lingers and not self.restarting:
+            return self._just_under(total, busy)
         self.paused = False
         return Decision(Action.OK, "under soft limit", total, lim.soft, cause=Cause.UNDER_SOFT)
+
+    def _just_under(self, total: int, busy: bool | None) -> Decision:
+        """Paused, and a reclaim won memory back only just under the soft limit: the jobs
+        in hand finish first. Then a worker that can only restart restarts (its drain is
+        instant, and resumed intake would cross again at once, its jobs' own churn over a
+        level this close to the limit); a pool resumes (its recycle comes at the next
+        crossing: an idle child leaves only after one more task)."""
+        lim = self.limits
+        just = f"{format_size(total)} just under soft limit {format_size(lim.soft)}"
+        if busy is not False:
+            why = f"{just}: intake paused until the jobs in hand are done"
+            return Decision(Action.WAIT, why, total, lim.soft, cause=Cause.JUST_UNDER)
+        if lim.can_recycle:
+            self.paused = False
+            return Decision(Action.OK, just, total, lim.soft, cause=Cause.UNDER_SOFT)
+        why = f"{just}, intake paused and no job in hand"
+        return Decision(Action.RESTART, why, total, lim.soft, cause=Cause.NO_JOB_IN_HAND)
 
     def _over(self, now: float) -> None:
         """This reading is over the soft limit: the episode goes on, or begins (also after
@@ -314,12 +334,13 @@ class Policy:
         recycle_next = lim.can_recycle and not self.recycled_in_episode
         grace_over = self.grace_since is not None and now - self.grace_since >= lim.grace
         regrow = not (recycle_next or grace_over)
-        if lim.reclaim and not self._reclaimed_recently(now, total, regrow=regrow):
-            return decide(Action.RECLAIM, over, base)
-        # Intake pauses only where a restart can follow: a worker that started over its
-        # limit, or whose restarts are capped, would otherwise stop serving for good.
+        # Intake pauses at the crossing, beside the reclaim, and only where a restart can
+        # follow: a worker that started over its limit, or whose restarts are capped,
+        # would otherwise stop serving for good.
         capped = self.restarts_in_window(now) >= lim.max_restarts
         self.paused = not (self.starts_above or capped)
+        if lim.reclaim and not self._reclaimed_recently(now, total, regrow=regrow):
+            return decide(Action.RECLAIM, over, base)
         if self.settles_at is not None and now < self.settles_at:
             why = f"{over}, reclaim in the pool under way"
             return decide(Action.WAIT, why, Cause.RECLAIM_SETTLING)

@@ -470,8 +470,10 @@ class Warden:
         if fast_rss is not None:  # the per-job fast path: no full read while well under
             total = self.estimate(fast_rss)
             if total is not None and total < self._first_limit:
-                if self.policy.over_since is not None:  # the episode is over
-                    return self._respond(self.policy.observe(total, time.time()))
+                if self.policy.over_since is not None or self.policy.paused:
+                    # the episode may be over, or paused intake may resume (or restart)
+                    busy = self._busy(total)
+                    return self._respond(self.policy.observe(total, time.time(), busy=busy))
                 return UNDER
         total = self.read().total
         # Only the watchdog projects, over the lookahead it set for its own next reading: a
@@ -481,9 +483,10 @@ class Warden:
         return self._respond(decision)
 
     def _busy(self, total: int) -> bool | None:
-        """Whether a job is in hand, asked only over the soft limit (None under it)."""
+        """Whether a job is in hand, asked only over the soft limit or while intake is
+        paused (None otherwise)."""
         soft = self.limits.soft
-        if soft is None or total < soft:
+        if soft is None or (total < soft and not self.policy.paused):
             return None
         return bool(self.in_flight())
 

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -246,3 +247,15 @@ def test_run_journal_report_shows_the_kills_under_the_right_verdict(tmp_path):
     assert 'id="panel-whole' in chart and 'id="hard-limit' in chart
     assert 'id="marks-kill' in chart and 'id="panel-own' not in chart
     assert "<td>hard limit</td><td>kill</td><td>5</td>" in page
+
+
+def test_suspects_ranked_on_rss_with_jobs_at_once_carry_the_caveat(tmp_path):
+    """Recorded: 4 threads at once, one kind keeping memory. By RSS alone the first suspect
+    may be a neighbour, and the page says so under the suspects; with live memory it does
+    not."""
+    page = Path(make_report(tmp_path, "threads_leak_rss_only.jsonl.gz", "rss.html")).read_text()
+    suspects = page[page.index("<h2>Suspects</h2>") : page.index("<h2>Advice</h2>")]
+    caveat = re.search(r'<p class="note" id="attribution-caveat">Caution: ([^<]*)</p>', suspects)
+    assert caveat and "RSS alone" in caveat[1] and "neighbour" in caveat[1], suspects
+    live = Path(make_report(tmp_path, "threads_leak.jsonl.gz", "live.html")).read_text()
+    assert 'class="suspects"' in live and "attribution-caveat" not in live

@@ -787,14 +787,17 @@ def _live_window(lives: list[Life]) -> int:
 
 
 def suspects_of(pattern: str, lives: list[Life], kinds: Kinds, digest: Digest) -> list[Any]:
-    """The ranked suspects for a pattern (and whether live memory was used)."""
+    """The ranked suspects for a pattern, whether live memory was used, and what the
+    ranking rests on ("live memory", "rss", or None when there are no suspects)."""
     with_live = [life for life in _job_lives(lives) if life.live_known >= life.jobs.jobs]
     live_used = bool(with_live) and len(with_live) * 2 >= len(_job_lives(lives))
+    basis = "rss"
     if pattern == "leak":
         attrib: Attribution = {}
         if live_used:
             attrib = attribute_windows(with_live, kinds, _live_window(with_live), live=True)
             attrib = _own_growth_confirms(attrib, digest)
+            basis = "live memory" if rank(attrib) else "rss"
         exact = sum(life.jobs.jobs for life in lives if life.jobs.exact)
         if not rank(attrib) and exact * 2 >= sum(life.jobs.jobs for life in lives):
             attrib = attribute_events(lives, kinds)
@@ -806,7 +809,8 @@ def suspects_of(pattern: str, lives: list[Life], kinds: Kinds, digest: Digest) -
         attrib = attribute_bloat(lives, kinds)
     else:
         attrib = {}
-    return [rank(attrib), live_used]
+    ranked = rank(attrib)
+    return [ranked, live_used, basis if ranked else None]
 
 
 def _own_growth_confirms(attrib: Attribution, digest: Digest) -> Attribution:
@@ -826,7 +830,7 @@ def leak_suspects(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The kinds a leak would be blamed on, whatever the verdict (``MEMWARDEN_TRACE=auto``)."""
     digest = Digest().add_all(records)
     lives = digest.finish()
-    suspects, _ = suspects_of("leak", lives, Kinds(digest), digest)
+    suspects, _, _ = suspects_of("leak", lives, Kinds(digest), digest)
     return suspects  # type: ignore[no-any-return]
 
 
@@ -1016,9 +1020,14 @@ def advise(
         return vet(out, limits)
     if first:
         per = suspects[0]["per_run_bytes"]
+        maybe = (
+            "; ranked on RSS with jobs at once, it may be a kind that runs beside it"
+            if suspects[0].get("tentative")
+            else ""
+        )
         out.append(
             Advice(
-                f"Profile {first} (about {format_size(per)} kept per run): "
+                f"Profile {first} (about {format_size(per)} kept per run{maybe}): "
                 f"MEMWARDEN_TRACE={first} runs tracemalloc around its next runs on one worker "
                 "and writes `trace` records (file:line); or memray (`memray run -o job.bin "
                 "<worker>`, or `memray attach PID`)."
@@ -1119,10 +1128,14 @@ def judge(digest: Digest, summary: ReadSummary | None, skipped_lines: int = 0) -
     kinds = Kinds(digest)
     shapes = [sh for sh in (shape_of(life) for life in lives) if sh is not None]
     pattern, confidence = vote(shapes)
-    suspects, live_used = suspects_of(pattern, lives, kinds, digest)
+    suspects, live_used, basis = suspects_of(pattern, lives, kinds, digest)
     for s in suspects:
         if s["job"] in digest.traces:
             s["trace"] = digest.traces[s["job"]]
+    attribution = _attribution(pattern, basis, lives)
+    if attribution["caveat"]:
+        for s in suspects:
+            s["tentative"] = True
     limits = Limits(digest.soft, digest.hard, digest.quota, digest.share)
     jobs = sum(life.jobs.jobs for life in lives)
     readings = sum(life.samples.readings for life in lives)
@@ -1136,6 +1149,7 @@ def judge(digest: Digest, summary: ReadSummary | None, skipped_lines: int = 0) -
         "kinds": sum(1 for s in digest.kinds if s.runs),
         "verdicts": dict(Counter(sh.verdict for sh in shapes)),
         "live_memory": live_used,
+        "attribution": attribution,
         "reclaims": sum(life.reclaims for life in lives),
         "reclaimed_bytes": int(sum(life.freed for life in lives)),
         "restarts": sum(life.restarts for life in lives),
@@ -1221,6 +1235,25 @@ def _notes(
             "A warm-up of a few MiB that levels off (arenas, caches filled once) is stable."
         )
     return notes
+
+
+def _attribution(pattern: str, basis: str | None, lives: list[Life]) -> dict[str, Any]:
+    """What the suspect ranking rests on, and the caveat where it may name a neighbour: a
+    leak ranked on RSS alone while jobs ran at once. Memory a job keeps shows in the
+    records of the jobs that end while it runs, and a pool taking kinds in turn puts the
+    same neighbours beside it every time: no rule over RSS records alone can tell whether
+    the growth came at a job's start or its end (issue 14). Live memory can."""
+    together = max((life.concurrency for life in _job_lives(lives)), default=1.0)
+    caveat = None
+    if pattern == "leak" and basis == "rss" and together >= 1.5:
+        caveat = (
+            f"Suspects ranked on RSS alone with jobs running at once (up to {together:.1f}): "
+            "memory one job keeps shows in the records of the jobs that end while it runs, "
+            "so the first suspect may be a neighbour of the kind that keeps it. Live-memory "
+            "figures in the job records (MEMWARDEN_LIVE_MEMORY, glibc malloc or jemalloc) "
+            "tell them apart."
+        )
+    return {"basis": basis, "jobs_at_once": round(together, 1), "caveat": caveat}
 
 
 def _nothing(summary: ReadSummary | None, jobs: int, readings: int, bad: int) -> str:
@@ -1325,6 +1358,9 @@ def render(result: dict[str, Any]) -> str:
                     f"    {t.get('where')}: +{format_size(t.get('bytes'))} "
                     f"({t.get('count')} blocks)  {t.get('code') or ''}".rstrip()
                 )
+        caveat = ev.get("attribution", {}).get("caveat")
+        if caveat:
+            lines.append(f"Caution: {caveat}")
     if ev["restart_reasons"]:
         lines += ["", "Restarts, recycles and kills:"]
         for g in ev["restart_reasons"]:

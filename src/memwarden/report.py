@@ -318,6 +318,9 @@ def _suspects(result: dict[str, Any]) -> list[str]:
     out.append(
         _table(["job kind", "growth", "share", "runs", "per run", "traced at"], rows, "suspects")
     )
+    caveat = result["evidence"].get("attribution", {}).get("caveat")
+    if caveat:
+        out.append(f'<p class="note" id="attribution-caveat">Caution: {html.escape(caveat)}</p>')
     return out
 
 

@@ -497,8 +497,11 @@ def test_samples_alone_give_a_pattern():
     assert result["pattern"] == "leak" and result["evidence"]["shapes"][0]["jobs"] == 400
 
 
-def test_live_memory_tells_bloat_from_a_leak_on_the_same_rss():
-    """The same RSS ramp: live memory growing with C is a leak, flat live memory bloat."""
+@pytest.mark.parametrize("allocator", ["glibc", "jemalloc"])
+def test_live_memory_tells_bloat_from_a_leak_on_the_same_rss(allocator):
+    """The same RSS ramp: live memory growing with C is a leak, flat live memory bloat
+    (glibc's figures, or jemalloc's ``allocated``)."""
+    live_key = "heap_in_use" if allocator == "glibc" else "allocated"
     rnd = random.Random(6)
     leak, bloat = [], []
     level, live = 100 * MB, 20 * MB
@@ -508,13 +511,13 @@ def test_live_memory_tells_bloat_from_a_leak_on_the_same_rss():
             level += 0.5 * MB
             live += 0.5 * MB
         base = {"event": "job", "ts": float(i), "pid": 3, "job": kind, "rss_before": 0}
-        figures = {"blocks": 1000, "mmapped": 4 * MB}
-        leak.append({**base, "rss_after": int(level), "heap_in_use": int(live), **figures})
-        bloat.append({**base, "rss_after": int(level), "heap_in_use": 20 * MB, **figures})
+        figures = {"blocks": 1000, **({"mmapped": 4 * MB} if allocator == "glibc" else {})}
+        leak.append({**base, "rss_after": int(level), live_key: int(live), **figures})
+        bloat.append({**base, "rss_after": int(level), live_key: 20 * MB, **figures})
     leak_result, bloat_result = diagnose(leak), diagnose(bloat)
     assert leak_result["pattern"] == "leak" and first(leak_result) == "C"
     assert leak_result["evidence"]["live_memory"] is True
-    assert bloat_result["pattern"] == "bloat"
+    assert bloat_result["pattern"] == "bloat" and bloat_result["evidence"]["live_memory"] is True
 
 
 def test_live_figures_blind_to_mmap_are_not_trusted():
@@ -772,6 +775,20 @@ def test_advice_never_raises_the_soft_limit_past_the_hard_limit():
     assert len(said) == 1 and "under the hard limit 380.0 MiB" in said[0], roomy["advice"]
     unknown = " ".join(diagnose(bloat_with_limits(200, None, None))["advice"])
     assert "does not show the limits" in unknown and "a soft limit of" in unknown
+
+
+def test_advice_checked_against_the_quota_names_it_the_quota():
+    """Where the journal shows no hard limit, only the quota an OOM kill acted at, advice is
+    checked against the quota and says "quota" (it called the quota the hard limit)."""
+    tight = bloat_with_limits(300, None, None)
+    tight.append({"event": "oom_kill", "ts": 1.8e9, "pid": 77, "kills": 1, "limit": 320 * MB})
+    advice = " ".join(diagnose(tight)["advice"])
+    assert "avoids restarts" not in advice and "hard limit" not in advice, advice
+    assert "too close to the quota (320.0 MiB)" in advice, advice
+    roomy = bloat_with_limits(200, None, None)
+    roomy.append({"event": "oom_kill", "ts": 1.8e9, "pid": 77, "kills": 1, "limit": 512 * MB})
+    said = [a for a in diagnose(roomy)["advice"] if "avoids restarts" in a]
+    assert len(said) == 1 and "under the quota 512.0 MiB" in said[0], said
 
 
 def test_a_leak_is_never_advised_a_higher_limit():

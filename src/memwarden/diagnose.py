@@ -850,6 +850,14 @@ class Limits:
         known = [v for v in (self.hard, self.quota) if v]
         return min(known) if known else None
 
+    @property
+    def ceiling_name(self) -> str:
+        """What :attr:`ceiling` is: the hard limit, or the quota where it is lower or the
+        journal shows no hard limit."""
+        if self.hard and not (self.quota and self.quota < self.hard):
+            return "hard limit"
+        return "quota"
+
     def allows_soft(self, value: float) -> bool:
         ceiling = self.ceiling
         return ceiling is not None and value < ceiling
@@ -1059,7 +1067,8 @@ def _soft_limit_advice(plateau: float, limits: Limits) -> Advice:
             )
         return Advice(
             f"Memory levels off at about {format_size(plateau)}: a soft limit of "
-            f"{format_size(want)} (under the hard limit {format_size(limits.ceiling)}) "
+            f"{format_size(want)} (under the {limits.ceiling_name} "
+            f"{format_size(limits.ceiling)}) "
             "avoids restarts that cannot help for long.",
             soft_to=want,
         )
@@ -1070,8 +1079,9 @@ def _soft_limit_advice(plateau: float, limits: Limits) -> Advice:
             "restarts that cannot help for long; this journal does not show the limits."
         )
     return Advice(
-        f"Memory levels off at about {format_size(plateau)}, too close to the hard limit "
-        f"({format_size(limits.ceiling)}) for a soft limit above it: make the peak smaller, "
+        f"Memory levels off at about {format_size(plateau)}, too close to the "
+        f"{limits.ceiling_name} ({format_size(limits.ceiling)}) for a soft limit above it: "
+        "make the peak smaller, "
         "or give the worker a bigger quota."
     )
 

@@ -42,7 +42,7 @@ def judge(path: str) -> tuple[dict, ReadSummary]:
         finally:
             journal_reader.parse = DEFAULT_PARSE
     (first, summary), *others = results
-    for result, _ in others:  # orjson also refuses integers past 64 bits in fields no one reads
+    for result, _ in others:
         assert result["pattern"] == first["pattern"]
     return first, summary
 

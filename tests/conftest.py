@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
+from memwarden.reclaim import malloc_trim
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
@@ -54,3 +56,12 @@ def redis_url() -> str:
 def amqp_url() -> str:
     need_service("RabbitMQ", 5672)
     return "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_heap_pages() -> None:
+    """Each test starts with the free pages of pytest's heap handed back to the OS. Earlier
+    tests leave holes in the heap that stay resident; memory a later test allocates in this
+    process (or in a child it forks, where a write only copies a shared page) would reuse
+    them and not move RSS at all (a CI run: a forked child's 64 MiB grew it by 0)."""
+    malloc_trim()

@@ -38,6 +38,20 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+_PINNED: list[bytearray] = []
+
+
+def test_a_test_that_leaves_resident_holes_in_the_heap():
+    """As the suite's earlier tests do (a CI run): about 290 MiB freed but still resident,
+    one object pinning the top of the heap. The next test must still see its allocations
+    move RSS (conftest's ``_fresh_heap_pages``)."""
+    before = self_rss()
+    junk = [bytearray(1000) for _ in range(300_000)]
+    _PINNED.append(junk[-1])
+    del junk
+    assert self_rss() - before > 200 * MB
+
+
 def test_self_rss_is_the_kernels_figure_and_follows_fork():
     with open("/proc/self/status") as f:
         vmrss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))

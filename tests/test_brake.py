@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from memwarden import brake
 from memwarden.gauges.cgroup import Cgroup
 from memwarden.gauges.quota import Quota
 from memwarden.policy import Limits
+from memwarden.supervisor import brake
 from memwarden.units import SettingError
 
 MB = 1024 * 1024

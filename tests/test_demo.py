@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memwarden.demo import FileQueue, bar, render, summarize
+from memwarden.cli.demo import FileQueue, bar, render, summarize
 from memwarden.units import format_size
 
 MEMWARDEN = [sys.executable, "-c", "from memwarden.cli import main; main()"]
@@ -20,7 +20,7 @@ MEMWARDEN = [sys.executable, "-c", "from memwarden.cli import main; main()"]
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"memwarden.demo" in f.read()
+            return b"memwarden.cli.demo" in f.read()
     except OSError:
         return False
 

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from memwarden.diagnose import diagnose, load, nnls, render, sustained, theil_sen
+from memwarden.analysis.diagnose import diagnose, load, nnls, render, sustained, theil_sen
 from memwarden.journal import read_records
 
 TRACES = os.path.join(os.path.dirname(__file__), "data", "traces")
@@ -579,7 +579,7 @@ def test_statistics_helpers():
 
 
 def test_windows_that_hold_one_mix_cannot_tell_kinds_apart():
-    from memwarden.diagnose import collinear, normal_equations
+    from memwarden.analysis.diagnose import collinear, normal_equations
 
     turns = [[8.0, 4.0, 0.0]] * 40  # every window: the same mix (kinds in turn)
     assert collinear(normal_equations(turns, [1.0] * 40)[0])
@@ -593,7 +593,7 @@ def test_batched_series_keep_what_job_by_job_kept():
     """Jobs are stored in batches and the sustained level of a merged series is computed a
     batch at a time: the same minima, and the same growth credited to the same kinds, as
     one job at a time (the straightforward definitions, computed here)."""
-    from memwarden.digest import SUSTAIN, Streamed, window_min
+    from memwarden.analysis.digest import SUSTAIN, Streamed, window_min
 
     rnd = random.Random(14)
     for n in (0, 1, SUSTAIN - 1, SUSTAIN, SUSTAIN + 1, 3 * SUSTAIN, 1000):
@@ -982,8 +982,8 @@ def test_memory_is_bounded_by_lifetimes_and_kinds_not_lines(monkeypatch):
     (The cap is lowered to 512 points so both sizes are well past it, quickly.)"""
     import tracemalloc
 
-    from memwarden import digest
-    from memwarden.diagnose import analyse
+    from memwarden.analysis import digest
+    from memwarden.analysis.diagnose import analyse
 
     monkeypatch.setattr(digest, "POINTS", 512)
     peaks = {}
@@ -1063,9 +1063,9 @@ def output_digest(folder: str, name: str, parse=None) -> str:
     named relative to its folder: the output names it)."""
     import hashlib
 
-    from memwarden import journal_reader
-    from memwarden.diagnose import analyse_files
-    from memwarden.journal_reader import ReadSummary
+    from memwarden.analysis import read as journal_reader
+    from memwarden.analysis.diagnose import analyse_files
+    from memwarden.analysis.read import ReadSummary
 
     default = journal_reader.parse
     journal_reader.parse = parse or default
@@ -1083,7 +1083,7 @@ def output_digest(folder: str, name: str, parse=None) -> str:
 @pytest.mark.parametrize("name", sorted(OUTPUT_DIGESTS))
 def test_output_is_byte_for_byte_what_it_was(name, tmp_path):
     """Each parser (the standard library's, and orjson's when installed)."""
-    from memwarden import journal_reader
+    from memwarden.analysis import read as journal_reader
 
     if name == "generated.jsonl":
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from memwarden.diagnose import diagnose
+from memwarden.analysis.diagnose import diagnose
 from memwarden.events import Cause, cause_field, cause_of, cause_words, metric_label
 
 MB = 1 << 20

@@ -1,5 +1,5 @@
-"""msgspec's job lines (``memwarden.fast_job``, the fast path of ``diagnose``): the same
-records, with the same values, as :func:`memwarden.journal_reader.job_fields` lets through."""
+"""msgspec's job lines (``memwarden.analysis.fast_job``, the fast path of ``diagnose``): the same
+records, with the same values, as :func:`memwarden.analysis.read.job_fields` lets through."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.test_journal_reader import DEFAULT_PARSE, dumps, records
 
-from memwarden import journal_reader
-from memwarden.journal_reader import job_fields
+from memwarden.analysis import read as journal_reader
+from memwarden.analysis.read import job_fields
 
 pytestmark = pytest.mark.skipif(journal_reader.fast_jobs is None, reason="needs msgspec")
 

@@ -10,7 +10,7 @@ import traceback
 import pytest
 
 from fakeapi import FakeAPI, Fallback, Hook, Reply, Request, Stall
-from memwarden.check import inspect
+from memwarden.cli.check import inspect
 from memwarden.config import Config
 from memwarden.gauges.quota import HEROKU_DYNO_SIZES
 from memwarden.restart.api import ApiError, Secret, call

@@ -16,9 +16,9 @@ import sys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memwarden import journal_reader
-from memwarden.diagnose import analyse, analyse_files, render
-from memwarden.journal_reader import MAX_LINE, ReadSummary, check, job_fields, read_journals
+from memwarden.analysis import read as journal_reader
+from memwarden.analysis.diagnose import analyse, analyse_files, render
+from memwarden.analysis.read import MAX_LINE, ReadSummary, check, job_fields, read_journals
 
 DEFAULT_PARSE = journal_reader.parse
 PARSERS = [journal_reader.parse_stdlib] + (

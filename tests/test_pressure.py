@@ -235,8 +235,8 @@ def test_metrics_export_pressure_and_events(tmp_path: Path):
 def test_heartbeats_and_status_show_pressure(tmp_path: Path):
     _need_system_psi()
     from memwarden import Journal, Warden
+    from memwarden.cli.status import render
     from memwarden.fleet import heartbeat_of, warden_state
-    from memwarden.status import render
 
     w = Warden(
         soft_limit="100GB", measure="process", journal=Journal(None), state_dir=str(tmp_path)

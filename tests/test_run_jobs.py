@@ -25,7 +25,7 @@ from cgroups import memory_cgroup
 from conftest import wait_for
 from memwarden import command
 from memwarden.journal import Journal
-from memwarden.run_jobs import JobLedger
+from memwarden.supervisor.jobs import JobLedger
 from test_supervise import MEMWARDEN, records
 
 WORKER = str(Path(__file__).parent / "programs" / "job_worker.py")

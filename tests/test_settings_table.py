@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from memwarden.cli import main as cli
 from memwarden.config import Config, env_name
 from memwarden.restart import NoRestart
-from memwarden.supervise import Supervisor, settings
+from memwarden.supervisor.run import Supervisor, settings
 from memwarden.units import SettingError
 from memwarden.warden import Hooks, Warden
 

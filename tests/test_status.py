@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from conftest import need_service, wait_for
 from fleet_worker import Workers
+from memwarden.cli.status import render, status
 from memwarden.fleet import FleetLock, Link, connect
-from memwarden.status import render, status
 
 URL = "redis://127.0.0.1:6379/7"
 MEMWARDEN = str(Path(sys.executable).parent / "memwarden")

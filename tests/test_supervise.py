@@ -17,7 +17,7 @@ import pytest
 
 from cgroups import memory_cgroup
 from conftest import wait_for
-from memwarden.supervise import EarlyExits, exit_status, redact, settings, status_text
+from memwarden.supervisor.run import EarlyExits, exit_status, redact, settings, status_text
 from memwarden.units import SettingError
 
 CHILD = str(Path(__file__).parent / "programs" / "child.py")

@@ -10,7 +10,7 @@ import tracemalloc
 
 import pytest
 
-from memwarden.diagnose import diagnose, load
+from memwarden.analysis.diagnose import diagnose, load
 from memwarden.trace import Claim, LiveFigures, live_figures
 
 WORKER = """

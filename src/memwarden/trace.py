@@ -291,7 +291,7 @@ class Tracer:
         return True
 
     def _blame(self) -> str | None:
-        from memwarden.diagnose import leak_suspects
+        from memwarden.analysis.diagnose import leak_suspects
 
         # the warden's job fields, as this process's journal records in order
         suspects = leak_suspects(

@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 
 from memwarden import reclaim as reclaim_mod
 from memwarden import state
+from memwarden.analysis.digest import action_word
 from memwarden.config import Config, limits_error
 from memwarden.coordination import HostLock, Once, RestartLock
-from memwarden.digest import action_word
 from memwarden.events import Cause, cause_field
 from memwarden.fleet import Fleet
 from memwarden.gauges import Gauge, ProcessGauge, Quota, Sample, choose_gauge

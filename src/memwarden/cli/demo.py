@@ -1,7 +1,7 @@
 """``memwarden demo``: a real worker outgrows a small limit, and memwarden handles it.
 
 No external service. The demo process supervises (``memwarden run``'s
-:class:`~memwarden.supervise.Supervisor`) a worker child that takes jobs from a file
+:class:`~memwarden.supervisor.run.Supervisor`) a worker child that takes jobs from a file
 queue and runs them under an in-process :class:`~memwarden.warden.Warden` with the exit
 restart. Some jobs fragment the heap for real (several threads allocating mixed sizes and
 keeping a sliver: the stair-step of the seed), some leak a little, the rest are small.
@@ -218,7 +218,7 @@ def _journal_path(given: str | None) -> str:
 @click.option("--seconds", default=BUDGET, show_default=True, help="Time budget.")
 def demo(journal: str | None, jobs: int, seconds: float) -> None:
     """See memwarden work in under a minute: a real worker outgrows a small limit."""
-    from memwarden.supervise import Supervisor, settings
+    from memwarden.supervisor.run import Supervisor, settings
 
     path = _journal_path(journal)
     if journal is None:
@@ -248,7 +248,7 @@ def demo(journal: str | None, jobs: int, seconds: float) -> None:
         max_early_exits=3,
     )
     supervisor = Supervisor(
-        [sys.executable, "-m", "memwarden.demo", state, path, str(jobs)],
+        [sys.executable, "-m", "memwarden.cli.demo", state, path, str(jobs)],
         run,
         journal=Journal(path),
         status=False,

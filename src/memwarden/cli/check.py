@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import click
 
 from memwarden import fleet, reclaim, state
 from memwarden.config import Config
@@ -13,7 +18,7 @@ from memwarden.gauges.cgroup import Cgroup
 from memwarden.gauges.pressure import Signals
 from memwarden.gauges.quota import detect_quota
 from memwarden.restart import heroku, kubernetes
-from memwarden.units import format_size
+from memwarden.units import SettingError, format_size
 from memwarden.warden import resolve_limits
 
 #: Extra checks (platform, framework): each gets (config, env) and returns warning strings.
@@ -144,3 +149,29 @@ def render(report: Mapping[str, Any]) -> str:
         lines.append("mem events    " + ", ".join(f"{k} {v}" for k, v in events.items()))
     lines += [f"warning       {w}" for w in report["warnings"]]
     return "\n".join(lines)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (sizes in bytes).")
+@click.option(
+    "--celery-app",
+    metavar="MODULE:APP",
+    help="Also check a Celery app's no-loss settings (acks_late, reject_on_worker_lost).",
+)
+def check(as_json: bool, celery_app: str | None) -> None:
+    """Print what memwarden sees here: platform, quota, gauge, limits, allocator."""
+    from memwarden.cli import fail_on_setting
+
+    if celery_app:
+        try:
+            integration = importlib.import_module("memwarden.integrations.celery")
+            EXTRA_CHECKS.append(integration.check_app(celery_app))
+        except Exception as exc:
+            click.echo(f"memwarden: cannot load Celery app {celery_app!r}: {exc}", err=True)
+            sys.exit(2)
+    try:
+        report: dict[str, Any] = inspect()
+    except SettingError as exc:
+        fail_on_setting(exc)
+        return
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))

@@ -1,10 +1,10 @@
 """Leak, bloat or stable — and which job kind — from journal records alone.
 
 Pure functions over records (docs/journal.md "Records"); no framework, no numpy. Records
-are read once, as they come (:class:`memwarden.digest.Digest`): memory is bounded by the
+are read once, as they come (:class:`memwarden.analysis.digest.Digest`): memory is bounded by the
 number of process lifetimes and job kinds, not by the journal's length.
 
-- **Lifetimes** (:mod:`memwarden.digest`): records grouped by host and pid, a reused pid
+- **Lifetimes** (:mod:`memwarden.analysis.digest`): records grouped by host and pid, a reused pid
   after a stop is a new lifetime; a forking worker's jobs belong to the worker;
   ``memwarden run``'s readings are the command's figure.
 - **Levels.** The memory level after each job is ``rss_after``; the *sustained* level is the
@@ -34,17 +34,13 @@ number of process lifetimes and job kinds, not by the journal's length.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import click
-
-from memwarden.digest import (
+from memwarden.analysis.digest import (
     OTHER,
     SUSTAIN,
     Digest,
@@ -53,7 +49,7 @@ from memwarden.digest import (
     action_word,
     median,
 )
-from memwarden.journal_reader import ReadSummary, read_journals
+from memwarden.analysis.read import ReadSummary, read_journals
 from memwarden.units import format_duration, format_size
 
 __all__ = [
@@ -61,7 +57,6 @@ __all__ = [
     "action_word",
     "analyse",
     "diagnose",
-    "diagnose_command",
     "leak_suspects",
     "load",
     "median",
@@ -1120,7 +1115,7 @@ def analyse(
     validated: bool = False,
 ) -> Analysis:
     """Read ``records`` once and judge them. ``validated``: they come from
-    :func:`memwarden.journal_reader.read_journals`, which has checked each one."""
+    :func:`memwarden.analysis.read.read_journals`, which has checked each one."""
     digest = Digest(validate=not validated).add_all(records)
     return judge(digest, summary, skipped_lines)
 
@@ -1380,29 +1375,3 @@ def render(result: dict[str, Any]) -> str:
     if skipped and result.get("input") is None:
         lines.append(f"({skipped} malformed or truncated lines/records skipped)")
     return "\n".join(lines)
-
-
-def run_analysis(journals: Sequence[str]) -> tuple[Analysis, ReadSummary]:
-    """Read and judge journal files for a command; on unreadable input or nothing to
-    judge, say why on stderr and exit (2: a file cannot be read, 1: nothing to judge)."""
-    summary = ReadSummary()
-    analysis = analyse_files(journals, summary)
-    for line in summary.describe():
-        click.echo(f"memwarden: {line}", err=True)
-    if summary.unreadable:
-        sys.exit(2)
-    if "nothing" in analysis.result:
-        click.echo(f"memwarden: {analysis.result['nothing']}", err=True)
-        sys.exit(1)
-    return analysis, summary
-
-
-@click.command("diagnose")
-@click.argument("journals", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-def diagnose_command(journals: tuple[str, ...], as_json: bool) -> None:
-    """Leak, bloat or stable, and which job kind: from journal files (- for stdin; gzip
-    is read as is). Exit status 1: nothing to judge; 2: a file cannot be read."""
-    analysis, _ = run_analysis(journals)
-    result = analysis.result
-    click.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))

@@ -1,6 +1,6 @@
 """``memwarden report JOURNAL... -o report.html``: one self-contained page (extra ``report``).
 
-Everything on the page comes from one :func:`memwarden.diagnose.analyse` of the journal,
+Everything on the page comes from one :func:`memwarden.analysis.diagnose.analyse` of the journal,
 read once: the verdict, the suspects, the table of job kinds and the charts cannot
 disagree. The memory chart has one figure per series, never two mixed in one line:
 
@@ -20,16 +20,11 @@ from __future__ import annotations
 import html
 import io
 import math
-import os
-import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-import click
-
-from memwarden.diagnose import Analysis, pace_words, run_analysis
-from memwarden.digest import Life
+from memwarden.analysis.diagnose import Analysis, pace_words
+from memwarden.analysis.digest import Life
 from memwarden.units import format_size
 
 MiB = 1024 * 1024
@@ -38,11 +33,16 @@ MAX_LINES = 8  # lifetimes drawn in their own colour and legend entry
 FORMATS = {".html": "html", ".htm": "html", ".png": "png"}
 
 
-def _pyplot() -> Any:
+class MissingExtra(RuntimeError):
+    """matplotlib is not installed: the report needs ``pip install memwarden[report]``."""
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, with reproducible SVG output."""
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - the extra is missing
-        raise click.ClickException("the report needs `pip install memwarden[report]`") from exc
+        raise MissingExtra("the report needs `pip install memwarden[report]`") from exc
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.fonttype"] = "path"
     matplotlib.rcParams["svg.hashsalt"] = "memwarden"
@@ -93,7 +93,7 @@ def _own(life: Life) -> list[tuple[float, float]]:
 
 def memory_chart(analysis: Analysis) -> Any:
     """The memory chart: one panel per figure that the journal holds (MiB)."""
-    plt = _pyplot()
+    plt = pyplot()
     lives = analysis.lives
     clock = _Clock(lives)
     panels = [
@@ -210,7 +210,7 @@ def _marks(
 
 def kinds_chart(rows: list[dict[str, Any]]) -> Any:
     """Growth attributed to each kind next to the RSS growth seen inside its own jobs."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = rows[:15]
     kinds = [k["job"] for k in rows]
     fig, ax = plt.subplots(figsize=(11, 0.45 * max(3, len(kinds)) + 1), dpi=100)
@@ -242,7 +242,7 @@ def kinds_chart(rows: list[dict[str, Any]]) -> Any:
 def svg(fig: Any) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     text = buf.getvalue()
     return text[text.index("<svg") :]
 
@@ -406,42 +406,3 @@ def _input(result: dict[str, Any]) -> list[str]:
         )
     out.append("</ul>")
     return out
-
-
-def output_format(output: str) -> str:
-    """``html`` or ``png`` by the file's extension; anything else is refused."""
-    ext = os.path.splitext(output)[1].lower()
-    if ext not in FORMATS:
-        click.echo(
-            f"memwarden: cannot write {output}: the report is a page (.html) or the memory "
-            "chart alone (.png)",
-            err=True,
-        )
-        sys.exit(2)
-    return FORMATS[ext]
-
-
-@click.command("report")
-@click.argument("journals", nargs=-1, required=True)
-@click.option(
-    "-o",
-    "--output",
-    default="report.html",
-    show_default=True,
-    help="report.html (the page) or report.png (the memory chart alone).",
-)
-def report_command(journals: tuple[str, ...], output: str) -> None:
-    """An HTML report (or PNG chart) from journal files (- for stdin; gzip is read as is).
-    Exit status 1: nothing to report; 2: a file cannot be read, or an unknown -o format."""
-    kind = output_format(output)
-    _pyplot()  # the extra is there, before reading a big journal
-    analysis, _ = run_analysis(journals)
-    if kind == "png":
-        fig = memory_chart(analysis)
-        fig.savefig(output, format="png")
-        _pyplot().close(fig)
-    else:
-        page = re.sub(r"[ \t]+\n", "\n", build(analysis))
-        with open(output, "w", encoding="utf-8") as f:
-            f.write(page)
-    click.echo(output)

@@ -1,8 +1,8 @@
 """Job record lines decoded and checked by msgspec, in C: the fast path of ``diagnose``.
 
 Importing this module needs msgspec (``pip install memwarden[fast]``);
-:data:`memwarden.journal_reader.fast_jobs` uses it when it is there. :func:`decode` takes a
-line and returns a :class:`JobLine` only where :func:`memwarden.journal_reader.job_fields`
+:data:`memwarden.analysis.read.fast_jobs` uses it when it is there. :func:`decode` takes a
+line and returns a :class:`JobLine` only where :func:`memwarden.analysis.read.job_fields`
 would let the line's record through, with the same values (:func:`fields`); on any other
 line (another event, a field of the wrong type or out of range, not JSON, a key repeated
 in a way that could change the answer) it raises one of :data:`ERRORS`, and the line goes
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-#: A byte count (:func:`memwarden.journal_reader._size`): an int or a float, 0 <= v < 2**53.
+#: A byte count (:func:`memwarden.analysis.read._size`): an int or a float, 0 <= v < 2**53.
 Size = Annotated[int, Meta(ge=0, lt=2**53)] | Annotated[float, Meta(ge=0, lt=2.0**53)]
 #: ``rss_after``: a size above 0.
 Level = Annotated[int, Meta(gt=0, lt=2**53)] | Annotated[float, Meta(gt=0, lt=2.0**53)]

@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
-from memwarden.events import Cause, cause_of, cause_words
-from memwarden.journal_reader import (
+from memwarden.analysis.read import (
     JOB_FIELDS,
     ReadSummary,
     check,
@@ -41,6 +40,7 @@ from memwarden.journal_reader import (
     has_live_keys,
     job_fields,
 )
+from memwarden.events import Cause, cause_of, cause_words
 
 try:
     from collections import _count_elements  # type: ignore[attr-defined]  # Counter's C helper
@@ -449,7 +449,7 @@ def window_min(xs: Sequence[float], w: int) -> list[float]:
 class Streamed:
     """The sustained level (lowest over the next :data:`SUSTAIN` jobs) of a merged series,
     computed as jobs come, and the rises of its high-water mark credited to the kind of the
-    job that made them (what :func:`memwarden.diagnose.attribute_bloat` does per job).
+    job that made them (what :func:`memwarden.analysis.diagnose.attribute_bloat` does per job).
     Fed in batches (:meth:`extend`); the last ``SUSTAIN - 1`` jobs wait for their window."""
 
     __slots__ = ("growth", "kinds", "levels", "runs", "top")
@@ -554,7 +554,7 @@ class Digest:
         return self
 
     def read(self, paths: Iterable[str], summary: ReadSummary) -> Digest:
-        """Add every valid record of journal files (:func:`memwarden.journal_reader.feed`);
+        """Add every valid record of journal files (:func:`memwarden.analysis.read.feed`);
         what reading met goes into ``summary``. The collector is paused, as in add_all."""
         with _gc_paused():
             feed(paths, summary, self._record, self._take_job, self._job)

@@ -369,9 +369,9 @@ parse: Callable[[str], Any] = _orjson() or parse_stdlib
 
 
 def _msgspec() -> Any:
-    """:mod:`memwarden.fast_job` when msgspec is installed, else None."""
+    """:mod:`memwarden.analysis.fast_job` when msgspec is installed, else None."""
     try:
-        from memwarden import fast_job
+        from memwarden.analysis import fast_job
     except ImportError:
         return None
     return fast_job

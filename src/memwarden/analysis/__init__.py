@@ -1,0 +1,1 @@
+"""Journal → verdict: reading journals, lifetimes, leak or bloat, the report. Pure; no framework."""

@@ -189,7 +189,7 @@ class ReclaimRequests:
                 return
             try:
                 self.on_request()
-            except Exception:  # never let the ear die of one bad reclaim
+            except Exception:  # never let the listener die of one bad reclaim
                 log.exception("memwarden: reclaim on request failed")
 
     def close(self) -> None:

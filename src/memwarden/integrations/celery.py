@@ -738,13 +738,13 @@ class CeleryGuard:
     def _flag(self, pid: int) -> str:
         return os.path.join(self.config.state_path, f"celery-recycle-{pid}")
 
-    def _ear(self, pid: int) -> str:
+    def _reclaim_fifo(self, pid: int) -> str:
         return os.path.join(self.config.state_path, f"celery-reclaim-{pid}")
 
     def _ask_children_to_reclaim(self, reason: str) -> int:
         """Every pool child that listens reclaims now, beside its running task."""
         self._forget_stale_flags()
-        return sum(ask_to_reclaim(self._ear(pid)) for pid in children_of(os.getpid()))
+        return sum(ask_to_reclaim(self._reclaim_fifo(pid)) for pid in children_of(os.getpid()))
 
     def _recycle_largest_child(self, reason: str) -> bool:
         """The pool child holding the most (USS) leaves after its current task (of those not
@@ -1034,7 +1034,7 @@ class CeleryGuard:
             # now would record a recycle and then run one more task).
             warden = self.warden
             self._requests = ReclaimRequests(
-                self._ear(os.getpid()),
+                self._reclaim_fifo(os.getpid()),
                 lambda: warden.reclaim_now("asked by the worker: over its soft limit", False),
             ).listen()
 

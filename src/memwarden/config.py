@@ -16,9 +16,9 @@ import re
 import signal
 import stat
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from memwarden.gauges import MEASURES
 from memwarden.units import SettingError, parse_bool, parse_duration, parse_size
@@ -187,11 +187,10 @@ class Config:
     metrics_addr: str = _setting("127.0.0.1", "text", "Address the metrics port binds to")
 
     def __post_init__(self) -> None:
-        check = _validators()
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None:
-                check.get(f.metadata["kind"], lambda *_: None)(self, f, value)
+                VALIDATORS[f.metadata["kind"]](self, f, value)
         _check_together(self)
 
     @classmethod
@@ -237,6 +236,67 @@ class Config:
     def size(self, name: str, quota: int | None = None) -> int | None:
         value = getattr(self, name)
         return None if value is None else parse_size(value, env_name_of(name), quota)
+
+
+class WardenOptions(TypedDict, total=False):
+    """Every setting but ``quota`` and ``journal`` as a typed keyword: what
+    :class:`~memwarden.warden.Warden` takes in ``**options`` (those two are its own
+    parameters, a :class:`~memwarden.gauges.quota.Quota` or a journal object too).
+
+    Sizes are ``"512MB"``, ``"85%"`` or bytes; durations ``"2m"``, ``"30s"`` or seconds.
+    """
+
+    soft_limit: str | int | None
+    hard_limit: str | int | None
+    dyno_size: str | None
+    grace: str | float
+    shutdown_timeout: str | float
+    interval: str | float
+    alert_interval: str | float
+    min_uptime: str | float
+    max_restarts: int
+    restart_window: str | float
+    max_early_exits: int
+    reclaim: bool
+    pressure_full: str | float | None
+    pressure_hold: str | float
+    restart: str
+    stop_signal: str | int
+    drain_signal: str | int | None
+    exit_code: int
+    measure: str
+    journal_max_bytes: str | int
+    dry_run: bool
+    poison_kills: int
+    child_limit: str | int | None
+    state_dir: str | None
+    heroku_api_url: str
+    api_timeout: str | float
+    api_retries: int
+    kubernetes_delete_pod: bool
+    kubernetes_evict: bool
+    kubernetes_grace: str | float
+    kubernetes_api_url: str | None
+    kubernetes_sa_dir: str
+    redis_url: str | None
+    fleet: str | None
+    fleet_max_restarting: int
+    fleet_lock_ttl: str | float
+    heartbeat_interval: str | float
+    live_memory: bool
+    trace: str | None
+    trace_runs: int
+    metrics_port: int | None
+    metrics_addr: str
+
+
+class Options(WardenOptions, total=False):
+    """Every :class:`Config` setting as a typed keyword, for ``guard(app, **options)`` and
+    the other integrations: ``soft_limt="1GB"`` is a type error, not a surprise at start.
+    A test keeps its keys and :class:`Config`'s fields the same."""
+
+    quota: str | int | None
+    journal: str | None
 
 
 def env_name(f: dataclasses.Field[Any]) -> str:
@@ -321,120 +381,154 @@ _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
 _FLEET = re.compile(r"^[A-Za-z0-9._@/+-]+$")
 
 
-def _validators() -> dict[str, Any]:
-    def size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        name = env_name(f)
-        percent = isinstance(value, str) and value.strip().endswith("%")
-        if percent and f.name in _NO_PERCENT:
-            what = "the quota itself" if f.name == "quota" else "a file size"
-            raise SettingError(name, value, f"{what} is not a share of the quota", "20MB")
-        if percent:
-            parse_size(value, name, 100)  # syntax only; the quota comes later
-            return
-        low = _MIN_JOURNAL if f.name == "journal_max_bytes" else 1
-        if parse_size(value, name) < low:
-            floor = "at least 1 KiB" if low > 1 else "above 0 (leave it unset for the default)"
-            raise SettingError(name, value, f"a size {floor}", "512MB")
+Validator = Callable[[Config, dataclasses.Field[Any], Any], None]
 
-    def duration(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        name = env_name(f)
-        seconds = parse_duration(value, name)
-        low, high, low_ok, example = _DURATIONS.get(f.name, (0.0, YEAR, True, "2m"))
-        if seconds < low or (seconds == low and not low_ok) or seconds > high:
-            lowest = f">= {low:g}s" if low_ok else f"> {low:g}s"
-            raise SettingError(name, value, f"expected {lowest} and <= {high:g}s", example)
-        object.__setattr__(cfg, f.name, seconds)
 
-    def percent(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        text = str(value).strip().removesuffix("%").strip()
-        try:
-            share = float(text)
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 100 or isinstance(value, bool):
-            raise SettingError(env_name(f), value, "a percentage above 0 and up to 100", "40%")
-        object.__setattr__(cfg, f.name, share)
+def _set(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    object.__setattr__(cfg, f.name, value)
 
-    def boolean(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        object.__setattr__(cfg, f.name, parse_bool(value, env_name(f)))
 
-    def integer(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        low, high, example = _INTS.get(f.name, (0, 1_000_000, "3"))
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            expected = f"a whole number from {low} to {high}"
-            if f.name == "exit_code":
-                expected += " (0 reads as success: no supervisor restarts on it)"
-            raise SettingError(env_name(f), value, expected, example)
+def _check_size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    name = env_name(f)
+    percent = isinstance(value, str) and value.strip().endswith("%")
+    if percent and f.name in _NO_PERCENT:
+        what = "the quota itself" if f.name == "quota" else "a file size"
+        raise SettingError(name, value, f"{what} is not a share of the quota", "20MB")
+    if percent:
+        parse_size(value, name, 100)  # syntax only; the quota comes later
+        return
+    low = _MIN_JOURNAL if f.name == "journal_max_bytes" else 1
+    if parse_size(value, name) < low:
+        floor = "at least 1 KiB" if low > 1 else "above 0 (leave it unset for the default)"
+        raise SettingError(name, value, f"a size {floor}", "512MB")
 
-    def choice(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        options = RESTARTS if f.name == "restart" else MEASURES
-        normal = str(value).strip().lower()
-        if normal not in options:
-            raise SettingError(env_name(f), value, f"one of {', '.join(options)}", options[0])
-        object.__setattr__(cfg, f.name, normal)
 
-    def sig(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        name, text = env_name(f), str(value).strip()
-        try:
-            signum = (
-                signal.Signals(int(text)) if text.isdigit() else signal.Signals[_signal_name(text)]
-            )
-        except (KeyError, ValueError):
-            raise SettingError(name, value, "expected a signal name", "SIGTERM") from None
-        if signum.name in _UNCATCHABLE:
-            raise SettingError(name, value, "a signal the process can handle", "SIGTERM")
-        object.__setattr__(cfg, f.name, signum.name)
+def _check_duration(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    name = env_name(f)
+    seconds = parse_duration(value, name)
+    low, high, low_ok, example = _DURATIONS.get(f.name, (0.0, YEAR, True, "2m"))
+    if seconds < low or (seconds == low and not low_ok) or seconds > high:
+        lowest = f">= {low:g}s" if low_ok else f"> {low:g}s"
+        raise SettingError(name, value, f"expected {lowest} and <= {high:g}s", example)
+    _set(cfg, f, seconds)
 
-    def url(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        name, text = env_name(f), str(value).strip()
-        example = _URL_EXAMPLES.get(f.name, "https://host")
-        schemes = _URL_SCHEMES.get(f.name, ("http", "https"))
-        try:
-            parts = urllib.parse.urlsplit(text)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise SettingError(name, value, "not a URL", example) from None
-        if parts.scheme not in schemes:
-            raise SettingError(name, value, f"the scheme must be {' or '.join(schemes)}", example)
-        if parts.scheme != "unix" and not parts.hostname:
-            raise SettingError(name, value, "the URL names no host", example)
-        if any(c.isspace() or not c.isprintable() for c in text):
-            raise SettingError(name, value, "spaces or control characters in the URL", example)
 
-    def path(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        name, text = env_name(f), str(value)
-        if "\0" in text or not text.strip():
-            raise SettingError(name, value, "expected a path", "/var/log/memwarden.jsonl")
-        if f.name == "state_dir":
-            object.__setattr__(cfg, f.name, os.path.abspath(text))
-        elif f.name == "journal":
-            _check_journal(name, text)
+def _check_percent(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    text = str(value).strip().removesuffix("%").strip()
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 100 or isinstance(value, bool):
+        raise SettingError(env_name(f), value, "a percentage above 0 and up to 100", "40%")
+    _set(cfg, f, share)
 
-    def text(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
-        name, shown = env_name(f), str(value).strip()
-        if f.name == "dyno_size":
-            from memwarden.gauges.quota import HEROKU_DYNO_SIZES
 
-            if shown.lower() not in HEROKU_DYNO_SIZES:
-                raise SettingError(name, value, "unknown Heroku dyno size", "standard-2x")
-            object.__setattr__(cfg, f.name, shown.lower())
-        elif f.name == "fleet" and not _FLEET.match(shown):
-            raise SettingError(name, value, "letters, digits and . _ @ / + - only", "shop")
-        elif f.name == "metrics_addr" and not _address(shown):
-            raise SettingError(name, value, "an IP address or a host name", "127.0.0.1")
+def _check_bool(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    _set(cfg, f, parse_bool(value, env_name(f)))
 
-    return {
-        "size": size,
-        "duration": duration,
-        "percent": percent,
-        "bool": boolean,
-        "int": integer,
-        "choice": choice,
-        "signal": sig,
-        "url": url,
-        "path": path,
-        "text": text,
-    }
+
+def _check_int(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    low, high, example = _INTS.get(f.name, (0, 1_000_000, "3"))
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        expected = f"a whole number from {low} to {high}"
+        if f.name == "exit_code":
+            expected += " (0 reads as success: no supervisor restarts on it)"
+        raise SettingError(env_name(f), value, expected, example)
+
+
+def _check_choice(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    options = RESTARTS if f.name == "restart" else MEASURES
+    normal = str(value).strip().lower()
+    if normal not in options:
+        raise SettingError(env_name(f), value, f"one of {', '.join(options)}", options[0])
+    _set(cfg, f, normal)
+
+
+def _check_signal(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    name, text = env_name(f), str(value).strip()
+    try:
+        signum = signal.Signals(int(text)) if text.isdigit() else signal.Signals[_signal_name(text)]
+    except (KeyError, ValueError):
+        raise SettingError(name, value, "expected a signal name", "SIGTERM") from None
+    if signum.name in _UNCATCHABLE:
+        raise SettingError(name, value, "a signal the process can handle", "SIGTERM")
+    _set(cfg, f, signum.name)
+
+
+def _check_url(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    name, text = env_name(f), str(value).strip()
+    example = _URL_EXAMPLES.get(f.name, "https://host")
+    schemes = _URL_SCHEMES.get(f.name, ("http", "https"))
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise SettingError(name, value, "not a URL", example) from None
+    if parts.scheme not in schemes:
+        raise SettingError(name, value, f"the scheme must be {' or '.join(schemes)}", example)
+    if parts.scheme != "unix" and not parts.hostname:
+        raise SettingError(name, value, "the URL names no host", example)
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise SettingError(name, value, "spaces or control characters in the URL", example)
+
+
+def _check_path(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    name, text = env_name(f), str(value)
+    if "\0" in text or not text.strip():
+        raise SettingError(name, value, "expected a path", "/var/log/memwarden.jsonl")
+    if f.name == "state_dir":
+        _set(cfg, f, os.path.abspath(text))
+    elif f.name == "journal":
+        _check_journal(name, text)
+
+
+def _check_text(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    """Text is any text, but for the settings with a form of their own (:data:`_TEXTS`)."""
+    check = _TEXTS.get(f.name)
+    if check is not None:
+        check(cfg, f, value)
+
+
+def _check_dyno_size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    from memwarden.gauges.quota import HEROKU_DYNO_SIZES
+
+    shown = str(value).strip().lower()
+    if shown not in HEROKU_DYNO_SIZES:
+        raise SettingError(env_name(f), value, "unknown Heroku dyno size", "standard-2x")
+    _set(cfg, f, shown)
+
+
+def _check_fleet(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    if not _FLEET.match(str(value).strip()):
+        raise SettingError(env_name(f), value, "letters, digits and . _ @ / + - only", "shop")
+
+
+def _check_address(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+    if not _address(str(value).strip()):
+        raise SettingError(env_name(f), value, "an IP address or a host name", "127.0.0.1")
+
+
+#: Text settings with a form of their own.
+_TEXTS: dict[str, Validator] = {
+    "dyno_size": _check_dyno_size,
+    "fleet": _check_fleet,
+    "metrics_addr": _check_address,
+}
+#: Kind of setting -> its check; a check may store the value normalised (seconds, a
+#: signal's name, an absolute path).
+VALIDATORS: dict[str, Validator] = {
+    "size": _check_size,
+    "duration": _check_duration,
+    "percent": _check_percent,
+    "bool": _check_bool,
+    "int": _check_int,
+    "choice": _check_choice,
+    "signal": _check_signal,
+    "url": _check_url,
+    "path": _check_path,
+    "text": _check_text,
+}
 
 
 def _address(text: str) -> bool:

@@ -388,48 +388,80 @@ def attribute_windows(
     each other. Windows overlap by half. Per lifetime the first fifth (warm-up) is left
     out. ``live`` regresses live memory (allocated bytes: no arena delay, so a window
     as short as the jobs that overlap) instead of the sustained RSS level."""
-    width = kinds.width
     rows: list[list[float]] = []
     ys: list[float] = []
     runs: Counter[int] = Counter()
     for life in _job_lives(lives):
-        js = life.jobs
-        n = len(js.n)
-        per = js.jobs / n
-        if live:
-            series = list(js.live)
-            if life.concurrency >= 1.5 and not any(math.isnan(v) for v in series):
-                # a reading at one job's end holds the temporaries of the jobs still
-                # running: the lowest of the next few readings is what stays
-                series = sustained(series, max(3, round(2 * life.concurrency)))
-        else:
-            w = window_for(js.jobs) if js.exact else max(1, math.ceil(SUSTAIN / per))
-            series = sustained(list(js.lo), w)
-        cols = [[(kinds.column(k), c) for k, c in js.kinds_at(i)] for i in range(n)]
-        skip = n // 5
-        for i in range(skip, n):
-            for col, c in cols[i]:
-                runs[col] += c
-        size = min(max(1, round(window / per)), n - skip - 1)
-        if size < 1:
-            continue
-        spans = js.exact and life.concurrency >= 1.5
-        for a in range(skip, n - size, max(1, size // 2)):
-            b = a + size  # window: points a+1 .. b, change from after a to after b
-            change = series[b] - series[a]
-            if math.isnan(change):
-                continue
-            if spans:
-                row = _overlaps(life, a, b, cols, width)
-            else:
-                row = [0.0] * width
-                for i in range(a + 1, b + 1):
-                    for col, c in cols[i]:
-                        row[col] += c
-            rows.append(row)
-            ys.append(change)
+        _window_changes(life, kinds, window, _window_series(life, live), rows, ys, runs)
     if not rows:
         return {}
+    return _fit_windows(rows, ys, runs, kinds)
+
+
+def _window_series(life: Life, live: bool) -> list[float]:
+    """The level :func:`attribute_windows` regresses for one lifetime: live memory, or the
+    sustained RSS level."""
+    js = life.jobs
+    per = js.jobs / len(js.n)
+    if live:
+        series = list(js.live)
+        if life.concurrency >= 1.5 and not any(math.isnan(v) for v in series):
+            # a reading at one job's end holds the temporaries of the jobs still
+            # running: the lowest of the next few readings is what stays
+            series = sustained(series, max(3, round(2 * life.concurrency)))
+        return series
+    w = window_for(js.jobs) if js.exact else max(1, math.ceil(SUSTAIN / per))
+    return sustained(list(js.lo), w)
+
+
+def _window_changes(
+    life: Life,
+    kinds: Kinds,
+    window: int,
+    series: list[float],
+    rows: list[list[float]],
+    ys: list[float],
+    runs: Counter[int],
+) -> None:
+    """One lifetime's windows (past its warm-up fifth, overlapping by half): the kinds run
+    in each go into ``rows``, the level's change over it into ``ys``, the runs past the
+    warm-up into ``runs``."""
+    js = life.jobs
+    n = len(js.n)
+    per = js.jobs / n
+    width = kinds.width
+    cols = [[(kinds.column(k), c) for k, c in js.kinds_at(i)] for i in range(n)]
+    skip = n // 5
+    for i in range(skip, n):
+        for col, c in cols[i]:
+            runs[col] += c
+    size = min(max(1, round(window / per)), n - skip - 1)
+    if size < 1:
+        return
+    spans = js.exact and life.concurrency >= 1.5
+    for a in range(skip, n - size, max(1, size // 2)):
+        b = a + size  # window: points a+1 .. b, change from after a to after b
+        change = series[b] - series[a]
+        if math.isnan(change):
+            continue
+        rows.append(_overlaps(life, a, b, cols, width) if spans else _ran(a, b, cols, width))
+        ys.append(change)
+
+
+def _ran(a: int, b: int, cols: list[list[tuple[int, int]]], width: int) -> list[float]:
+    """How many times each kind column ran in points ``a + 1`` to ``b``."""
+    row = [0.0] * width
+    for i in range(a + 1, b + 1):
+        for col, c in cols[i]:
+            row[col] += c
+    return row
+
+
+def _fit_windows(
+    rows: list[list[float]], ys: list[float], runs: Counter[int], kinds: Kinds
+) -> Attribution:
+    """NNLS of the windows' changes on their kinds (rows evenly thinned to
+    :data:`MAX_ROWS`): bytes per run, and over all runs, for each kind that ran."""
     if len(rows) > MAX_ROWS:
         step = len(rows) / MAX_ROWS
         keep = [int(i * step) for i in range(MAX_ROWS)]
@@ -511,15 +543,7 @@ def attribute_events(lives: list[Life], kinds: Kinds) -> Attribution:
     window's difference is therefore read against how its kinds differ from the average
     window's (:func:`_unmix`): the neighbours' share is taken out, not credited to the kind
     they happen to follow."""
-    levels = []
-    for life in _job_lives(lives):
-        js = life.jobs
-        if js.exact:
-            n = len(js.n)
-            levels.append((list(js.top), sustained(list(js.lo), window_for(n)), max(1, n // 5)))
-    # the sustained level at i already sees a few jobs ahead (a rise just after job i
-    # can show in it): the "before" reference is taken a few jobs back (at most 5: longer
-    # stretches gather the big swings of a fragmented heap)
+    levels = _event_levels(lives)
     runs: Counter[int] = Counter()
     for top, _, skip in levels:
         runs.update(top[skip:])
@@ -529,41 +553,84 @@ def attribute_events(lives: list[Life], kinds: Kinds) -> Attribution:
     for h in HORIZONS:
         if h > max(HORIZONS[0], longest // 8):  # a few independent stretches at least
             break
-        gains: dict[int, list[float]] = defaultdict(list)
-        every: list[float] = []
-        # per kind at a window's start: the kinds in its windows, summed (the mix)
-        mix: defaultdict[int, Counter[int]] = defaultdict(Counter)
-        for top, s, skip in levels:
-            back = min(window_for(len(s)), 5)
-            first = max(skip, back)
-            if first >= len(s) - h:
-                continue
-            inside = Counter(top[first - back + 1 : first + h + 1])  # jobs of the window
-            for i in range(first, len(s) - h):
-                if i > first:
-                    gone = top[i - back]
-                    inside[gone] -= 1
-                    if not inside[gone]:
-                        del inside[gone]  # only the kinds in the window are summed
-                    inside[top[i + h]] += 1
-                g = s[i + h] - s[i - back]
-                gains[top[i]].append(g)
-                every.append(g)
-                mix[top[i]].update(inside)
-        if len(every) < 20:
-            continue
-        mb, vb, nb = _trimmed(every)
-        measured: dict[int, tuple[float, float]] = {}
-        for kind, kind_gains in gains.items():
-            if len(kind_gains) < 5:
-                continue
-            m, v, nk = _trimmed(kind_gains)
-            measured[kind] = (m - mb, math.sqrt(v / nk + vb / nb))
-        counts = {k: len(v) for k, v in gains.items()}
-        for kind, effect in _unmix(measured, mix, counts).items():
-            se = measured[kind][1]
+        for kind, (effect, se) in _horizon_effects(levels, h).items():
             z[kind] += effect / se if se > 0 else 0.0
             estimates[kind].append(effect)
+    return _event_attribution(z, estimates, runs, kinds)
+
+
+#: Per lifetime with one point per job: the kind of each job, the sustained level after
+#: it, and the jobs of its warm-up.
+Levels = list[tuple[list[int], list[float], int]]
+
+
+def _event_levels(lives: list[Life]) -> Levels:
+    """What :func:`attribute_events` reads of the lifetimes with one point per job."""
+    levels = []
+    for life in _job_lives(lives):
+        js = life.jobs
+        if js.exact:
+            n = len(js.n)
+            levels.append((list(js.top), sustained(list(js.lo), window_for(n)), max(1, n // 5)))
+    return levels
+
+
+def _horizon_gains(
+    levels: Levels, h: int
+) -> tuple[dict[int, list[float]], list[float], defaultdict[int, Counter[int]]]:
+    """The level's changes over ``h`` jobs past each job: per kind of that job, all of
+    them, and per kind the kinds in its windows, summed (the mix).
+
+    The sustained level at i already sees a few jobs ahead (a rise just after job i can
+    show in it): the "before" reference is taken a few jobs back (at most 5: longer
+    stretches gather the big swings of a fragmented heap)."""
+    gains: dict[int, list[float]] = defaultdict(list)
+    every: list[float] = []
+    mix: defaultdict[int, Counter[int]] = defaultdict(Counter)
+    for top, s, skip in levels:
+        back = min(window_for(len(s)), 5)
+        first = max(skip, back)
+        if first >= len(s) - h:
+            continue
+        inside = Counter(top[first - back + 1 : first + h + 1])  # jobs of the window
+        for i in range(first, len(s) - h):
+            if i > first:
+                gone = top[i - back]
+                inside[gone] -= 1
+                if not inside[gone]:
+                    del inside[gone]  # only the kinds in the window are summed
+                inside[top[i + h]] += 1
+            g = s[i + h] - s[i - back]
+            gains[top[i]].append(g)
+            every.append(g)
+            mix[top[i]].update(inside)
+    return gains, every, mix
+
+
+def _horizon_effects(levels: Levels, h: int) -> dict[int, tuple[float, float]]:
+    """Per kind at horizon ``h``: its effect (bytes per run, :func:`_unmix`) and the
+    standard error of its difference of trimmed means; nothing from too few windows."""
+    gains, every, mix = _horizon_gains(levels, h)
+    if len(every) < 20:
+        return {}
+    mb, vb, nb = _trimmed(every)
+    measured: dict[int, tuple[float, float]] = {}
+    for kind, kind_gains in gains.items():
+        if len(kind_gains) < 5:
+            continue
+        m, v, nk = _trimmed(kind_gains)
+        measured[kind] = (m - mb, math.sqrt(v / nk + vb / nb))
+    counts = {k: len(v) for k, v in gains.items()}
+    return {
+        kind: (effect, measured[kind][1]) for kind, effect in _unmix(measured, mix, counts).items()
+    }
+
+
+def _event_attribution(
+    z: dict[int, float], estimates: dict[int, list[float]], runs: Counter[int], kinds: Kinds
+) -> Attribution:
+    """Bytes per run of each kind: the mean of its positive estimates, shrunk by (its
+    evidence / the best kind's)²."""
     out: Attribution = {}
     best = max(z.values(), default=0.0)
     for kind, zs in z.items():

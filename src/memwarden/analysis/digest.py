@@ -81,6 +81,22 @@ def median(xs: Iterable[float]) -> float:
     return float(s[mid]) if n % 2 else (s[mid - 1] + s[mid]) / 2.0
 
 
+def _live_after(values: tuple[Any, ...], r: Any, life: Life) -> float:
+    """:func:`memwarden.trace.live_bytes` after a job (NaN when not known), from the values
+    of a job record's :data:`JOB_FIELDS`; counted in ``life`` as known or partial."""
+    blocks, heap, mapped, allocated = values[10:14]
+    if allocated is None:
+        if heap is None or mapped is None:
+            if has_live_keys(r):
+                life.live_partial += 1
+        else:
+            allocated = heap + mapped
+    if allocated is None:
+        return NAN
+    life.live_known += 1
+    return float(allocated) + BLOCK_BYTES * float(blocks or 0)
+
+
 def _live_before(values: tuple[Any, ...]) -> float | None:
     """:func:`memwarden.trace.live_bytes` before a job, from the values of a job record's
     :data:`JOB_FIELDS` (inlined for speed)."""
@@ -410,6 +426,15 @@ class Life:
     def has_data(self) -> bool:
         return len(self.jobs) > 0 or len(self.samples) > 0
 
+    def timed(self, ts: float, duration: float) -> None:
+        """A job of ``duration`` seconds that ended at ``ts``."""
+        self.busy_s += duration
+        self.timed_jobs += 1
+        if duration > self.longest_s:
+            self.longest_s = duration
+        if ts - duration < self.jobs_from:
+            self.jobs_from = ts - duration
+
     def mark(self, m: Mark) -> None:
         if len(self.marks) < MARKS:
             self.marks.append(m)
@@ -681,18 +706,7 @@ class Digest:
             life.forked = True
         else:
             level = after
-        blocks, heap, mapped, allocated = values[10:14]
-        if allocated is None:
-            if heap is None or mapped is None:
-                if has_live_keys(r):
-                    life.live_partial += 1
-            else:
-                allocated = heap + mapped
-        if allocated is None:
-            live = NAN
-        else:
-            live = float(allocated) + BLOCK_BYTES * float(blocks or 0)
-            life.live_known += 1
+        live = _live_after(values, r, life)
         kid = self.kind_ids.get(kind)
         if kid is None:
             kid = self._kind(kind)
@@ -701,17 +715,8 @@ class Digest:
         pend.append((ts, ts - duration if duration else ts, level, kid, live))
         stats = self.kinds[kid]
         stats.runs += 1
-        if live == live:  # known (not NaN): a uniform sample of its change per kind
-            self._draw = draw = (self._draw * 1103515245 + 12345) & 0x7FFFFFFF
-            stats.live_runs = seen = stats.live_runs + 1
-            deltas = stats.live_deltas
-            if len(deltas) < RESERVOIR or draw % seen < RESERVOIR:
-                before_live = _live_before(values)
-                if before_live is not None:
-                    stats.keep(
-                        len(deltas) if len(deltas) < RESERVOIR else draw % RESERVOIR,
-                        live - before_live,
-                    )
+        if live == live:  # known (not NaN)
+            self._sample_live_change(stats, live, values)
         if before:
             rise = after - before
             if rise > 0:
@@ -720,18 +725,32 @@ class Digest:
                     stats.biggest = rise
         if duration:
             stats.seconds += duration
-            life.busy_s += duration
-            life.timed_jobs += 1
-            if duration > life.longest_s:
-                life.longest_s = duration
-            if ts - duration < life.jobs_from:
-                life.jobs_from = ts - duration
+            life.timed(ts, duration)
         if len(pend) >= BATCH:
-            self.points += jobs.flush()
-            if len(jobs.n) >= POINTS:
-                self._merge_jobs(life)
-            if self.points > self._next_budget:
-                self._squeeze()
+            self._flush_jobs(life)
+
+    def _sample_live_change(self, stats: KindStats, live: float, values: tuple[Any, ...]) -> None:
+        """Keep live memory's change inside a job of ``stats``' kind in its sample (a
+        reservoir: uniform over its runs); ``live`` the figure after it."""
+        self._draw = draw = (self._draw * 1103515245 + 12345) & 0x7FFFFFFF
+        stats.live_runs = seen = stats.live_runs + 1
+        deltas = stats.live_deltas
+        if len(deltas) < RESERVOIR or draw % seen < RESERVOIR:
+            before_live = _live_before(values)
+            if before_live is not None:
+                stats.keep(
+                    len(deltas) if len(deltas) < RESERVOIR else draw % RESERVOIR,
+                    live - before_live,
+                )
+
+    def _flush_jobs(self, life: Life) -> None:
+        """A batch of ``life``'s jobs into its series, merged when long or over budget."""
+        jobs = life.jobs
+        self.points += jobs.flush()
+        if len(jobs.n) >= POINTS:
+            self._merge_jobs(life)
+        if self.points > self._next_budget:
+            self._squeeze()
 
     def _merge_jobs(self, life: Life) -> None:
         jobs = life.jobs

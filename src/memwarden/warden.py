@@ -24,12 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from memwarden import reclaim as reclaim_mod
 from memwarden import state
 from memwarden.analysis.digest import action_word
-from memwarden.config import Config, limits_error
+from memwarden.config import Config, WardenOptions, limits_error
 from memwarden.coordination import HostLock, Once, RestartLock
 from memwarden.events import Cause, cause_field
 from memwarden.fleet import Fleet
@@ -235,8 +235,9 @@ class Warden:
         locks: list[RestartLock] | None = None,
         env: Mapping[str, str] | None = None,
         framework: str | None = None,
-        **options: Any,
+        **settings: Unpack[WardenOptions],
     ) -> None:
+        options: dict[str, Any] = dict(settings)
         env = os.environ if env is None else env
         # `journal="w.jsonl"` and `quota="1GB"` are the settings of those names.
         if isinstance(journal, str):

@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, cast
+from typing import Any, Unpack, cast
 
 import redis
 from arq.connections import RedisSettings
@@ -52,7 +52,7 @@ from arq.constants import (
 from arq.jobs import deserialize_job_raw, serialize_result
 from arq.worker import JobExecutionFailed, Worker
 
-from memwarden.config import Config
+from memwarden.config import Config, Options
 from memwarden.gauges.proc import alive
 from memwarden.poison import PoisonJobs
 from memwarden.warden import Hooks, Warden, swallow_but
@@ -444,7 +444,7 @@ def _sync_redis(settings: RedisSettings | None) -> redis.Redis | None:
     )
 
 
-def guard(settings: Any, *, poison: PoisonJobs | None = None, **options: Any) -> Any:
+def guard(settings: Any, *, poison: PoisonJobs | None = None, **options: Unpack[Options]) -> Any:
     """Guard the worker run from ``settings`` (a ``WorkerSettings`` class or dict); returns
     it. ``options`` are memwarden settings (``soft_limit="400MB"``, …), each also a
     ``MEMWARDEN_*`` env var; ``poison`` defaults to counting kills in the worker's Redis."""

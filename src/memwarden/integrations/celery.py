@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import billiard.pool
 from billiard.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
@@ -55,7 +55,7 @@ from celery.concurrency.base import apply_target
 from celery.concurrency.thread import ApplyResult
 from celery.worker import state as worker_state
 
-from memwarden.config import Config
+from memwarden.config import Config, Options
 from memwarden.gauges import Sample
 from memwarden.gauges.proc import (
     alive,
@@ -1189,7 +1189,7 @@ def pool_kind(pool_cls: Any) -> str:
     }.get(module, module.rsplit(".", 1)[-1] or "unknown")
 
 
-def guard(app: Celery, *, poison_url: str | None = None, **options: Any) -> CeleryGuard:
+def guard(app: Celery, *, poison_url: str | None = None, **options: Unpack[Options]) -> CeleryGuard:
     """Guard ``app``'s workers. Options are the ``Config`` settings (``soft_limit="400MB"``,
     ``reclaim=False``, ...), else ``MEMWARDEN_*``; ``poison_url`` is the Redis for
     poison-job counts (default: the broker or result backend when it is Redis)."""

@@ -37,12 +37,12 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Unpack
 
 import dramatiq
 from dramatiq.middleware import SkipMessage
 
-from memwarden.config import Config
+from memwarden.config import Config, Options
 from memwarden.integrations.dramatiq_redis import (
     KILL_SETTLE,
     Redelivery,
@@ -136,7 +136,7 @@ class MemoryWarden(dramatiq.Middleware):
     own client, else ``MEMWARDEN_REDIS_URL``; with neither, quarantine is off (said once).
     """
 
-    def __init__(self, *, poison_url: Any = None, **options: Any) -> None:
+    def __init__(self, *, poison_url: Any = None, **options: Unpack[Options]) -> None:
         self.config = Config.from_env(**options)
         self.poison_url = poison_url
         self.warden: Warden | None = None

@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 import redis
 from huey.api import Huey, Task
@@ -55,7 +55,7 @@ from huey.signals import SIGNAL_INTERRUPTED
 from huey.storage import RedisStorage
 from huey.utils import normalize_time
 
-from memwarden.config import Config
+from memwarden.config import Config, Options
 from memwarden.gauges import Gauge, Sample, choose_gauge
 from memwarden.gauges.cgroup import Cgroup
 from memwarden.gauges.proc import alive, children_of, rss
@@ -650,7 +650,7 @@ def _poison_for(huey: Huey, config: Config) -> PoisonJobs | None:
     return PoisonJobs(conn, kills=config.poison_kills, prefix=f"memwarden:huey:{huey.name}")
 
 
-def guard(huey: Huey, *, poison: PoisonJobs | None = None, **options: Any) -> HueyGuard:
+def guard(huey: Huey, *, poison: PoisonJobs | None = None, **options: Unpack[Options]) -> HueyGuard:
     """Guard ``huey``'s consumer. ``options`` are memwarden settings (``soft_limit="400MB"``,
     …), each also a ``MEMWARDEN_*`` env var; ``poison`` defaults to counting kills in the
     huey's own Redis."""

@@ -56,7 +56,7 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import parse_composite_key
 from rq.worker import WorkerStatus
 
-from memwarden.config import Config
+from memwarden.config import Config, Options
 from memwarden.events import Cause
 from memwarden.gauges.proc import alive, self_rss, smaps_rollup
 from memwarden.poison import PoisonJobs
@@ -116,7 +116,7 @@ class WardenMixin(_MixinBase):
     """The warden's side of an RQ worker; mixed into ``rq.Worker`` and ``rq.SimpleWorker``."""
 
     #: Options for the Warden (keyword names of ``Config``), for subclasses.
-    memwarden_options: dict[str, Any] = {}
+    memwarden_options: Options = {}
 
     #: redis-py types every reply as ``Awaitable | Any`` (one signature for sync and async).
     connection: Any
@@ -124,12 +124,12 @@ class WardenMixin(_MixinBase):
     def __init__(
         self,
         *args: Any,
-        memwarden: dict[str, Any] | None = None,
+        memwarden: Options | None = None,
         warden: Warden | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._mw_options = {**self.memwarden_options, **(memwarden or {})}
+        self._mw_options: Options = {**self.memwarden_options, **(memwarden or {})}
         if warden is None:
             Config.from_env(**self._mw_options)  # a bad setting stops us now, naming it
         self._mw_given = warden

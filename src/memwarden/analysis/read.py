@@ -65,6 +65,14 @@ class ReadSummary:
     unreadable: list[str] = field(default_factory=list)
     events: Counter[str] = field(default_factory=Counter)
 
+    def count(self, lines: int, records: int, jobs_taken: int) -> None:
+        """A source read: its lines, its records, and of them the job records a reader
+        took before they were counted by event."""
+        self.lines += lines
+        self.records += records + jobs_taken
+        if jobs_taken:
+            self.events["job"] += jobs_taken
+
     def skip(self, source: str, line: int, why: str) -> None:
         self.bad += 1
         if len(self.bad_lines) < KEEP_BAD:
@@ -483,46 +491,47 @@ def _scan_source(
                 if line is None:
                     summary.skip(source, number, f"longer than {MAX_LINE} bytes")
                     continue
-                if decode is not None:
-                    try:
-                        job = decode(line)
-                    except errors:
-                        pass
-                    else:
-                        if type(job) is job_line:
-                            take_line(fields(job), job)  # type: ignore[misc]
-                            if not taken:
-                                events["job"] += 0
-                            taken += 1
-                            continue
                 try:
-                    record = parse_(line)
-                except (ValueError, RecursionError):
-                    if not line.strip():
+                    job = decode(line) if decode is not None else None
+                except errors:
+                    job = None
+                if type(job) is job_line:
+                    take_line(fields(job), job)  # type: ignore[misc]
+                else:
+                    try:
+                        record = parse_(line)
+                    except (ValueError, RecursionError):
+                        _unparsed(summary, source, number, line)
                         continue
-                    what = "truncated or not JSON" if line.lstrip()[:1] == "{" else "not JSON"
-                    summary.skip(source, number, what)
-                    continue
-                if take is not None and take(record):
-                    if not taken:  # where counting it here would have put "job"
-                        events["job"] += 0
-                    taken += 1
-                    continue
-                why = check_(record)
-                if why is not None:
-                    summary.skip(source, number, why)
-                    continue
-                records += 1
-                events[record["event"]] += 1
-                emit(record)
+                    if take is None or not take(record):
+                        why = check_(record)
+                        if why is not None:
+                            summary.skip(source, number, why)
+                            continue
+                        records += 1
+                        events[record["event"]] += 1
+                        emit(record)
+                        continue
+                if not taken:  # where counting it here would have put "job"
+                    events["job"] += 0
+                taken += 1
             yield
     finally:
-        summary.lines += number
-        summary.records += records + taken
-        if taken:
-            events["job"] += taken
-        if path != "-":
-            stream.close()
+        summary.count(number, records, taken)
+        _close(path, stream)
+
+
+def _close(path: str, stream: IO[bytes]) -> None:
+    """Done with a source: its file closed (stdin stays open)."""
+    if path != "-":
+        stream.close()
+
+
+def _unparsed(summary: ReadSummary, source: str, number: int, line: str) -> None:
+    """A line no parser reads: skipped, and said unless blank."""
+    if line.strip():
+        what = "truncated or not JSON" if line.lstrip()[:1] == "{" else "not JSON"
+        summary.skip(source, number, what)
 
 
 def _first_ts(path: str) -> float:

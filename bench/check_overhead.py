@@ -1,11 +1,12 @@
-"""Microseconds per after-job memory check: memwarden vs the seed's `ps` shell-out, psutil and
+"""Microseconds per after-job memory check: memwarden vs a `ps` shell-out, psutil and
 getrusage, measured side by side in one run.
 
 A memwarden check is what ``Warden.job_finished`` does after a job besides the journal write:
-read own RSS (``pread`` on a kept ``/proc/self/statm`` fd) and let the policy decide. The seed
-shells out to ``ps -o rss=`` after every job; psutil's ``memory_info()`` opens and parses
-``/proc/<pid>/statm`` each time; ``getrusage`` is cheap but gives the *peak* (``ru_maxrss``),
-so it is shown for scale only — it cannot tell whether memory came back down.
+read own RSS (``pread`` on a kept ``/proc/self/statm`` fd) and let the policy decide. A
+``ps``-after-each-job middleware shells out to ``ps -o rss=`` after every job; psutil's
+``memory_info()`` opens and parses ``/proc/<pid>/statm`` each time; ``getrusage`` is cheap
+but gives the *peak* (``ru_maxrss``), so it is shown for scale only — it cannot tell whether
+memory came back down.
 
 Second table: one watchdog reading of the cgroup working set (where this process has a memory
 cgroup): the kept-fd ``working_set()`` the watchdog uses, beside a full ``read()`` (four files
@@ -83,7 +84,7 @@ def main() -> None:
         ("  of which statm pread", read_us),
         ("psutil memory_info()", psutil_us),
         ("getrusage (peak only!)", rusage_us),
-        ("ps -o rss= (the seed's way)", ps_us),
+        ("ps -o rss= (shelling out)", ps_us),
     ]:
         print(f"{name:<34} {us:>10.2f} {us / check_us:>12.1f}x")
     last = (

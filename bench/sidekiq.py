@@ -1,4 +1,4 @@
-"""The seed's own remedy beside ``memwarden run --drain-signal TSTP``, on the seed's worker.
+"""A ``ps``-after-each-job restart middleware beside ``memwarden run --drain-signal TSTP``.
 
 Sidekiq (Debian's ``ruby-sidekiq``) on Redis, the same jobs for every contender: ``--jobs``
 KeepJobs that each keep ``--mb`` MB for good (``bench/apps/sidekiq/jobs.rb``), ``-c 5``, in a
@@ -6,10 +6,10 @@ fresh memory cgroup of ``--limit`` per contender (the kernel's OOM killer is the
 dyno manager (:class:`Platform`) starts the contender's command, starts it again whenever it
 exits, and on a restart request sends SIGTERM to it and SIGKILL 30 s later, as Heroku does.
 
-- ``seed-middleware``: ``sidekiq`` with the seed's ``MemoryKiller`` middleware
+- ``ps-after-each-job``: ``sidekiq`` with a ``MemoryKiller`` middleware
   (``bench/apps/sidekiq/memory_killer.rb``): after each job the RSS of the process by ``ps``;
   over ``SIDEKIQ_MEMORY_KILLER_MAX_RSS`` (here memwarden's default soft limit, 85% of the
-  cgroup), once, after ``--seed-grace`` (the seed's default, 120 s), the dyno restart.
+  cgroup), once, after ``--middleware-grace`` (its usual default, 120 s), the dyno restart.
 - ``memwarden-run``: ``memwarden run --drain-signal TSTP -- sidekiq …``, default limits
   (from the cgroup).
 - ``memwarden-run-no-drain``: the same without the drain signal (what TSTP adds).
@@ -62,7 +62,7 @@ from _harness import (
 )
 from memwarden.units import format_size, parse_size
 
-ORDER = ("seed-middleware", "memwarden-run", "memwarden-run-no-drain")
+ORDER = ("ps-after-each-job", "memwarden-run", "memwarden-run-no-drain")
 APP = os.path.join(APPS, "sidekiq")
 DONE = "mw:sidekiq:done"
 QUEUE = "mw-bench"
@@ -202,9 +202,9 @@ def command(name: str, args: argparse.Namespace, journal: str) -> tuple[list[str
     env = {k: v for k, v in bench_env().items() if not k.startswith("MEMWARDEN_")}
     env.pop("DYNO", None)
     env.update(REDIS_URL=args.redis, MW_DONE=DONE)
-    if name == "seed-middleware":
+    if name == "ps-after-each-job":
         env["SIDEKIQ_MEMORY_KILLER_MAX_RSS"] = str(int(0.85 * args.limit) // 1024)
-        env["SIDEKIQ_MEMORY_KILLER_GRACE_TIME_IN_SECONDS"] = str(args.seed_grace)
+        env["SIDEKIQ_MEMORY_KILLER_GRACE_TIME_IN_SECONDS"] = str(args.middleware_grace)
         return sidekiq, env
     run = [sys.executable, "-c", "from memwarden.cli import main; main()", "run"]
     run += ["--no-status", "--journal", journal]
@@ -241,7 +241,7 @@ def contender(name: str, workdir: str, args: argparse.Namespace) -> Result:
     finally:
         conn.flushdb()
         conn.close()
-    if name == "seed-middleware":
+    if name == "ps-after-each-job":
         restarts, hard_kills, lifetimes = platform.restarts, platform.hard_kills, platform.starts
     else:
         restarts, hard_kills, lifetimes = journal_counts(journal)
@@ -278,7 +278,7 @@ def report(results: list[Result], args: argparse.Namespace, argv: list[str]) -> 
         [
             f"{args.jobs} Sidekiq jobs keeping {args.mb} MB each, -c {args.concurrency}, "
             f"a {format_size(args.limit)} memory cgroup per contender; the MemoryKiller "
-            f"middleware's grace {args.seed_grace} s.",
+            f"middleware's grace {args.middleware_grace} s.",
             "",
             table(results, COLUMNS),
             "",
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mb", type=int, default=8, help="MB each job keeps")
     p.add_argument("--concurrency", type=int, default=5)
     p.add_argument("--limit", default="512MiB", help="the memory cgroup's limit")
-    p.add_argument("--seed-grace", type=int, default=120, help="the middleware's grace (s)")
+    p.add_argument("--middleware-grace", type=int, default=120, help="the middleware's grace (s)")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="emptied before/after")
     p.add_argument("--timeout", type=float, default=900.0, help="per contender (s)")
     p.add_argument("--contenders", default=",".join(ORDER))

@@ -18,7 +18,7 @@ MB = 1024 * 1024
 
 
 def test_a_busy_process_asked_to_reclaim_gives_its_free_heap_back(tmp_path: Path) -> None:
-    ear = str(tmp_path / "state" / "reclaim-ear")
+    fifo = str(tmp_path / "state" / "reclaim-fifo")
     code = textwrap.dedent(f"""
         import time
         from memwarden import workload
@@ -27,7 +27,7 @@ def test_a_busy_process_asked_to_reclaim_gives_its_free_heap_back(tmp_path: Path
 
         done = []
         workload.fragment(mb=150, threads=4, keep_every=100, seed=3)
-        ReclaimRequests({ear!r}, lambda: done.append(reclaim(self_rss))).listen()
+        ReclaimRequests({fifo!r}, lambda: done.append(reclaim(self_rss))).listen()
         print("ready", self_rss(), flush=True)
         spins, t0 = 0, time.monotonic()
         while not done and time.monotonic() - t0 < 60:  # the main thread never waits
@@ -41,13 +41,13 @@ def test_a_busy_process_asked_to_reclaim_gives_its_free_heap_back(tmp_path: Path
     assert proc.stdout is not None
     word, rss = proc.stdout.readline().split()
     assert word == "ready" and int(rss) > 100 * MB  # the stair-step is there
-    assert ask_to_reclaim(ear)
+    assert ask_to_reclaim(fifo)
     word, freed, _, spins = proc.stdout.readline().split()
     assert proc.wait(60) == 0
     assert word == "freed" and int(freed) > 50 * MB, freed  # the slivers kept the rest
     assert int(spins) > 0  # it ran beside the busy main thread, not instead of it
     # The process is gone: nothing listens, asking says so (no hang, no error).
-    assert os.path.exists(ear) and not ask_to_reclaim(ear)
+    assert os.path.exists(fifo) and not ask_to_reclaim(fifo)
 
 
 def test_asking_where_nobody_listens_is_false_and_requests_coalesce(tmp_path: Path) -> None:
@@ -59,22 +59,22 @@ def test_asking_where_nobody_listens_is_false_and_requests_coalesce(tmp_path: Pa
         release.wait(30)
         runs.append(1)
 
-    ear = ReclaimRequests(str(tmp_path / "ear"), slow_reclaim).listen()
+    listener = ReclaimRequests(str(tmp_path / "fifo"), slow_reclaim).listen()
     try:
-        assert ask_to_reclaim(ear.path)
+        assert ask_to_reclaim(listener.path)
         assert started.wait(30)
-        assert all(ask_to_reclaim(ear.path) for _ in range(4))  # never blocks the asker
+        assert all(ask_to_reclaim(listener.path) for _ in range(4))  # never blocks the asker
         release.set()
         deadline = time.monotonic() + 30
         while len(runs) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(runs) == 2  # the four asks made while busy: one more run
-        peek = os.open(ear.path, os.O_RDONLY | os.O_NONBLOCK)
+        peek = os.open(listener.path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             with pytest.raises(BlockingIOError):  # none left waiting to make a third
                 os.read(peek, 64)
         finally:
             os.close(peek)
     finally:
-        ear.close()
-    assert not os.path.exists(ear.path)
+        listener.close()
+    assert not os.path.exists(listener.path)

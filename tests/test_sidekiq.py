@@ -1,4 +1,4 @@
-"""Sidekiq, the seed's own worker, guarded from outside by ``memwarden run``.
+"""Sidekiq, a Ruby worker, guarded from outside by ``memwarden run``.
 
 Debian's ``ruby-sidekiq`` (6.4) with real Redis (database 13, emptied before and after),
 in a real memory cgroup, with memwarden's DEFAULT limits from the cgroup: 200 jobs that each
@@ -158,8 +158,8 @@ def test_the_jobs_in_hand_at_a_kill_come_back_and_the_poison_job_goes_to_the_dea
     assert len(kills) == 3 and all(
         poison in {j["job_id"] for j in k["in_flight"]} for k in kills
     ), kills
-    assert [e["job_id"] for e in events if e["event"] == "poison"] == [poison]
     assert [e["job_id"] for e in events if e["event"] == "quarantine"] == [poison]
+    assert [e["job_id"] for e in events if e["event"] == "skip"] == [poison]
     assert "put back job" in log.read_text()
 
 
@@ -178,11 +178,11 @@ def test_bench_tiny_prints_one_line_per_contender(db: Any) -> None:
         pairs = dict(part.split("=", 1) for part in ln.split())
         assert list(pairs)[:5] == ["contender", "jobs_per_s", "lost", "oom_kills", "restarts"]
         rows[pairs["contender"]] = pairs
-    assert set(rows) == {"seed-middleware", "memwarden-run", "memwarden-run-no-drain"}
+    assert set(rows) == {"ps-after-each-job", "memwarden-run", "memwarden-run-no-drain"}
     guarded = rows["memwarden-run"]
     assert guarded["lost"] == "0" and guarded["oom_kills"] == "0"
     assert int(guarded["restarts"]) >= 1 and guarded["hard_kills"] == "0"
     assert float(guarded["jobs_per_s"]) > 0
-    # No job raised, the seed's middleware included (60 jobs: its process stays under).
+    # No job raised, the ps-after-each-job middleware included (60 jobs: its process stays under).
     assert {row["failed"] for row in rows.values()} == {"0"}
     assert db.dbsize() == 0  # the bench emptied its database

@@ -10,7 +10,7 @@ from memwarden.units import SettingError, format_size, parse_bool, parse_duratio
         ("512MiB", 512 * 1024**2),
         ("1.5GB", 1_500_000_000),
         ("1.5GiB", int(1.5 * 1024**3)),
-        ("524288", 524288 * 1024),  # bare integers are KiB, like the seed's MAX_RSS
+        ("524288", 524288 * 1024),  # bare integers are KiB, like Sidekiq memory killers' MAX_RSS
         (" 2 gib ", 2 * 1024**3),
         ("100b", 100),
         (1024, 1024 * 1024),

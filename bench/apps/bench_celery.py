@@ -81,7 +81,7 @@ def grow(mb: int, step_mb: int = 8, hold_s: float = 0.3) -> int:
 def job(self: object, kind: str, mb: int, seed: int) -> str:
     if kind == "fragment":
         # Keeps 1 buffer in 100 for good: the slivers pin pages all over the heap, so RSS
-        # climbs in steps much faster than the data kept (the seed's stair-step).
+        # climbs in steps much faster than the data kept (glibc's arena stair-step).
         workload.fragment(mb=mb, threads=4, keep_every=100, seed=seed)
     elif kind == "grow":
         grow(mb)

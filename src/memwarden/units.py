@@ -1,8 +1,9 @@
 """Sizes and durations as people write them in config: ``512MB``, ``85%``, ``2m``.
 
-A bare integer size is KiB: the convention of the seed's ``MAX_RSS`` and of Celery's
-``worker_max_memory_per_child``. Decimal suffixes (``KB``, ``MB``, ``GB``) are powers of
-1000, binary ones (``KiB``, ``MiB``, ``GiB``) powers of 1024, as the SI and IEC say.
+A bare integer size is KiB: the convention of Sidekiq memory-killer middlewares'
+``MAX_RSS`` and of Celery's ``worker_max_memory_per_child``. Decimal suffixes (``KB``,
+``MB``, ``GB``) are powers of 1000, binary ones (``KiB``, ``MiB``, ``GiB``) powers of 1024,
+as the SI and IEC say.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - :func:`fragment`: several threads allocate mixed-size buffers (1–64 KiB, served by malloc
   from per-thread arenas), then free all but a sliver. RSS steps up and stays up: the
-  glibc stair-step of the seed. ``malloc_trim(0)`` gets most of it back.
+  glibc arena stair-step. ``malloc_trim(0)`` gets most of it back.
 - :func:`leak`: memory kept for good, a real leak.
 - :func:`spike`: a big transient allocation, freed before returning.
 - :func:`cache_fill`: a bounded cache that fills and stops growing (a high-water mark).

@@ -165,13 +165,13 @@ def test_a_reclaim_request_never_writes_through_a_planted_file(tmp_path, planted
     from memwarden.reclaim import ask_to_reclaim
 
     target = precious(tmp_path)
-    ear = tmp_path / "celery-reclaim-4242"
+    fifo = tmp_path / "celery-reclaim-4242"
     if planted == "symlink":
-        ear.symlink_to(target)
+        fifo.symlink_to(target)
     else:
-        ear.write_text("the victim's own data\n")
-        target = ear
-    assert ask_to_reclaim(str(ear)) is False
+        fifo.write_text("the victim's own data\n")
+        target = fifo
+    assert ask_to_reclaim(str(fifo)) is False
     assert target.read_text() == "the victim's own data\n"
 
 

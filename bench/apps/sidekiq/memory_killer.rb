@@ -1,6 +1,6 @@
 # frozen_string_literal: true
 
-# The seed's Sidekiq::Middleware::MemoryKiller, written from its description: after every
+# A Sidekiq::Middleware::MemoryKiller of the common kind, written from its description: after every
 # job, the RSS of the process by shelling out to `ps`; over SIDEKIQ_MEMORY_KILLER_MAX_RSS
 # (KB; 0 = off), once (a mutex, "otherwise we'd get stuck restarting over and over"), after
 # SIDEKIQ_MEMORY_KILLER_GRACE_TIME_IN_SECONDS (120), the restart.

@@ -4,7 +4,7 @@ No external service. The demo process supervises (``memwarden run``'s
 :class:`~memwarden.supervisor.run.Supervisor`) a worker child that takes jobs from a file
 queue and runs them under an in-process :class:`~memwarden.warden.Warden` with the exit
 restart. Some jobs fragment the heap for real (several threads allocating mixed sizes and
-keeping a sliver: the stair-step of the seed), some leak a little, the rest are small.
+keeping a sliver: glibc's arena stair-step), some leak a little, the rest are small.
 Over the soft limit the warden first reclaims (``gc`` + ``malloc_trim``); when that is not
 enough for ``grace``, it drains the worker (the job in hand finishes, no new one starts)
 and exits 75, and the supervisor starts a fresh worker that goes on with the queue. The

@@ -139,6 +139,42 @@ def tracking_dir(root: str = "") -> str | None:
     return None
 
 
+def _memory_paths(lines: str) -> tuple[str | None, str | None]:
+    """This process's memory cgroup paths in ``/proc/self/cgroup``: version 1's, version 2's."""
+    v1_path = v2_path = None
+    for line in lines.splitlines():
+        hier, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hier == "0" and controllers == "":
+            v2_path = path
+        elif "memory" in controllers.split(","):
+            v1_path = path
+    return v1_path, v2_path
+
+
+def _v1_dir(root: str, mounts: list[tuple[str, str, str, str]], path: str) -> str | None:
+    """The directory of version 1 cgroup ``path`` under a memory controller's mount."""
+    for mount_root, point, fstype, opts in mounts:
+        if fstype == "cgroup" and "memory" in opts.split(","):
+            found = _join(root, point, mount_root, path)
+            if os.path.exists(os.path.join(found, "memory.usage_in_bytes")):
+                return found
+    return None
+
+
+def _charged(found: str, top: str) -> str | None:
+    """The version 2 cgroup ``found``'s memory is charged to, up to the mount ``top``.
+
+    A cgroup whose parent gives it no memory controller (``memwarden run``'s command
+    cgroup, a systemd unit's leaf) is charged to the nearest ancestor that has one: that
+    is the cgroup to read."""
+    while not os.path.exists(os.path.join(found, "memory.current")):
+        if os.path.normpath(found) == os.path.normpath(top) or len(found) <= 1:
+            return None
+        found = os.path.dirname(found)
+    return found
+
+
 class Cgroup:
     """A memory cgroup directory of version 1 or 2."""
 
@@ -162,34 +198,18 @@ class Cgroup:
             mounts = _mounts(root)
         except OSError:
             return None
-        v1_path = v2_path = None
-        for line in lines.splitlines():
-            hier, _, rest = line.partition(":")
-            controllers, _, path = rest.partition(":")
-            if hier == "0" and controllers == "":
-                v2_path = path
-            elif "memory" in controllers.split(","):
-                v1_path = path
+        v1_path, v2_path = _memory_paths(lines)
         if v1_path is not None:
-            for mount_root, point, fstype, opts in mounts:
-                if fstype == "cgroup" and "memory" in opts.split(","):
-                    found = _join(root, point, mount_root, v1_path)
-                    if os.path.exists(os.path.join(found, "memory.usage_in_bytes")):
-                        return cls(found, 1)
+            found = _v1_dir(root, mounts, v1_path)
+            if found is not None:
+                return cls(found, 1)
         if v2_path is not None:
             for mount_root, point, fstype, _opts in mounts:
                 if fstype != "cgroup2":
                     continue
                 top = os.path.join(root, point.lstrip("/")) if root else point
-                found = _join(root, point, mount_root, v2_path)
-                # A cgroup whose parent gives it no memory controller (``memwarden run``'s
-                # command cgroup, a systemd unit's leaf) is charged to the nearest ancestor
-                # that has one: that is the cgroup to read.
-                while not os.path.exists(os.path.join(found, "memory.current")):
-                    if os.path.normpath(found) == os.path.normpath(top) or len(found) <= 1:
-                        break
-                    found = os.path.dirname(found)
-                else:
+                found = _charged(_join(root, point, mount_root, v2_path), top)
+                if found is not None:
                     return cls(found, 2, top)
         return None
 

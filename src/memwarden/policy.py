@@ -324,10 +324,6 @@ class Policy:
         """The soft rungs, over the soft limit or under :attr:`pressured` (``over`` says
         which, ``base`` is its cause): reclaim, pause, recycle, then a graceful restart."""
         lim = self.limits
-
-        def decide(action: Action, why: str, cause: Cause) -> Decision:
-            return Decision(action, why, total, lim.soft, cause=cause)
-
         # A heap that regrew since the last reclaim is trimmed again only while the ladder
         # has nothing else due (the recycle rung, a grace run out): else each crossing is
         # trimmed back just under, flaps, and the next rung never comes.
@@ -340,51 +336,73 @@ class Policy:
         capped = self.restarts_in_window(now) >= lim.max_restarts
         self.paused = not (self.starts_above or capped)
         if lim.reclaim and not self._reclaimed_recently(now, total, regrow=regrow):
-            return decide(Action.RECLAIM, over, base)
+            return self._at_soft(Action.RECLAIM, over, total, base)
+        before = self._before_restart(total, now, over, base)
+        if before is not None:
+            return before
+        return self._restart_rung(total, now, busy, over, base)
+
+    def _at_soft(self, action: Action, why: str, total: int, cause: Cause) -> Decision:
+        """A decision of the soft rungs (its limit the soft limit)."""
+        return Decision(action, why, total, self.limits.soft, cause=cause)
+
+    def _before_restart(self, total: int, now: float, over: str, base: Cause) -> Decision | None:
+        """The rungs between the reclaim and a restart: a reclaim settling, a recycle, or a
+        wait while a restart cannot help, is under way or is capped; None past them."""
+        lim = self.limits
         if self.settles_at is not None and now < self.settles_at:
             why = f"{over}, reclaim in the pool under way"
-            return decide(Action.WAIT, why, Cause.RECLAIM_SETTLING)
+            return self._at_soft(Action.WAIT, why, total, Cause.RECLAIM_SETTLING)
         if lim.can_recycle and not self.recycled_in_episode:
-            return decide(Action.RECYCLE_CHILD, over, base)
+            return self._at_soft(Action.RECYCLE_CHILD, over, total, base)
         if self.starts_above:
             why = f"{over} since start: a restart cannot help, soft restarts are off"
-            return decide(Action.WAIT, why, Cause.STARTS_ABOVE)
+            return self._at_soft(Action.WAIT, why, total, Cause.STARTS_ABOVE)
         if self.restarting:
-            return decide(Action.WAIT, "restart under way", Cause.RESTART_UNDER_WAY)
+            return self._at_soft(Action.WAIT, "restart under way", total, Cause.RESTART_UNDER_WAY)
         if self.restarts_in_window(now) >= lim.max_restarts:
             why = (
                 f"{over}, but {lim.max_restarts} restarts in the last "
                 f"{format_duration(lim.restart_window)} already: raise the limit or fix the job"
             )
-            return decide(Action.WAIT, why, Cause.CAPPED)
+            return self._at_soft(Action.WAIT, why, total, Cause.CAPPED)
         if (
             self.pressured
             and self.reclaimed_at is not None
             and now - self.reclaimed_at < PSI_SETTLE
         ):
             why = f"{over}, reclaim not yet seen in PSI"
-            return decide(Action.WAIT, why, Cause.PRESSURE_SETTLING)
+            return self._at_soft(Action.WAIT, why, total, Cause.PRESSURE_SETTLING)
+        return None
+
+    def _restart_rung(
+        self, total: int, now: float, busy: bool | None, over: str, base: Cause
+    ) -> Decision:
+        """The graceful restart: at once with no job in hand or when growth would reach
+        the hard limit before the grace ends; else once the grace and the uptime are
+        over, a wait until then."""
+        lim = self.limits
         if busy is False:
             # Under pressure the pressure is the cause: the metrics and the report have
             # always filed such restarts under it.
             idle = Cause.NO_JOB_IN_HAND if base is Cause.OVER_SOFT else base
-            return decide(Action.RESTART, f"{over} with no job in hand", idle)
+            return self._at_soft(Action.RESTART, f"{over} with no job in hand", total, idle)
         if self.over_since is not None and self.grace_since is not None:
             waited = now - self.grace_since  # the grace (pressure's was its hold)
             eta = self._eta_hard(total, now)
             if eta is not None:
                 why = f"{over}, rising: hard limit in {format_duration(eta)}, before grace ends"
-                return decide(Action.RESTART, why, Cause.GROWTH)
+                return self._at_soft(Action.RESTART, why, total, Cause.GROWTH)
             if waited < lim.grace:
                 left = format_duration(lim.grace - waited)
-                return decide(Action.WAIT, f"{over}, grace {left} left", Cause.GRACE)
+                return self._at_soft(Action.WAIT, f"{over}, grace {left} left", total, Cause.GRACE)
             over = f"{over} for {format_duration(waited)}"
             base = Cause.GRACE_OVER
         uptime, need = now - self.started_at, self.required_uptime(now)
         if uptime < need:
             why = f"{over}, uptime {format_duration(uptime)} < {format_duration(need)}"
-            return decide(Action.WAIT, why, Cause.UPTIME)
-        return decide(Action.RESTART, over, base)
+            return self._at_soft(Action.WAIT, why, total, Cause.UPTIME)
+        return self._at_soft(Action.RESTART, over, total, base)
 
     def _eta_hard(self, total: int, now: float) -> float | None:
         """Seconds until memory reaches the hard limit at the pace it grows, when that is

@@ -91,7 +91,7 @@ def test_no_message_lost_through_reloads_kills_and_a_poison_message(
         #    the dead-letter queue instead of being run again.
         mid = tree.send("hog", "hog", 450)
         wait_for(
-            lambda: any(r["job_id"] == mid for r in tree.records("poison")),
+            lambda: any(r["job_id"] == mid for r in tree.records("quarantine")),
             timeout=120,
             what="the poison message quarantined",
         )

@@ -73,7 +73,7 @@ def test_every_message_in_flight_at_a_kill_comes_back_and_the_grower_is_quaranti
 
         started = time.monotonic()
         expect(
-            lambda: any(r["job_id"] == grower for r in tree.records("poison")),
+            lambda: any(r["job_id"] == grower for r in tree.records("quarantine")),
             COME_BACK,
             lambda: f"the grower quarantined; kills: {tree.records('kill')}\n{tree.tail()}",
         )

@@ -138,7 +138,7 @@ def check_common(res: dict) -> dict:
     exc = Job.fetch(poison, connection=res["conn"]).latest_result().exc_string
     assert "memwarden" in exc and f"{POISON_KILLS} hard kills" in exc
     assert len([r for r in by_event["kill"] if poison in in_flight_ids(r)]) == POISON_KILLS
-    quarantined = by_event["poison"]
+    quarantined = by_event["quarantine"]
     assert [r["job_id"] for r in quarantined] == [poison]
     assert quarantined[0]["kills"] == POISON_KILLS and quarantined[0]["job"].endswith("mw_job")
     # Nothing left to rot: not started, not queued; the kernel never had to step in.

@@ -9,6 +9,9 @@ journals written before the field existed.
 
 A :class:`State` is what metrics (``memwarden_state``) and fleet heartbeats say a warden is
 doing; the names are the metric's labels, which dashboards select on.
+
+An :class:`Event` is a journal record's ``event``; :mod:`memwarden.records` gives each its
+fields. :func:`event_of` reads a record's event, old names included.
 """
 
 from __future__ import annotations
@@ -84,6 +87,45 @@ class State(str, Enum):
     RESTARTING = "restarting"
     KILLED = "killed"
     OFF = "off"
+
+
+class Event(str, Enum):
+    """A journal record's ``event`` (its fields: :data:`memwarden.records.RECORDS`)."""
+
+    JOB = "job"
+    SAMPLE = "sample"
+    RECLAIM = "reclaim"
+    PAUSE = "pause"
+    RESUME = "resume"
+    RESTART = "restart"
+    RESTART_CALLED_OFF = "restart_called_off"
+    KILL = "kill"
+    OOM_KILL = "oom_kill"
+    TRACE = "trace"
+    PUT_BACK = "put_back"
+    REQUEUE = "requeue"
+    QUARANTINE = "quarantine"
+    SKIP = "skip"
+    START = "start"
+    DRAIN = "drain"
+    EXIT = "exit"
+    GIVE_UP = "give_up"
+    BRAKE = "brake"
+
+
+#: Names old journals used: RQ, Dramatiq and ``memwarden run`` wrote ``poison`` for a
+#: quarantine (``memwarden run`` then wrote ``quarantine`` for a skip, with no ``kills``).
+_OLD_EVENTS = {"poison": Event.QUARANTINE}
+
+
+def event_of(record: Mapping[str, Any]) -> str:
+    """A record's event in today's words, whatever version wrote it (an unknown event
+    as it is)."""
+    event = str(record.get("event"))
+    if event == "quarantine" and "kills" not in record:
+        return Event.SKIP.value
+    old = _OLD_EVENTS.get(event)
+    return event if old is None else old.value
 
 
 #: Metric ``reason`` labels (``memwarden_reclaims_total``, ``_restarts_total``,

@@ -863,10 +863,10 @@ class Digest:
 
 
 def action_word(event: str, action: str, dry_run: bool = False) -> str:
-    """The word for what was done, the same in logs, journal and report: ``recycle``,
-    ``restart (signal)``, ``kill``."""
-    if event == "kill":
-        word = "kill"
+    """The word for what was done, the same in logs, journal and report: ``reclaim``,
+    ``recycle``, ``restart (signal)``, ``kill``."""
+    if event in ("kill", "reclaim"):
+        word = event
     elif action == "recycle":
         word = "recycle"
     else:

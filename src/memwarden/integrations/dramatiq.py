@@ -387,12 +387,12 @@ class MemoryWarden(dramatiq.Middleware):
         )
         if self.warden is not None:
             self.warden.journal.write(
-                "poison",
+                "quarantine",
                 job=message.actor_name,
                 job_id=message.message_id,
                 queue=message.queue_name,
                 kills=kills,
-                action="dead-lettered",
+                where=f"{message.queue_name}.XQ",  # dead-lettered
                 framework="dramatiq",
             )
         return kills

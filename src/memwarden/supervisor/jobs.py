@@ -4,8 +4,8 @@
 keeps the jobs in hand (with the RSS of the process running each when it started), journals a
 ``job`` record at each end (what ``memwarden diagnose`` attributes growth by), names the jobs
 in hand at a hard kill and counts the kill against each; a job in flight at ``poison_kills``
-kills is journaled ``poison`` and listed in the quarantine file, and the command's ``skip``
-of it is journaled ``quarantine``. Kill counts live as long as ``run`` does (every lifetime of
+kills is journaled ``quarantine`` and listed in the quarantine file, and the command's
+``skip`` of it is journaled ``skip``. Kill counts live as long as ``run`` does (every lifetime of
 the command), not across a restart of ``run`` itself.
 
 It also keeps a private spool directory (``MEMWARDEN_SPOOL``) where a command whose broker
@@ -138,7 +138,7 @@ class JobLedger:
             self._ended(job_id, pid, _told(fields, 3, pid))
         elif verb == "skip":
             self.journal.write(
-                "quarantine", job=self.quarantined.get(job_id, kind), job_id=job_id, pid=pid
+                "skip", job=self.quarantined.get(job_id, kind), job_id=job_id, pid=pid
             )
             log.warning("memwarden run: quarantined job %s (%s) skipped", job_id, kind)
 
@@ -173,7 +173,9 @@ class JobLedger:
             count = self.kills[job_id] = self.kills.get(job_id, 0) + 1
             if count >= self.poison_kills and job_id not in self.quarantined:
                 self.quarantined[job_id] = entry["job"]
-                self.journal.write("poison", job=entry["job"], job_id=job_id, kills=count)
+                self.journal.write(
+                    "quarantine", job=entry["job"], job_id=job_id, kills=count, framework="run"
+                )
                 log.error(
                     "memwarden run: job %s (%s) was running at %d hard kills: it is poison; "
                     "quarantined (the command skips it)",

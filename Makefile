@@ -48,9 +48,11 @@ bench-supervisors: $(STAMP)
 bench-field: $(STAMP)
 	$(BIN)/python bench/field.py --out docs --readme README.md
 
-# The settings table of docs/configuration.md, from memwarden.config.Config.
+# The settings table of docs/configuration.md (memwarden.config.Config) and the records
+# tables of docs/journal.md (memwarden.records).
 readme: $(STAMP)
 	$(BIN)/python scripts/readme_settings.py
+	$(BIN)/python scripts/journal_records.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -18,7 +18,7 @@ import stat
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from memwarden.gauges import MEASURES
 from memwarden.units import SettingError, parse_bool, parse_duration, parse_size
@@ -28,11 +28,19 @@ log = logging.getLogger("memwarden")
 
 
 def _setting(
-    default: Any, kind: str, help: str, env: str | None = None, secret: bool = False
+    default: Any,
+    kind: str,
+    help: str,
+    env: str | None = None,
+    secret: bool = False,
+    shown: str | None = None,
 ) -> Any:
-    """A setting; ``secret`` ones (URLs that may hold a password) stay out of the repr."""
+    """A setting; ``secret`` ones (URLs that may hold a password) stay out of the repr.
+    ``shown`` is the default in words where it is worked out at start (``None`` here)."""
     return field(
-        default=default, repr=not secret, metadata={"kind": kind, "help": help, "env": env}
+        default=default,
+        repr=not secret,
+        metadata={"kind": kind, "help": help, "env": env, "shown": shown},
     )
 
 
@@ -43,52 +51,73 @@ class Config:
     soft_limit: str | int | None = _setting(
         None,
         "size",
-        "Soft limit: reclaim, then restart after grace. Default 85% of a cgroup "
-        "quota, 90% on Heroku",
+        "Soft limit: over it memwarden frees memory, pauses intake, and after the grace "
+        "time restarts the worker gracefully (its jobs in hand finish first)",
+        shown="85% of a cgroup quota, 90% on Heroku",
     )
     hard_limit: str | int | None = _setting(
-        None, "size", "Hard limit: act at once. Default 95% of a cgroup quota, 100% on Heroku"
+        None,
+        "size",
+        "Hard limit: at it memwarden kills at once, before the kernel or the platform does",
+        shown="95% of a cgroup quota, 100% on Heroku",
     )
     quota: str | int | None = _setting(
-        None, "size", "The memory quota, when it cannot be detected (cgroup, Heroku dyno size)"
+        None,
+        "size",
+        "The memory quota, when it cannot be detected (cgroup, Heroku dyno size)",
+        shown="the cgroup's limit, else the Heroku dyno size",
     )
     dyno_size: str | None = _setting(
         None,
         "text",
         "Heroku dyno size for the quota table when the cgroup shows no limit (e.g. standard-2x)",
     )
-    grace: float = _setting(120.0, "duration", "How long memory may stay over the soft limit")
-    shutdown_timeout: float = _setting(
-        25.0, "duration", "Drain time before the hard kill (inside Heroku's 30 s)"
+    grace: float = _setting(
+        120.0,
+        "duration",
+        "Grace: how long memory may stay over the soft limit before a graceful restart",
     )
-    interval: float = _setting(0.1, "duration", "Watchdog sampling interval")
+    shutdown_timeout: float = _setting(
+        25.0,
+        "duration",
+        "How long a graceful stop may take before the hard kill (inside Heroku's 30 s)",
+    )
+    interval: float = _setting(0.1, "duration", "How often memory is read")
     alert_interval: float = _setting(
-        0.02, "duration", "Watchdog interval while over the soft limit (fast growth near the quota)"
+        0.02,
+        "duration",
+        "How often memory is read while over the soft limit (fast growth near the quota)",
     )
     min_uptime: float = _setting(
         30.0,
         "duration",
-        "A restart that can wait waits for this uptime; doubles per looping restart",
+        "A restart that can wait waits until the worker has run this long; doubles per "
+        "looping restart",
     )
     max_restarts: int = _setting(
         3,
         "int",
-        "Looping restarts (of a lifetime that started at 80% of its soft limit or more) "
-        "allowed per restart window",
+        "Looping restarts allowed per restart window: restarts of a worker lifetime (one "
+        "process, from start to restart) that started at 80% of its soft limit or more",
     )
-    restart_window: float = _setting(3600.0, "duration", "Window for max_restarts")
+    restart_window: float = _setting(
+        3600.0, "duration", "The window max_restarts and max_early_exits count in"
+    )
     max_early_exits: int = _setting(
         5,
         "int",
         "memwarden run: early exits of the command (dying before min_uptime) per restart "
         "window before run gives up",
     )
-    reclaim: bool = _setting(True, "bool", "Try gc + malloc_trim before any restart")
+    reclaim: bool = _setting(
+        True, "bool", "Try to free memory (gc + malloc_trim) before any restart"
+    )
     pressure_full: float | str | None = _setting(
         None,
         "percent",
         "Full memory pressure (PSI avg10 of a v2 cgroup, e.g. 40%) that, held for "
-        "MEMWARDEN_PRESSURE_HOLD, runs the soft ladder under the soft limit (unset: off)",
+        "MEMWARDEN_PRESSURE_HOLD, runs the soft ladder under the soft limit",
+        shown="off",
     )
     pressure_hold: float = _setting(
         30.0, "duration", "How long MEMWARDEN_PRESSURE_FULL must hold (systemd-oomd's 30 s)"
@@ -102,8 +131,16 @@ class Config:
         "stop taking work (SIGTSTP for Sidekiq)",
     )
     exit_code: int = _setting(75, "int", "Exit status of the exit/kubernetes/systemd restarts")
-    measure: str = _setting("auto", "choice", f"What to measure: {', '.join(MEASURES)}")
-    journal: str | None = _setting(None, "path", "JSONL journal file (none: no journal)")
+    measure: str = _setting(
+        "auto",
+        "choice",
+        "What memory is measured (the gauge): cgroup (the container's, as the platform "
+        "counts it), tree (the worker and its children), process (the worker alone); auto: "
+        "cgroup when the quota is the cgroup's, else tree",
+    )
+    journal: str | None = _setting(
+        None, "path", "JSON-lines journal file, one line per job and per action", shown="none"
+    )
     journal_max_bytes: int | str = _setting(
         "20MB", "size", "Rotate the journal at this size (3 old files kept)"
     )
@@ -112,15 +149,15 @@ class Config:
     child_limit: str | int | None = _setting(
         None,
         "size",
-        "A pool child's share: recycle it after a job when its USS is over this "
-        "(Celery prefork; default: what the worker leaves under the soft limit before its "
-        "pool starts, split between the children)",
+        "A pool child's share: recycle it after a job when its USS is over this (Celery prefork)",
+        shown="what the worker leaves under the soft limit before its pool starts, split "
+        "between the children",
     )
     state_dir: str | None = _setting(
         None,
         "path",
-        "Private directory for the host lock and restart history (default: "
-        "$XDG_RUNTIME_DIR/memwarden, else memwarden-<uid> in the temp dir; 0700, ours only)",
+        "Private directory for the host lock and restart history (0700, ours only)",
+        shown="$XDG_RUNTIME_DIR/memwarden, else memwarden-<uid> in the temp dir",
     )
     heroku_api_url: str = _setting(
         "https://api.heroku.com", "url", "Heroku Platform API base URL (heroku restart)"
@@ -150,7 +187,7 @@ class Config:
         30.0, "duration", "gracePeriodSeconds of the pod's eviction or deletion"
     )
     kubernetes_api_url: str | None = _setting(
-        None, "url", "Kubernetes API URL (default: https://$KUBERNETES_SERVICE_HOST:PORT)"
+        None, "url", "Kubernetes API URL", shown="https://$KUBERNETES_SERVICE_HOST:PORT"
     )
     kubernetes_sa_dir: str = _setting(
         "/var/run/secrets/kubernetes.io/serviceaccount",
@@ -158,10 +195,14 @@ class Config:
         "Service-account token, ca.crt and namespace for the pod deletion",
     )
     redis_url: str | None = _setting(
-        None, "url", "Redis for fleet coordination and heartbeats (none: host only)", secret=True
+        None,
+        "url",
+        "Redis for fleet coordination and heartbeats",
+        secret=True,
+        shown="none: this host only",
     )
     fleet: str | None = _setting(
-        None, "text", "Fleet name for the restart lock and status (default: $HEROKU_APP_NAME)"
+        None, "text", "Fleet name for the restart lock and status", shown="$HEROKU_APP_NAME"
     )
     fleet_max_restarting: int = _setting(
         1, "int", "At most this many workers of the fleet restart at once"
@@ -178,11 +219,14 @@ class Config:
         "Add live-memory figures (blocks, heap_in_use, mmapped) to job records",
     )
     trace: str | None = _setting(
-        None, "text", "tracemalloc around the next runs of this job kind (or auto), one worker"
+        None,
+        "text",
+        "tracemalloc around the next runs of this job kind (or auto), one worker",
+        shown="off",
     )
     trace_runs: int = _setting(5, "int", "How many runs MEMWARDEN_TRACE traces")
     metrics_port: int | None = _setting(
-        None, "int", "Serve Prometheus metrics on this port (extra metrics)"
+        None, "int", "Serve Prometheus metrics on this port (extra metrics)", shown="off"
     )
     metrics_addr: str = _setting("127.0.0.1", "text", "Address the metrics port binds to")
 
@@ -304,18 +348,42 @@ def env_name(f: dataclasses.Field[Any]) -> str:
 
 
 def env_name_of(name: str) -> str:
-    return env_name({f.name: f for f in dataclasses.fields(Config)}[name])
+    return env_name(_FIELDS[name])
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def settings_table() -> list[tuple[str, str, str, str]]:
     """(env var, kind, default, help) for every setting: the README's table."""
-    rows = []
-    for f in dataclasses.fields(Config):
-        default = "-" if f.default is None else str(f.default)
-        if f.metadata["kind"] == "duration" and f.default is not None:
-            default = f"{f.default:g} s"
-        rows.append((env_name(f), f.metadata["kind"], default, f.metadata["help"]))
-    return rows
+    return [
+        (env_name(f), f.metadata["kind"], default_text(f), f.metadata["help"])
+        for f in dataclasses.fields(Config)
+    ]
+
+
+def default_text(f: dataclasses.Field[Any] | str) -> str:
+    """A setting's default as ``--help`` and the settings table show it: ``2m``, ``20MB``,
+    ``on``, or in words where it is worked out at start."""
+    f = _FIELDS[f] if isinstance(f, str) else f
+    shown: str | None = f.metadata["shown"]
+    if shown is not None:
+        return shown
+    if f.default is None:
+        return "none"
+    if f.metadata["kind"] == "duration":
+        return short_duration(cast(float, f.default))
+    if f.metadata["kind"] == "bool":
+        return "on" if f.default else "off"
+    return str(f.default)
+
+
+def short_duration(seconds: float) -> str:
+    """``1h``, ``2m``, ``25s``, ``0.1s``: a duration as a setting takes it."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _signal_name(value: str) -> str:

@@ -35,7 +35,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup)
-@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail (default: info and above).")
 @click.version_option(package_name="memwarden")
 def main(verbose: bool) -> None:
     """Keep workers inside their memory quota without losing a job."""

@@ -152,14 +152,21 @@ def render(report: Mapping[str, Any]) -> str:
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON object (sizes in bytes).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object, sizes in bytes (default: text for people).",
+)
 @click.option(
     "--celery-app",
     metavar="MODULE:APP",
-    help="Also check a Celery app's no-loss settings (acks_late, reject_on_worker_lost).",
+    help="Also check a Celery app's no-loss settings: acks_late, reject_on_worker_lost "
+    "(default: none).",
 )
 def check(as_json: bool, celery_app: str | None) -> None:
-    """Print what memwarden sees here: platform, quota, gauge, limits, allocator."""
+    """Print what memwarden sees here: platform, quota, gauge (what memory is measured, and
+    its reading now), limits, allocator. Settings are read from MEMWARDEN_* variables."""
     from memwarden.cli import fail_on_setting
 
     if celery_app:

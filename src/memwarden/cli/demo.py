@@ -213,9 +213,19 @@ def _journal_path(given: str | None) -> str:
 
 
 @click.command()
-@click.option("--journal", default=None, help=f"Journal file (default ./{DEFAULT_JOURNAL}).")
-@click.option("--jobs", default=JOBS, show_default=True, help="Jobs in the queue.")
-@click.option("--seconds", default=BUDGET, show_default=True, help="Time budget.")
+@click.option(
+    "--journal",
+    default=None,
+    metavar="FILE",
+    help=f"Journal file (default: ./{DEFAULT_JOURNAL}, else in the temp dir).",
+)
+@click.option("--jobs", default=JOBS, metavar="N", help=f"Jobs in the queue (default: {JOBS}).")
+@click.option(
+    "--seconds",
+    default=BUDGET,
+    metavar="SECONDS",
+    help=f"Time budget in seconds: the demo stops there (default: {BUDGET:g}).",
+)
 def demo(journal: str | None, jobs: int, seconds: float) -> None:
     """See memwarden work in under a minute: a real worker outgrows a small limit."""
     from memwarden.supervisor.run import Supervisor, settings

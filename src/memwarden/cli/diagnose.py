@@ -29,10 +29,14 @@ def run_analysis(journals: Sequence[str]) -> tuple[Analysis, ReadSummary]:
 
 @click.command("diagnose")
 @click.argument("journals", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (default: text for people).")
 def diagnose(journals: tuple[str, ...], as_json: bool) -> None:
     """Leak, bloat or stable, and which job kind: from journal files (- for stdin; gzip
-    is read as is). Exit status 1: nothing to judge; 2: a file cannot be read."""
+    is read as is). Exit status 1: nothing to judge; 2: a file cannot be read.
+
+    A leak: live memory grows with the jobs (objects kept). Bloat: RSS grows while live
+    memory does not (a fragmented heap). A lifetime: one worker process, from its start
+    to its restart."""
     analysis, _ = run_analysis(journals)
     result = analysis.result
     click.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))

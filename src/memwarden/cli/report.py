@@ -11,6 +11,8 @@ import click
 from memwarden.analysis.report import FORMATS, MissingExtra, build, memory_chart, pyplot
 from memwarden.cli.diagnose import run_analysis
 
+OUTPUT = "report.html"
+
 
 def output_format(output: str) -> str:
     """``html`` or ``png`` by the file's extension; anything else is refused."""
@@ -30,9 +32,9 @@ def output_format(output: str) -> str:
 @click.option(
     "-o",
     "--output",
-    default="report.html",
-    show_default=True,
-    help="report.html (the page) or report.png (the memory chart alone).",
+    default=OUTPUT,
+    metavar="FILE",
+    help=f"report.html (the page) or report.png (the memory chart alone) (default: {OUTPUT}).",
 )
 def report(journals: tuple[str, ...], output: str) -> None:
     """An HTML report (or PNG chart) from journal files (- for stdin; gzip is read as is).

@@ -3,47 +3,74 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
+from memwarden.cli.options import UNITS, setting_flag, setting_option
 from memwarden.config import closest
-from memwarden.supervisor.run import MAX_EARLY_EXITS_ENV, Supervisor, settings
+from memwarden.supervisor.run import Supervisor, settings
 from memwarden.units import SettingError
 
-F = TypeVar("F", bound=Callable[..., Any])
 
-
-def _option(name: str, help: str, **kw: Any) -> Callable[[F], F]:
-    return click.option(f"--{name}", name.replace("-", "_"), default=None, help=help, **kw)
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@_option("soft-limit", "Soft limit, e.g. 450MB or 85% (MEMWARDEN_SOFT_LIMIT).")
-@_option("hard-limit", "Hard limit: SIGKILL at once (MEMWARDEN_HARD_LIMIT).")
-@_option("quota", "The memory quota when it cannot be detected (MEMWARDEN_QUOTA).")
-@_option("grace", "How long memory may stay over the soft limit (MEMWARDEN_GRACE).")
-@_option("shutdown-timeout", "From the stop signal to SIGKILL (MEMWARDEN_SHUTDOWN_TIMEOUT).")
-@_option("interval", "Sampling interval (MEMWARDEN_INTERVAL).")
-@_option("min-uptime", "No soft restart before this uptime (MEMWARDEN_MIN_UPTIME).")
-@_option("max-restarts", "Soft restarts per window (MEMWARDEN_MAX_RESTARTS).", type=int)
-@_option("restart-window", "Window of the caps (MEMWARDEN_RESTART_WINDOW).")
-@_option(
-    "max-early-exits",
-    f"Early exits per window before giving up ({MAX_EARLY_EXITS_ENV}).",
-    type=int,
+@click.command(
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    epilog=UNITS,
 )
-@_option("stop-signal", "CMD's graceful stop signal (MEMWARDEN_STOP_SIGNAL).")
-@_option(
-    "drain-signal",
-    "Sent to CMD at the soft crossing, before the stop signal: stop taking work "
-    "(SIGTSTP for Sidekiq; MEMWARDEN_DRAIN_SIGNAL).",
+@setting_option(
+    "soft_limit",
+    "Soft limit: when CMD's memory stays over it for the grace time, CMD is stopped "
+    "gracefully (its jobs in hand finish) and started again",
 )
-@_option("measure", "auto, cgroup, tree or process (MEMWARDEN_MEASURE).")
-@_option("journal", "JSONL journal file (MEMWARDEN_JOURNAL).")
-@click.option("--dry-run", "dry_run", is_flag=True, default=None, help="Decide and log, never act.")
-@click.option("--no-status", is_flag=True, help="No live status line on a terminal.")
+@setting_option("hard_limit", "Hard limit: CMD is killed (SIGKILL) at once and started again")
+@setting_option(
+    "quota",
+    "The memory quota, when it cannot be detected; the limits' percentages are shares of it",
+)
+@setting_option(
+    "grace", "Grace: how long memory may stay over the soft limit before a graceful restart"
+)
+@setting_option(
+    "shutdown_timeout", "How long CMD may take to stop after its stop signal before SIGKILL"
+)
+@setting_option("interval", "How often memory is read")
+@setting_option(
+    "min_uptime",
+    "A restart that can wait waits until CMD has run this long; doubled per looping restart",
+)
+@setting_option(
+    "max_restarts",
+    "Looping restarts allowed: restarts of a lifetime (one run of CMD, start to restart) "
+    "that began at 80% of the soft limit or more; past them CMD stays up over the soft "
+    "limit, the hard limit still applies",
+    per="per restart window",
+)
+@setting_option("restart_window", "The window --max-restarts and --max-early-exits count in")
+@setting_option(
+    "max_early_exits",
+    "How many times CMD may die young (before --min-uptime, at least 1s) per restart window "
+    "before run gives up",
+    per="per restart window",
+)
+@setting_option("stop_signal", "CMD's graceful stop signal: finish the jobs in hand, then exit")
+@setting_option(
+    "drain_signal",
+    "Sent to CMD as memory crosses the soft limit, before the stop signal: stop taking work; "
+    "SIGTSTP for Sidekiq",
+)
+@setting_option(
+    "measure",
+    "What memory is measured (the gauge): cgroup (the container's, as the platform counts "
+    "it), tree (CMD and its children), process (CMD alone); auto: cgroup when the quota is "
+    "the cgroup's, else tree",
+)
+@setting_option("journal", "JSON-lines journal file: what happened and why, for memwarden diagnose")
+@setting_flag("dry_run", "Decide and log, never signal or kill")
+@click.option(
+    "--no-status",
+    is_flag=True,
+    help="No live status line on a terminal (default: the line shows on a terminal).",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(command: tuple[str, ...], no_status: bool, **options: Any) -> None:
     """Run CMD and keep it inside its memory limit.

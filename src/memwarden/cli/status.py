@@ -76,7 +76,12 @@ def render(report: dict[str, Any], now: float | None = None) -> str:
     help="Redis of the fleet (default: $MEMWARDEN_REDIS_URL).",
 )
 @click.option("--fleet", default=None, help="Only this fleet (default: every fleet).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object (sizes in bytes).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object, sizes in bytes (default: a table for people).",
+)
 def status(url: str | None, fleet: str | None, as_json: bool) -> None:
     """Show the live wardens of the fleet: memory, limits, state, restarts, last culprit."""
     from memwarden.fleet import connect, read_fleet, redact

@@ -68,7 +68,7 @@ from memwarden.warden import SAY_AGAIN_AFTER, Pace, resolve_limits
 log = logging.getLogger("memwarden.run")
 F = TypeVar("F", bound=Callable[..., Any])
 
-MAX_EARLY_EXITS_ENV = "MEMWARDEN_MAX_EARLY_EXITS"
+MAX_EARLY_EXITS_ENV = env_name_of("max_early_exits")
 #: A child that lives less than this (or ``min_uptime`` when longer) "died young".
 YOUNG_FLOOR = 1.0
 BACKOFF_FIRST = 1.0

@@ -48,7 +48,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO, TypeVar
+from typing import Any, ClassVar, TextIO, TypeVar
 
 from memwarden import redact as redaction
 from memwarden.config import Config, env_name_of
@@ -1138,50 +1138,76 @@ class Supervisor:
         return False
 
     def _handle_signals(self, child: Lifetime | None) -> None:
+        """The signals received since the last look, in order, each to its handler."""
         while self._pending:
             signum = self._pending.pop(0)
-            name = self._signame(signum)
-            alive = child is not None and child.returncode is None
-            if signum == signal.SIGHUP:
-                if alive:
-                    assert child is not None
-                    self._say(logging.INFO, "SIGHUP: passed on to %s", self.name)
-                    child.hup_at = time.monotonic()
-                    if child.cause is None:
-                        child.cause = "hup"
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.pid, signal.SIGHUP)
-                continue
-            if signum == signal.SIGINT:
-                self._sigint_count += 1
-            if self._stopping is not None:
-                if signum == signal.SIGINT and self._sigint_count >= 2 and alive:
-                    assert child is not None
-                    self._hard_kill(
-                        child, "second SIGINT: killing at once", cause=Cause.INTERRUPTED
-                    )
-                else:
-                    left = ""
-                    if child is not None and child.deadline is not None:
-                        left = f"; SIGKILL in {max(0.0, child.deadline - time.monotonic()):.0f}s"
-                    self._say(logging.INFO, "%s: already stopping%s", name, left)
-                continue
-            forward, how = True, f"passed on to {self.name}"
-            if signum == signal.SIGTERM and not self.settings.forward_sigterm:
-                forward, how = False, "not passed on (Heroku sent it to every process)"
-            if alive and child is not None and child.stop_sent is not None:
-                forward, how = False, f"not passed on ({self.name} is already stopping)"
-            if alive:
-                self._say(
-                    logging.INFO,
-                    "%s: %s; exiting with its status (SIGKILL after %gs)",
-                    name,
-                    how,
-                    self.config.shutdown_timeout,
-                )
-            if child is not None and child.cause == "hup":
-                child.cause = None
-            self._ask_to_stop(child if alive else None, signum, forward)
+            handler = self._SIGNAL_HANDLERS.get(signum, Supervisor._on_stop_signal)
+            handler(self, signum, child)
+
+    def _on_sighup(self, signum: int, child: Lifetime | None) -> None:
+        """SIGHUP: passed on to a running CMD (a reload; ``memwarden run`` goes on)."""
+        if child is None or child.returncode is not None:
+            return
+        self._say(logging.INFO, "SIGHUP: passed on to %s", self.name)
+        child.hup_at = time.monotonic()
+        if child.cause is None:
+            child.cause = "hup"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGHUP)
+
+    def _on_sigint(self, signum: int, child: Lifetime | None) -> None:
+        """SIGINT: stop; a second one while stopping kills CMD at once."""
+        self._sigint_count += 1
+        alive = child is not None and child.returncode is None
+        if self._stopping is not None and self._sigint_count >= 2 and alive:
+            assert child is not None
+            self._hard_kill(child, "second SIGINT: killing at once", cause=Cause.INTERRUPTED)
+            return
+        self._on_stop_signal(signum, child)
+
+    def _on_sigterm(self, signum: int, child: Lifetime | None) -> None:
+        """SIGTERM: stop, passing it on unless it is not to be (Heroku sends it to every
+        process)."""
+        if self.settings.forward_sigterm:
+            self._on_stop_signal(signum, child)
+        else:
+            how = "not passed on (Heroku sent it to every process)"
+            self._on_stop_signal(signum, child, forward=False, how=how)
+
+    def _on_stop_signal(
+        self, signum: int, child: Lifetime | None, forward: bool = True, how: str | None = None
+    ) -> None:
+        """A signal that stops ``memwarden run``: CMD is asked to stop (the signal passed
+        on when ``forward``), once; later ones only say that it is stopping."""
+        name = self._signame(signum)
+        if self._stopping is not None:
+            left = ""
+            if child is not None and child.deadline is not None:
+                left = f"; SIGKILL in {max(0.0, child.deadline - time.monotonic()):.0f}s"
+            self._say(logging.INFO, "%s: already stopping%s", name, left)
+            return
+        how = f"passed on to {self.name}" if how is None else how
+        alive = child is not None and child.returncode is None
+        if alive and child is not None and child.stop_sent is not None:
+            forward, how = False, f"not passed on ({self.name} is already stopping)"
+        if alive:
+            self._say(
+                logging.INFO,
+                "%s: %s; exiting with its status (SIGKILL after %gs)",
+                name,
+                how,
+                self.config.shutdown_timeout,
+            )
+        if child is not None and child.cause == "hup":
+            child.cause = None
+        self._ask_to_stop(child if alive else None, signum, forward)
+
+    #: One handler per signal; any other asks CMD to stop.
+    _SIGNAL_HANDLERS: ClassVar[dict[int, Callable[[Supervisor, int, Lifetime | None], None]]] = {
+        signal.SIGHUP: _on_sighup,
+        signal.SIGINT: _on_sigint,
+        signal.SIGTERM: _on_sigterm,
+    }
 
     @staticmethod
     def _signame(signum: int | None) -> str:

@@ -29,8 +29,10 @@ def prose(path: Path) -> list[tuple[int, str]]:
 
 
 def slug(heading: str) -> str:
-    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]|<[^>]+>", "", heading.strip().lower())
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens;
+    an underscore inside a word (``oom_kill``) stays, one that marks emphasis goes."""
+    text = re.sub(r"(?<!\w)_|_(?!\w)", "", heading.strip().lower())
+    text = re.sub(r"[`*]|<[^>]+>", "", text)
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
 
@@ -67,6 +69,8 @@ def test_slug_follows_github() -> None:
     assert slug("`memwarden run`: guard any command") == "memwarden-run-guard-any-command"
     assert slug("Leak or bloat: `memwarden diagnose`") == "leak-or-bloat-memwarden-diagnose"
     assert slug("Platforms: Heroku, Kubernetes, systemd") == "platforms-heroku-kubernetes-systemd"
+    assert slug("`oom_kill`") == "oom_kill"
+    assert slug("_Why_ it restarts") == "why-it-restarts"
 
 
 def test_the_checker_finds_a_broken_link(tmp_path: Path) -> None:

@@ -235,7 +235,7 @@ class RequeueRecord(Record):
     job: Job
     job_id: JobId
     kills: Kills
-    by: Annotated[str, "what found it: `watchdog`, `rescue`, `oom_kill`, ..."]
+    by: Annotated[str, "what found it: `watchdog`, `parent`, `rescue` or `oom_kill`"]
     framework: Framework
     queue: NotRequired[Queue]
 
@@ -284,8 +284,8 @@ class ExitRecord(Record):
 
     supervisor: Supervisor
     status: Annotated[int, "its exit status"]
-    how: Annotated[str, "how it ended (`exit 0`, `killed by SIGKILL`, ...)"]
-    why: Annotated[str, "why: `restarted`, `killed`, `stopped`, `exited`, ..."]
+    how: Annotated[str, "how it ended: `exited with status 3`, `killed by SIGKILL`"]
+    why: Annotated[str, "why: `restart`, `kill`, `oom_kill`, `stopped`, `hung up`, `exited`"]
     uptime_s: Uptime
 
 

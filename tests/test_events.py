@@ -3,10 +3,21 @@ it; the prose is read only for journals written before the field existed."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from memwarden.analysis.diagnose import diagnose
-from memwarden.events import Cause, cause_field, cause_of, cause_words, metric_label
+from memwarden.events import (
+    Cause,
+    State,
+    cause_field,
+    cause_of,
+    cause_words,
+    metric_label,
+    state_of,
+)
+from memwarden.fleet import heartbeat_of
 
 MB = 1 << 20
 GROWTH_PROSE = "230 MiB over soft limit 217 MiB, rising: hard limit in 0.3s, before grace ends"
@@ -109,3 +120,14 @@ def test_diagnose_follows_the_cause_where_the_prose_would_mislead():
     }
     groups = diagnose(journal([record]))["evidence"]["restart_reasons"]
     assert [(g["cause"], g["action"]) for g in groups] == [("hard limit", "kill")]
+
+
+def test_a_heartbeat_of_an_older_warden_says_its_state_in_todays_words():
+    """A fleet mid-upgrade: wardens before one vocabulary said "over soft", "killing"."""
+    old = {"fleet": "f", "host": "h", "pid": 1, "state": "over soft"}
+    assert heartbeat_of(json.dumps(old))["state"] == State.OVER_SOFT.value
+    assert heartbeat_of(json.dumps({**old, "state": "killing"}))["state"] == "killed"
+    assert heartbeat_of(json.dumps({**old, "state": "over hard"}))["state"] == "over_hard_limit"
+    for state in State:
+        assert heartbeat_of(json.dumps({**old, "state": state.value}))["state"] == state.value
+    assert state_of("something new") == "something new"

@@ -113,6 +113,16 @@ class Event(str, Enum):
     BRAKE = "brake"
 
 
+#: Words heartbeats of wardens before one vocabulary used (a fleet mid-upgrade).
+_OLD_STATES = {"over soft": State.OVER_SOFT, "over hard": State.OVER_HARD, "killing": State.KILLED}
+
+
+def state_of(text: str) -> str:
+    """A heartbeat's ``state`` in today's words (an unknown one as it is)."""
+    old = _OLD_STATES.get(text)
+    return text if old is None else old.value
+
+
 #: Names old journals used: RQ, Dramatiq and ``memwarden run`` wrote ``poison`` for a
 #: quarantine (``memwarden run`` then wrote ``quarantine`` for a skip, with no ``kills``).
 _OLD_EVENTS = {"poison": Event.QUARANTINE}

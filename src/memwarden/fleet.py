@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from memwarden import redact as redact_mod
+from memwarden.events import state_of
 from memwarden.units import SettingError
 
 if TYPE_CHECKING:
@@ -447,6 +448,8 @@ def heartbeat_of(raw: bytes | str) -> dict[str, Any] | None:
             ok = ok and math.isfinite(value)
         if not ok:
             return None
+    if beat.get("state") is not None:
+        beat["state"] = state_of(beat["state"])
     return beat
 
 

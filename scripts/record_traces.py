@@ -26,7 +26,6 @@ scenarios need a writable memory cgroup (root, cgroup v1 or v2); they are skippe
 from __future__ import annotations
 
 import collections
-import contextlib
 import gzip
 import json
 import os
@@ -42,6 +41,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+
+from _harness import BenchCgroup  # the benches' memory cgroup (bench/_harness.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "tests", "data", "traces")
@@ -526,41 +529,15 @@ while True:
 """
 
 
-class MemoryCgroup:
-    """A child of our own memory cgroup with a limit (cgroup v1 or v2), removed after."""
-
-    def __init__(self, limit: int) -> None:
-        from memwarden.gauges.cgroup import Cgroup
-
-        own = Cgroup.of_self()
-        if own is None:
-            raise OSError("this process has no memory cgroup")
-        self.path = os.path.join(own.path, f"memwarden-record-{uuid.uuid4().hex[:8]}")
-        os.mkdir(self.path)
-        name = "memory.limit_in_bytes" if own.version == 1 else "memory.max"
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(str(limit))
-
-    def join(self) -> None:
-        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-
-    def remove(self) -> None:
-        for _ in range(100):
-            with open(os.path.join(self.path, "cgroup.procs")) as f:
-                pids = [int(x) for x in f.read().split()]
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-        for _ in range(100):
-            try:
-                os.rmdir(self.path)
-                return
-            except OSError:
-                time.sleep(0.1)
+def scenario_cgroup(name: str, limit: int, work: str) -> BenchCgroup | None:
+    """A memory cgroup of ``limit`` (the benches' dyno), or None where none can be made: the
+    scenario is skipped, said so, and ``work`` removed."""
+    try:
+        return BenchCgroup(limit)
+    except (OSError, SystemExit) as exc:  # SystemExit: this process has no memory cgroup
+        print(f"{name}: skipped, no memory cgroup to make ({exc})")
+        shutil.rmtree(work, ignore_errors=True)
+        return None
 
 
 # ----------------------------------------------------------------------------- Celery
@@ -640,11 +617,8 @@ def record_celery(sc: Scenario, out_dir: str) -> str | None:
         "PYTHONPATH": work,
     }
     env.pop("MALLOC_ARENA_MAX", None)
-    try:
-        cg = MemoryCgroup(768 * MB)
-    except OSError as exc:
-        print(f"{sc.name}: skipped, no memory cgroup to make ({exc})")
-        shutil.rmtree(work, ignore_errors=True)
+    cg = scenario_cgroup(sc.name, 768 * MB, work)
+    if cg is None:
         return None
     celery = os.path.join(os.path.dirname(sys.executable), "celery")
     argv = [celery, "-A", "recorded", "worker", "-P", "prefork", "-c", "2", "-Q", queue]
@@ -698,11 +672,8 @@ def record_run(sc: Scenario, out_dir: str) -> str | None:
         f.write(RUN_LEAK if sc.name == "run_leak" else RUN_STABLE)
     env = {**os.environ, "RECORD_JOURNAL": journal}
     env.pop("MALLOC_ARENA_MAX", None)
-    try:
-        cg = MemoryCgroup(320 * MB)
-    except OSError as exc:
-        print(f"{sc.name}: skipped, no memory cgroup to make ({exc})")
-        shutil.rmtree(work, ignore_errors=True)
+    cg = scenario_cgroup(sc.name, 320 * MB, work)
+    if cg is None:
         return None
     cmd = [sys.executable, "-m", "memwarden.cli", "run", "--hard-limit", "200MB"]
     cmd += ["--journal", journal, "--no-status", "--", sys.executable, script]

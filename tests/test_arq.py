@@ -8,10 +8,6 @@ checked, not assumed.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,56 +20,24 @@ from arq.worker import JobExecutionFailed
 from tests.conftest import need_service, wait_for
 from tests.supervised import Supervised
 
-APPS = Path(__file__).parent / "apps"
-DB = 6  # arq's Redis DB in this project's tests
-URL = f"redis://127.0.0.1:6379/{DB}"
-ARQ_WORKER = [str(Path(sys.executable).with_name("arq")), "arq_app.WorkerSettings"]
+from apps.arq_harness import APPS, ARQ_WORKER, DB, URL, counts, enqueue, journal
+from apps.arq_harness import arq_env as harness_env
 
 
 @pytest.fixture
 def arq_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     need_service("Redis", 6379)
-    queue = f"mw-arq-{uuid.uuid4().hex[:10]}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(APPS.parent.parent / "src"), str(APPS)]),
-        "ARQ_TEST_QUEUE": queue,
-        "ARQ_TEST_DB": str(DB),
-        "MEMWARDEN_JOURNAL": str(tmp_path / "journal.jsonl"),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-        "MEMWARDEN_INTERVAL": "0.1",
-        "MEMWARDEN_GRACE": "0",
-        "MEMWARDEN_MIN_UPTIME": "0",
-        "MEMWARDEN_MAX_RESTARTS": "1000",
-        "MEMWARDEN_SHUTDOWN_TIMEOUT": "20",
-        "MEMWARDEN_POISON_KILLS": "2",
-        "MEMWARDEN_MEASURE": "tree",
-    }
-    yield env
-    r = redis.Redis.from_url(URL)
-    for key in r.scan_iter(f"*{queue}*"):
-        r.delete(key)
-
-
-def enqueue(env: dict[str, str], *jobs: tuple[Any, ...]) -> list[str]:
-    """Enqueue ``(function, *args)`` jobs on the test queue; returns their ids."""
-
-    async def go() -> list[str]:
-        pool = await create_pool(
-            RedisSettings(host="127.0.0.1", port=6379, database=DB),
-            default_queue_name=env["ARQ_TEST_QUEUE"],
-        )
-        try:
-            ids = []
-            for fn, *args in jobs:
-                job = await pool.enqueue_job(fn, *args)
-                assert job is not None
-                ids.append(job.job_id)
-            return ids
-        finally:
-            await pool.aclose()
-
-    return asyncio.run(go())
+    with harness_env(
+        tmp_path,
+        MEMWARDEN_INTERVAL="0.1",
+        MEMWARDEN_GRACE="0",
+        MEMWARDEN_MIN_UPTIME="0",
+        MEMWARDEN_MAX_RESTARTS="1000",
+        MEMWARDEN_SHUTDOWN_TIMEOUT="20",
+        MEMWARDEN_POISON_KILLS="2",
+        MEMWARDEN_MEASURE="tree",
+    ) as env:
+        yield env
 
 
 def result_of(env: dict[str, str], job_id: str) -> Any:
@@ -86,18 +50,6 @@ def result_of(env: dict[str, str], job_id: str) -> Any:
             await pool.aclose()
 
     return asyncio.run(go())
-
-
-def journal(env: dict[str, str]) -> list[dict[str, Any]]:
-    path = Path(env["MEMWARDEN_JOURNAL"])
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def counts(env: dict[str, str], what: str) -> dict[int, int]:
-    raw = redis.Redis.from_url(URL).hgetall(f"{env['ARQ_TEST_QUEUE']}:{what}")
-    return {int(k): int(v) for k, v in raw.items()}
 
 
 def test_guard_rejects_a_bad_setting_and_keeps_the_users_hooks() -> None:

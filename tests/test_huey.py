@@ -8,23 +8,20 @@ lost" is checked, not assumed.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from tests.conftest import need_service, wait_for
 from tests.supervised import Supervised
 
-APPS = Path(__file__).parent / "apps"
-URL = "redis://127.0.0.1:6379/5"  # Huey's Redis DB in this project's tests
-CONSUMER = str(Path(sys.executable).with_name("huey_consumer"))
+from apps.huey_harness import APPS, CONSUMER, URL, counts, journal, producer
+from apps.huey_harness import huey_env as harness_env
+
 #: Greenlet workers need gevent's monkey-patching before anything else is imported.
 GEVENT_CONSUMER = [
     sys.executable,
@@ -50,60 +47,25 @@ def consumer_argv(args: list[str]) -> list[str]:
 @pytest.fixture
 def huey_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     need_service("Redis", 6379)
-    name = f"mw-huey-{uuid.uuid4().hex[:10]}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(APPS.parent.parent / "src"), str(APPS)]),
-        "HUEY_TEST_NAME": name,
-        "HUEY_TEST_REDIS": URL,
-        "MEMWARDEN_JOURNAL": str(tmp_path / "journal.jsonl"),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-        "MEMWARDEN_INTERVAL": "0.1",
-        "MEMWARDEN_GRACE": "0",
-        "MEMWARDEN_MIN_UPTIME": "0",
-        "MEMWARDEN_MAX_RESTARTS": "1000",
-        "MEMWARDEN_SHUTDOWN_TIMEOUT": "20",
-        "MEMWARDEN_POISON_KILLS": "2",
-        "MEMWARDEN_MEASURE": "tree",
-    }
-    yield env
-    r = redis.Redis.from_url(URL)
-    for pattern in (f"*{name}*", f"huey.*{name.replace('-', '')}*"):  # huey drops the dashes
-        for key in r.scan_iter(pattern):
-            r.delete(key)
+    with harness_env(
+        tmp_path,
+        MEMWARDEN_INTERVAL="0.1",
+        MEMWARDEN_GRACE="0",
+        MEMWARDEN_MIN_UPTIME="0",
+        MEMWARDEN_MAX_RESTARTS="1000",
+        MEMWARDEN_SHUTDOWN_TIMEOUT="20",
+        MEMWARDEN_POISON_KILLS="2",
+        MEMWARDEN_MEASURE="tree",
+    ) as env:
+        yield env
 
 
-def app(env: dict[str, str]) -> Any:
-    """A fresh copy of the test app, as a producer (enqueueing only) in this process."""
-    spec = importlib.util.spec_from_file_location("huey_app", APPS / "huey_app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("HUEY_TEST_NAME")
-    os.environ["HUEY_TEST_NAME"] = env["HUEY_TEST_NAME"]
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            os.environ.pop("HUEY_TEST_NAME")
-        else:
-            os.environ["HUEY_TEST_NAME"] = saved
-    return module
-
-
-def journal(env: dict[str, str]) -> list[dict[str, Any]]:
-    path = Path(env["MEMWARDEN_JOURNAL"])
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def done(env: dict[str, str]) -> dict[int, int]:
-    raw = redis.Redis.from_url(URL).hgetall(f"{env['HUEY_TEST_NAME']}:done")
-    return {int(k): int(v) for k, v in raw.items()}
+def done(env: dict[str, str]) -> dict[int, float]:
+    return counts(env, "done")
 
 
 def attempts(env: dict[str, str], n: int) -> int:
-    return int(redis.Redis.from_url(URL).hget(f"{env['HUEY_TEST_NAME']}:attempts", str(n)) or 0)
+    return int(counts(env, "attempts").get(n, 0))
 
 
 def test_guard_rejects_a_bad_setting_and_starts_nothing_in_a_producer(
@@ -116,21 +78,21 @@ def test_guard_rejects_a_bad_setting_and_starts_nothing_in_a_producer(
 
     with pytest.raises(SettingError, match="MEMWARDEN_SOFT_LIMIT"):
         guard(RedisHuey(huey_env["HUEY_TEST_NAME"], url=URL), soft_limit="lots")
-    producer = app(huey_env)
-    producer.work(1)  # enqueueing runs no warden here
-    assert producer.guard.warden is None
+    app = producer(huey_env)
+    app.work(1)  # enqueueing runs no warden here
+    assert app.guard.warden is None
 
 
 @pytest.mark.parametrize("worker_type", ["thread", "process", "greenlet"])
 def test_interrupted_task_is_enqueued_again(huey_env: dict[str, str], worker_type: str) -> None:
     """SIGTERM is huey's "stop now": the running task is interrupted and huey has already
     taken it off the queue. The guard puts it back; the restarted consumer finishes it."""
-    producer = app(huey_env)
+    app = producer(huey_env)
     huey_env["MEMWARDEN_SOFT_LIMIT"] = "4GB"
     args = ["-k", worker_type, "-w", "1", "-c", "0.5"]
     log = Path(huey_env["MEMWARDEN_STATE_DIR"] + ".log")
     with Supervised(consumer_argv(args), huey_env, log, APPS) as sup:
-        producer.nap(1, 4.0)
+        app.nap(1, 4.0)
         wait_for(lambda: attempts(huey_env, 1) == 1, 60, what="the task to start")
         first = sup.starts[0]
         os.kill(first, signal.SIGTERM)
@@ -165,25 +127,25 @@ def test_200_growing_jobs_none_lost(
     drains and restarts (thread workers), a mid-job hard-limit breach killed by the
     watchdog and run again, a poison job quarantined after two kills — and every other job
     finished at least once."""
-    producer = app(huey_env)
+    app = producer(huey_env)
     huey_env.update(MEMWARDEN_SOFT_LIMIT=soft, MEMWARDEN_HARD_LIMIT=HARD)
     args = ["-k", worker_type, "-w", "2", "-c", "0.5"]
     log = Path(huey_env["MEMWARDEN_STATE_DIR"] + ".log")
     once, poison = JOBS, JOBS + 1
     with Supervised(consumer_argv(args), huey_env, log, APPS) as sup:
         for n in range(JOBS):
-            producer.work(n, GROW_MB if n % GROW_EVERY == 0 else 0)
+            app.work(n, GROW_MB if n % GROW_EVERY == 0 else 0)
         wait_for(lambda: len(done(huey_env)) == JOBS, 120, 0.2, "the first 200 jobs")
         # One at a time: in a thread worker a kill takes every job in flight, and each of
         # them counts it (docs/huey.md: poison counting is per job in flight).
-        producer.hog(once, HOG_MB, first_only=True)
+        app.hog(once, HOG_MB, first_only=True)
         wait_for(lambda: done(huey_env).get(once), 60, 0.2, "the killed job to run again")
-        poison_task = producer.hog.s(poison, HOG_MB)
-        producer.huey.enqueue(poison_task)
+        poison_task = app.hog.s(poison, HOG_MB)
+        app.huey.enqueue(poison_task)
         quarantine = f"memwarden:huey:{huey_env['HUEY_TEST_NAME']}:quarantine"
         r = redis.Redis.from_url(URL)
         wait_for(lambda: r.llen(quarantine), 60, 0.2, "the poison job to be quarantined")
-        producer.work(poison + 1)  # the queue carries on
+        app.work(poison + 1)  # the queue carries on
         wait_for(lambda: done(huey_env).get(poison + 1), 60, 0.2, "the job after the poison")
         assert r.llen(quarantine) == 1
     finished = done(huey_env)

@@ -1,9 +1,10 @@
 # frozen_string_literal: true
 
-# Jobs for bench/sidekiq.py, loaded with `sidekiq -r`: KeepJob keeps `mb` MB for good, in
-# 1 MB strings (each its own mmap), one every `pause` seconds, then counts itself in the
-# Redis hash MW_DONE (field: its number). With SIDEKIQ_MEMORY_KILLER_MAX_RSS set, the seed's
-# MemoryKiller middleware (memory_killer.rb) guards the process.
+# Jobs for bench/sidekiq.py, loaded with `sidekiq -r` (tests/apps/sidekiq/jobs.rb loads them
+# too): KeepJob keeps `mb` MB for good, in 1 MB strings (each its own mmap), one every `pause`
+# seconds, then counts itself in the Redis hash MW_DONE (field: its number). With
+# SIDEKIQ_MEMORY_KILLER_MAX_RSS set, the ps-after-each-job MemoryKiller middleware
+# (memory_killer.rb) guards the process.
 require "sidekiq"
 
 Redis.silence_deprecations = true if Redis.respond_to?(:silence_deprecations=)

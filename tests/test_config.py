@@ -9,8 +9,8 @@ import pytest
 
 from memwarden.config import Config, settings_markdown, settings_table
 from memwarden.gauges.quota import Quota
+from memwarden.setup import resolve_limits
 from memwarden.units import SettingError
-from memwarden.warden import resolve_limits
 
 MB = 1024 * 1024
 

@@ -111,6 +111,37 @@ def test_over_the_soft_limit_with_no_job_in_hand_restarts_gracefully_at_once(tmp
     assert "kill" not in [r["event"] for r in records]
 
 
+def test_a_restart_waits_while_a_hook_says_the_memory_is_held_elsewhere(tmp_path):
+    """The contract's ``holds_elsewhere`` (RQ's horse): the restart the policy wants over
+    the soft limit waits, on every path (job end and watchdog), until the hook lets go."""
+    out = run_script(
+        """
+        signal.signal(signal.SIGTERM, lambda *a: (print("stopped", flush=True), os._exit(0)))
+        asked, held = [], threading.Event()
+        held.set()
+        def holds_elsewhere(total):
+            asked.append(total)
+            return held.is_set()
+        w = Warden(soft_limit=at(60), hard_limit=at(400), measure="process",
+                   journal="j.jsonl", state_dir=".", hooks=Hooks(holds_elsewhere=holds_elsewhere))
+        with w.job("leaks", "j1"):
+            workload.leak(mb=100)
+        w.start()
+        deadline = time.time() + 60
+        while len(asked) < 5 and time.time() < deadline:
+            time.sleep(0.01)
+        print("held" if len(asked) >= 5 else "not asked", flush=True)
+        held.clear()
+        time.sleep(60)
+        print("not restarted", flush=True)
+        """,
+        tmp_path,
+    )
+    assert out.stdout.split() == ["held", "stopped"], out.stderr
+    events = [r["event"] for r in journal(tmp_path)]
+    assert "restart" in events and "kill" not in events
+
+
 def test_fast_growth_restarts_gracefully_before_the_hard_limit(tmp_path):
     """Defaults but the limits: a job keeps 4 MiB every 0.1 s (40 MiB/s) in a worker with
     no reclaim to win. Soft to hard is 80 MiB, two seconds: the grace (120 s) and the

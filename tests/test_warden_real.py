@@ -19,8 +19,8 @@ from memwarden import Hooks, Warden
 from memwarden.config import Config
 from memwarden.coordination import HostLock
 from memwarden.gauges import ProcessGauge
+from memwarden.pace import Pace
 from memwarden.policy import Action, Decision
-from memwarden.warden import Pace
 
 MB = 1024 * 1024
 PRELUDE = """

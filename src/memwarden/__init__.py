@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported on first use (``memwarden diagnose`` needs none of them)
     from memwarden.config import Config
+    from memwarden.hooks import Hooks
     from memwarden.journal import Journal
     from memwarden.policy import Action, Decision, Limits, Policy
     from memwarden.units import SettingError
-    from memwarden.warden import Hooks, Warden
+    from memwarden.warden import Warden
 
 __version__ = "0.1.0"
 #: public name -> the module that defines it
@@ -18,7 +19,7 @@ _HOMES = {
     "Action": "memwarden.policy",
     "Config": "memwarden.config",
     "Decision": "memwarden.policy",
-    "Hooks": "memwarden.warden",
+    "Hooks": "memwarden.hooks",
     "Journal": "memwarden.journal",
     "Limits": "memwarden.policy",
     "Policy": "memwarden.policy",

@@ -23,25 +23,26 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar, Unpack
 
 from memwarden import reclaim as reclaim_mod
-from memwarden import state
+from memwarden import state as state_dir
 from memwarden.analysis.digest import action_word
-from memwarden.config import Config, WardenOptions, limits_error
+from memwarden.config import Config, WardenOptions
 from memwarden.coordination import HostLock, Once, RestartLock
 from memwarden.events import Cause, cause_field
 from memwarden.fleet import Fleet
-from memwarden.gauges import Gauge, ProcessGauge, Quota, Sample, choose_gauge
-from memwarden.gauges.cgroup import Cgroup
+from memwarden.gauges import Gauge, ProcessGauge, Quota, Sample
 from memwarden.gauges.pressure import Signals
 from memwarden.gauges.proc import children_of, process_tree, rss, self_rss
-from memwarden.gauges.quota import detect_quota
+from memwarden.hooks import Hooks as Hooks  # memwarden.warden.Hooks: the old home
+from memwarden.hooks import WardenState
 from memwarden.journal import Journal
 from memwarden.oom import OomWatch
-from memwarden.policy import Action, Decision, Limits, Policy
+from memwarden.pace import SAMPLE_EVERY, Pace
+from memwarden.policy import Action, Decision, Policy
 from memwarden.restart import Restarter, make_restarter
+from memwarden.setup import set_up
 from memwarden.trace import LiveFigures, Tracer
 from memwarden.units import format_size
 from memwarden.wardens import being_killed, name_this_thread, runs_warden
@@ -50,10 +51,6 @@ log = logging.getLogger("memwarden")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-#: The most of a core the watchdog's readings may take.
-READ_BUDGET = 0.02
-#: Seconds between two ``sample`` records of a quiet watchdog.
-SAMPLE_EVERY = 1.0
 #: Seconds a reclaim asked of the pool children has to show before the next soft remedy
 #: (a child's trim took 18-40 ms in the quota bench; the hard limit is judged meanwhile).
 RECLAIM_SETTLE = 0.5
@@ -123,71 +120,6 @@ def signals_held(signums: Iterable[int]) -> Iterator[None]:
                 signal.raise_signal(n)
 
 
-@dataclass
-class Hooks:
-    """What an integration can do that the core cannot. Every hook is optional."""
-
-    #: Stop taking new jobs (do not exit): the first step of a graceful restart. For good:
-    #: the worker exits once its jobs in hand are done.
-    drain: Callable[[], None] | None = None
-    #: Stop taking new jobs for now (jobs in hand go on): memory is over the soft limit.
-    #: Called once per episode; cheap and idempotent where the framework allows.
-    pause: Callable[[], None] | None = None
-    #: Take new jobs again after :attr:`pause`: memory fell back under the soft limit
-    #: (never after a drain: a restart under way is not undone).
-    resume: Callable[[], None] | None = None
-    #: Jobs running now, when the framework knows better than our own hook records.
-    in_flight: Callable[[], list[dict[str, Any]]] | None = None
-    #: Recycle one pool child; True if it will happen.
-    recycle: Callable[[str], bool] | None = None
-    #: Ask the processes that hold the memory (pool children) to reclaim too, beside our
-    #: own; returns how many were asked. Their reclaims run while we go on watching.
-    reclaim: Callable[[str], int] | None = None
-    #: Called with the jobs in flight just before a hard kill (poison counting, re-enqueue).
-    #: It may return fields for the ``kill`` record: ``in_flight`` (the jobs that die when
-    #: the kill takes less than the whole worker), ``target``, ``child_pid``.
-    before_kill: Callable[[list[dict[str, Any]]], dict[str, Any] | None] | None = None
-    #: The hard kill itself; default SIGKILL to our children, then ourselves. A kill that
-    #: takes only a pool child calls ``warden.policy.did_recover()``: we live on.
-    kill: Callable[[], None] | None = None
-
-
-def resolve_limits(
-    config: Config, quota: Quota, can_recycle: bool = False, pool_reclaim: bool = False
-) -> Limits:
-    """Bytes for the soft/hard limits: explicit settings, else defaults by platform."""
-    q = quota.limit
-    soft, hard = config.size("soft_limit", q), config.size("hard_limit", q)
-    if q is not None:
-        soft_share, hard_share = (0.85, 0.95) if quota.kernel_enforced else (0.90, 1.00)
-        if soft is None and config.hard_limit is None:
-            soft = int(q * soft_share)
-        if hard is None:
-            hard = int(q * hard_share)
-    if soft is not None and hard is not None and hard < soft:
-        raise limits_error(config, soft, hard, q)
-    first = soft if soft is not None else hard
-    return Limits(
-        soft=soft,
-        hard=hard,
-        grace=config.grace,
-        min_uptime=config.min_uptime,
-        max_restarts=config.max_restarts,
-        restart_window=config.restart_window,
-        reclaim=config.reclaim,
-        # Regrowth re-arms a reclaim where the next remedy is a restart, or where the reclaim
-        # reaches the pool children (a trim there is cheaper than any recycle); where only
-        # our own heap would be trimmed but a child can be recycled, the recycle comes first.
-        reclaim_regrow=(
-            None if first is None or (can_recycle and not pool_reclaim) else first // 10
-        ),
-        can_recycle=can_recycle,
-        drain_time=config.shutdown_timeout,
-        pressure_full=None if config.pressure_full is None else float(config.pressure_full) / 100,
-        pressure_hold=config.pressure_hold,
-    )
-
-
 class RestartHistory:
     """Restarts on this host (a small JSON file of ``[time, loops]`` pairs): the looping
     ones (:attr:`Policy.loops`) for the per-window cap, all of them for ``status``."""
@@ -197,7 +129,7 @@ class RestartHistory:
 
     def entries(self) -> list[tuple[float, bool]]:
         try:
-            raw = json.loads(state.read_text(self.path) or "[]")
+            raw = json.loads(state_dir.read_text(self.path) or "[]")
             # A bare time (an older file) counts as a loop: the cap as it was.
             return [
                 (float(e), True) if not isinstance(e, list) else (float(e[0]), bool(e[1]))
@@ -217,7 +149,7 @@ class RestartHistory:
     def add(self, t: float, keep: float, loops: bool = True) -> None:
         kept = [[x, lp] for x, lp in self.entries() if t - x < keep] + [[t, loops]]
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-        state.write_atomic(self.path, json.dumps(kept))
+        state_dir.write_atomic(self.path, json.dumps(kept))
 
 
 class Warden:
@@ -249,25 +181,25 @@ class Warden:
         )
         self.hooks = hooks or Hooks()
         self.framework = framework
-        cgroup = Cgroup.of_self()
-        self.quota = quota or detect_quota(env, cgroup, self.config.quota, self.config.dyno_size)
-        self.gauge = gauge or choose_gauge(self.config.measure, self.quota, cgroup)
-        self.limits = resolve_limits(
+        where = set_up(
             self.config,
-            self.quota,
+            env,
+            quota=quota,
             can_recycle=self.hooks.recycle is not None,
             pool_reclaim=self.hooks.reclaim is not None,
         )
+        cgroup, self.quota, self.limits = where.cgroup, where.quota, where.limits
+        self.gauge = gauge or where.gauge(self.config)
         self.restarter = restarter or make_restarter(self.config)
         self.journal = journal or Journal(
             self.config.journal, max_bytes=self.config.size("journal_max_bytes") or 20 * 10**6
         )
-        state = self.config.state_path
-        self.history = RestartHistory(os.path.join(state, "restarts.json"))
+        home = self.config.state_path
+        self.history = RestartHistory(os.path.join(home, "restarts.json"))
         #: Redis restart lock and heartbeats, when MEMWARDEN_REDIS_URL is set.
         self.fleet = Fleet.from_config(self.config, env)
         if locks is None:
-            locks = [HostLock(os.path.join(state, "lock"))]
+            locks = [HostLock(os.path.join(home, "lock"))]
             if self.fleet is not None:
                 locks.append(self.fleet.lock)
         self.once = Once(*locks)
@@ -304,14 +236,14 @@ class Warden:
         self._deferred_total = 0
         #: tracemalloc around a few runs of one kind (MEMWARDEN_TRACE), and the metrics.
         self.tracer = (
-            Tracer(self.config.trace, self.config.trace_runs, state, self.journal.write)
+            Tracer(self.config.trace, self.config.trace_runs, home, self.journal.write)
             if self.config.trace
             else None
         )
         self.metrics: Any = None
         self.live = LiveFigures(self.config.live_memory)
         #: The kernel's OOM kills in our cgroup, looked at start and about once a second.
-        self.oom = OomWatch(cgroup, state) if cgroup is not None else None
+        self.oom = OomWatch(cgroup, home) if cgroup is not None else None
         self._oom_looked_at = 0.0
         #: Memory pressure (PSI) and the cgroup's memory events, for samples and metrics.
         self.signals = Signals(cgroup)
@@ -362,6 +294,41 @@ class Warden:
     @property
     def enabled(self) -> bool:
         return self.limits.enabled
+
+    # ----------------------------------------------------------------- the contract
+    @property
+    def state(self) -> WardenState:
+        """What an integration may read (:class:`~memwarden.hooks.WardenState`)."""
+        policy = self.policy
+        return WardenState(
+            limits=self.limits,
+            quota=self.quota.limit,
+            sample=self.last_sample,
+            overrun=self.overrun,
+            restarting=policy.restarting,
+            paused=self.paused,
+            killed=policy.killed,
+        )
+
+    def attach(self, hooks: Hooks) -> None:
+        """Take an integration's hooks, for a warden the user built (before :meth:`start`)."""
+        self.hooks = hooks
+
+    def being_stopped(self) -> None:
+        """The framework is stopping this worker on its own: no restart of ours from now."""
+        self.policy.restarting = True
+
+    def recovered(self) -> None:
+        """A hard kill took only a pool child (or a work horse): this worker lives on."""
+        self.policy.did_recover()
+
+    @swallow
+    def record_job(self, record: dict[str, Any]) -> None:
+        """A job measured in another process (RQ's work horse): count it, journal it."""
+        self.counts["jobs"] += 1
+        if record.get("rss_after", 0) > record.get("rss_before", 0):
+            self.last_culprit = record.get("job")
+        self.journal.write("job", **record)
 
     # ----------------------------------------------------------------- job hooks
     @swallow
@@ -474,14 +441,26 @@ class Warden:
                 if self.policy.over_since is not None or self.policy.paused:
                     # the episode may be over, or paused intake may resume (or restart)
                     busy = self._busy(total)
-                    return self._respond(self.policy.observe(total, time.time(), busy=busy))
+                    return self._respond(self._observe(total, time.time(), busy=busy))
                 return UNDER
         total = self.read().total
         # Only the watchdog projects, over the lookahead it set for its own next reading: a
         # reading at a job's end comes when that job's growth is over, and readings of job
         # ends a few ms apart in a threads pool make a burst look like GiB/s.
-        decision = self.policy.observe(total, time.time(), project=False, busy=self._busy(total))
+        decision = self._observe(total, time.time(), project=False, busy=self._busy(total))
         return self._respond(decision)
+
+    def _observe(self, total: int, now: float, **kw: Any) -> Decision:
+        """The policy's decision, with a restart held while :attr:`Hooks.holds_elsewhere`
+        says the memory over the soft limit ends with its job (intake stays paused)."""
+        decision = self.policy.observe(total, now, **kw)
+        held = self.hooks.holds_elsewhere
+        if decision.action is Action.RESTART and held is not None and held(total):
+            why = f"{decision.reason}; the memory is held elsewhere: it ends with its job"
+            return Decision(
+                Action.WAIT, why, decision.total, decision.limit, cause=Cause.HELD_ELSEWHERE
+            )
+        return decision
 
     def _busy(self, total: int) -> bool | None:
         """Whether a job is in hand, asked only over the soft limit or while intake is
@@ -584,7 +563,7 @@ class Warden:
             whole,
         )
         busy = self._busy(after.total)
-        after_decision = self.policy.observe(after.total, time.time(), busy=busy)
+        after_decision = self._observe(after.total, time.time(), busy=busy)
         return self._respond(after_decision) if decide else after_decision
 
     def _ask_reclaim(self, reason: str) -> int:
@@ -716,7 +695,7 @@ class Warden:
             format_size(total),
             format_size(soft),
         )
-        self._respond(self.policy.observe(total, time.time()))  # resumes intake
+        self._respond(self._observe(total, time.time()))  # resumes intake
         return True
 
     def _kill(self, decision: Decision) -> None:
@@ -851,9 +830,7 @@ class Warden:
         self.policy.lookahead = self.pace.interval_after(sample.total, self.policy.rise)
         busy = self._busy(sample.total)
         psi = self.signals.full10() if self.limits.pressure_full is not None else None
-        decision = self._respond(
-            self.policy.observe(sample.total, time.time(), busy=busy, pressure=psi)
-        )
+        decision = self._respond(self._observe(sample.total, time.time(), busy=busy, pressure=psi))
         if time.monotonic() - self._oom_looked_at >= SAMPLE_EVERY:
             self._look_for_oom_kills()
         if self.pace.record_due(quiet=decision.action in (Action.OK, Action.WAIT)):
@@ -867,52 +844,6 @@ class Warden:
                 **self.signals.journal_fields(),
             )
         return decision
-
-
-class Pace:
-    """When the next reading is due, and which readings are journaled: one for the
-    in-process watchdog and for ``memwarden run``."""
-
-    def __init__(self, config: Config, first_limit: int | None) -> None:
-        self.config = config
-        self.first_limit = first_limit  # the soft limit, else the hard one
-        self.read_cost = 0.0  # CPU seconds per reading (decaying max)
-        self.fastest_rise = 0.0  # bytes/s: the fastest rise between readings seen so far
-        self._recorded_at = 0.0  # monotonic time of the last ``sample`` record
-
-    def timed(self, read: Callable[[], Sample]) -> Sample:
-        """``read()``, keeping what readings cost: CPU, not wall time (waiting for the GIL
-        costs nothing); a slow one weighs at once, a fast one slowly."""
-        t0 = time.thread_time()
-        sample = read()
-        took = time.thread_time() - t0
-        self.read_cost = max(took, 0.8 * self.read_cost + 0.2 * took)
-        return sample
-
-    def interval_after(self, total: int, rise: float, urgent: bool = False) -> float:
-        """Seconds to the next reading after one of ``total`` bytes, rising ``rise``
-        bytes/s: ``interval``, or ``alert_interval`` over the first limit and under it when
-        this rise, or the fastest seen so far, would carry memory over it by the next regular
-        reading (a fast job is then followed closely from before it starts, so the lookahead
-        has readings to go on). Stretched so that readings take at most ``READ_BUDGET`` of a
-        core — unless ``urgent`` (:attr:`Policy.look_soon`): then ``alert_interval``."""
-        self.fastest_rise = max(self.fastest_rise, rise)  # never below 0: it starts there
-        if urgent:
-            return self.config.alert_interval
-        interval = self.config.interval
-        ahead = total + self.fastest_rise * interval
-        if self.first_limit is not None and ahead >= self.first_limit:
-            interval = min(interval, self.config.alert_interval)
-        return max(interval, self.read_cost / READ_BUDGET)
-
-    def record_due(self, quiet: bool = True) -> bool:
-        """True when a ``sample`` record is due: at most one per ``SAMPLE_EVERY`` (or per
-        ``interval`` if longer) while ``quiet``, always when the reading was acted on."""
-        now = time.monotonic()
-        if quiet and now - self._recorded_at < max(SAMPLE_EVERY, self.config.interval):
-            return False
-        self._recorded_at = now
-        return True
 
 
 def kill_tree_and_self() -> None:

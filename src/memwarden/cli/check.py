@@ -13,13 +13,10 @@ import click
 
 from memwarden import fleet, reclaim, state
 from memwarden.config import Config
-from memwarden.gauges import choose_gauge
-from memwarden.gauges.cgroup import Cgroup
 from memwarden.gauges.pressure import Signals
-from memwarden.gauges.quota import detect_quota
 from memwarden.restart import heroku, kubernetes
+from memwarden.setup import set_up
 from memwarden.units import SettingError, format_size
-from memwarden.warden import resolve_limits
 
 #: Extra checks (platform, framework): each gets (config, env) and returns warning strings.
 EXTRA_CHECKS: list[Callable[[Config, Mapping[str, str]], list[str]]] = [
@@ -33,10 +30,9 @@ def inspect(env: Mapping[str, str] | None = None, **overrides: Any) -> dict[str,
     """Everything ``check`` reports, as one dict (sizes in bytes). Raises SettingError."""
     env = os.environ if env is None else env
     config = Config.from_env(env, **overrides)
-    cgroup = Cgroup.of_self()
-    quota = detect_quota(env, cgroup, config.quota, config.dyno_size)
-    gauge = choose_gauge(config.measure, quota, cgroup)
-    limits = resolve_limits(config, quota)
+    setup = set_up(config, env)
+    cgroup, quota, limits = setup.cgroup, setup.quota, setup.limits
+    gauge = setup.gauge(config)
     reading = gauge.read()
     warnings: list[str] = []
     if not limits.enabled:

@@ -96,8 +96,9 @@ def bar(value: int, limit: int, width: int = 24) -> str:
 def worker(state: str, journal: str, total: int) -> int:
     """The worker child: jobs from the queue under an in-process warden (restart=exit)."""
     from memwarden.gauges.proc import self_rss
+    from memwarden.hooks import Hooks
     from memwarden.units import parse_size
-    from memwarden.warden import Hooks, Warden
+    from memwarden.warden import Warden
 
     logging.basicConfig(level=logging.INFO, format="    %(message)s", stream=sys.stdout)
     stop = threading.Event()
@@ -135,7 +136,7 @@ def worker(state: str, journal: str, total: int) -> int:
             )
         stop.wait(PACE)
     warden.stop()
-    if warden.policy.restarting:
+    if warden.state.restarting:
         time.sleep(60)  # the warden's restart thread ends this process (exit 75)
     return 0
 

@@ -54,8 +54,9 @@ from arq.worker import JobExecutionFailed, Worker
 
 from memwarden.config import Config, Options
 from memwarden.gauges.proc import alive
+from memwarden.hooks import Hooks
 from memwarden.poison import PoisonJobs
-from memwarden.warden import Hooks, Warden, swallow_but
+from memwarden.warden import Warden, swallow_but
 
 #: arq's control flow (asyncio's CancelledError) derives from BaseException: no hook
 #: boundary catches it. Declared for the integration contract.

@@ -66,12 +66,13 @@ from memwarden.gauges.proc import (
     stat_fields,
 )
 from memwarden.gauges.quota import Quota, detect_platform
+from memwarden.hooks import Hooks
 from memwarden.poison import PoisonJobs
 from memwarden.reclaim import ReclaimRequests, ask_to_reclaim
 from memwarden.restart import NoRestart, Restarter, make_restarter
 from memwarden.restart.exit import ExitRestarter
 from memwarden.units import format_size
-from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow_but
+from memwarden.warden import Warden, kill_tree_and_self, swallow_but
 
 #: Celery's (billiard's) control flow from its signal handlers: a soft time limit, a hard
 #: one, a revoke's terminate. Raised into whatever runs, our hooks too: it passes through.
@@ -659,13 +660,14 @@ class CeleryGuard:
 
     def _set_child_share(self, worker: Any) -> None:
         assert self.warden is not None
-        share = self.config.size("child_limit", self.warden.quota.limit)
+        state = self.warden.state
+        share = self.config.size("child_limit", state.quota)
         own = getattr(worker, "max_memory_per_child", None)  # KiB, Celery's unit
         if share is None and own:
             share = int(own) * 1024
-        soft = self.warden.limits.soft
+        soft = state.limits.soft
         if share is None and soft is not None:
-            base = self.warden.last_sample or self.warden.read()  # before the pool forks
+            base = state.sample or self.warden.read()  # before the pool forks
             share = default_child_share(soft, base.total, int(worker.concurrency or 1))
         self.child_share = share
         if share is not None:
@@ -838,13 +840,13 @@ class CeleryGuard:
     def _kill_one_child(self) -> tuple[int, int] | None:
         """(pid, USS) of the pool child whose death alone brings the worker under its hard
         limit, or None when the worker itself must go."""
-        warden = self.warden
+        state = None if self.warden is None else self.warden.state
         if (
             self.pool != "prefork"
-            or warden is None
-            or warden.overrun
-            or warden.limits.hard is None
-            or warden.last_sample is None
+            or state is None
+            or state.overrun
+            or state.limits.hard is None
+            or state.total is None
             or not self.app.conf.task_reject_on_worker_lost
         ):
             return None
@@ -852,7 +854,7 @@ class CeleryGuard:
         if largest is None:
             return None
         uss, pid = largest
-        if warden.last_sample.total - uss >= warden.limits.hard:
+        if state.total - uss >= state.limits.hard:
             return None
         return pid, uss
 
@@ -874,7 +876,7 @@ class CeleryGuard:
         while holds_memory(pid) and time.monotonic() < deadline:
             time.sleep(0.005)
         if self.warden is not None:
-            self.warden.policy.did_recover()
+            self.warden.recovered()
 
     def _give_back_held(self) -> int | None:
         """Redis, intake closed: once the consumer's last fetch is answered (a blocked one
@@ -1044,8 +1046,8 @@ class CeleryGuard:
             self._requests.close()
 
     def _recycle(self, reason: str) -> bool:
-        sample = self.warden.last_sample if self.warden is not None else None
-        self._recycle_at = sample.total if sample is not None else self.child_share
+        total = self.warden.state.total if self.warden is not None else None
+        self._recycle_at = total if total is not None else self.child_share
         return True
 
     def _child_memory_kib(self) -> int:

@@ -43,6 +43,7 @@ import dramatiq
 from dramatiq.middleware import SkipMessage
 
 from memwarden.config import Config, Options
+from memwarden.hooks import Hooks
 from memwarden.integrations.dramatiq_redis import (
     KILL_SETTLE,
     Redelivery,
@@ -53,7 +54,7 @@ from memwarden.integrations.dramatiq_redis import (
 from memwarden.poison import PoisonJobs
 from memwarden.restart import Restarter
 from memwarden.units import SettingError
-from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow_but
+from memwarden.warden import Warden, kill_tree_and_self, swallow_but
 
 #: Dramatiq's control flow from its signal handlers (``Interrupt``, ``Shutdown``) derives
 #: from BaseException: no hook boundary catches it. Declared for the integration contract.
@@ -431,7 +432,7 @@ class MemoryWarden(dramatiq.Middleware):
                 with contextlib.suppress(Exception):
                     self.drain()
                 if self.warden is not None:
-                    self.warden.policy.restarting = True
+                    self.warden.being_stopped()
                 if callable(previous):
                     previous(num, frame)
 

@@ -56,12 +56,12 @@ from huey.storage import RedisStorage
 from huey.utils import normalize_time
 
 from memwarden.config import Config, Options
-from memwarden.gauges import Gauge, Sample, choose_gauge
-from memwarden.gauges.cgroup import Cgroup
+from memwarden.gauges import Gauge, Sample
 from memwarden.gauges.proc import alive, children_of, rss
-from memwarden.gauges.quota import detect_quota
+from memwarden.hooks import Hooks
 from memwarden.poison import PoisonJobs
-from memwarden.warden import Hooks, Warden, kill_tree_and_self, swallow_but
+from memwarden.setup import set_up
+from memwarden.warden import Warden, kill_tree_and_self, swallow_but
 from memwarden.wardens import runs_warden
 
 #: Huey's control flow from its signal handler (a task's timeout): it passes through.
@@ -329,11 +329,10 @@ class HueyGuard:
                 # the child, ~8 MiB, most of a small quota's gap between soft and hard. The
                 # inherited objects are left out of this child's collections.
                 gc.freeze()
-                cgroup = Cgroup.of_self()
-                quota = detect_quota(os.environ, cgroup)
-                whole = choose_gauge(self.config.measure, quota, cgroup, root=os.getppid())
+                where = set_up(self.config)
+                whole = where.gauge(self.config, root=os.getppid())
                 extra.update(
-                    quota=quota,
+                    quota=where.quota,
                     gauge=LargestWorkerGauge(whole, os.getppid()),
                     restarter=_Leave(self),
                 )
@@ -433,7 +432,7 @@ class HueyGuard:
         warden = self.warden
         if not self.process_worker or warden is None:
             return False
-        gauge, soft = warden.gauge, warden.limits.soft
+        gauge, soft = warden.gauge, warden.state.limits.soft
         whole = gauge.whole if isinstance(gauge, LargestWorkerGauge) else None
         return soft is not None and whole is not None and whole >= soft
 

@@ -57,12 +57,11 @@ from rq.utils import parse_composite_key
 from rq.worker import WorkerStatus
 
 from memwarden.config import Config, Options
-from memwarden.events import Cause
 from memwarden.gauges.proc import alive, self_rss, smaps_rollup
+from memwarden.hooks import Hooks
 from memwarden.poison import PoisonJobs
-from memwarden.policy import Action, Decision, Policy
 from memwarden.units import SettingError
-from memwarden.warden import Hooks, Warden, kill_tree_and_self, signals_held, swallow_but
+from memwarden.warden import Warden, kill_tree_and_self, signals_held, swallow_but
 
 #: RQ's control flow from its signal handlers: a stop asked of an idle worker, a job's
 #: timeout (the death penalty). Raised into whatever runs, our hooks too: it passes through.
@@ -214,7 +213,7 @@ class WardenMixin(_MixinBase):
         try:
             if self._mw_given is not None:
                 self.warden = self._mw_given
-                self.warden.hooks = self._mw_hooks()
+                self.warden.attach(self._mw_hooks())
             else:
                 self.warden = Warden(hooks=self._mw_hooks(), framework="rq", **self._mw_options)
             self.poison = PoisonJobs(self.connection, kills=self.warden.config.poison_kills)
@@ -517,39 +516,22 @@ class Worker(WardenMixin, rq.Worker):
     def _mw_hooks(self) -> Hooks:
         hooks = super()._mw_hooks()
         hooks.recycle = self._mw_recycle
+        # A restart takes off the parent's memory only: the horse's goes with its job (or
+        # with its kill at the hard limit). So a restart the policy wants while the parent
+        # alone is under the soft limit waits (intake stays paused): the parent serves on
+        # once the horse has ended. Without this a horse growing fast, or holding much for
+        # long, drained and ended a healthy parent.
+        hooks.holds_elsewhere = self._mw_horse_holds_it
         return hooks
-
-    def _mw_setup(self) -> None:
-        had = self.warden
-        super()._mw_setup()
-        if self.warden is not None and self.warden is not had:
-            self._mw_judge_restarts(self.warden.policy)
-
-    def _mw_judge_restarts(self, policy: Policy) -> None:
-        """A restart takes off the parent's memory only: the horse's goes with its job (or
-        with its kill at the hard limit). So a restart the policy wants while the parent
-        alone is under the soft limit waits (intake stays paused): the parent serves on once
-        the horse has ended. Without this a horse growing fast, or holding much for long,
-        drained and ended a healthy parent."""
-        observe = policy.observe
-
-        def parent_restarts(total: int, now: float, *args: Any, **kwargs: Any) -> Decision:
-            decision = observe(total, now, *args, **kwargs)  # whatever the policy takes
-            if decision.action is Action.RESTART and self._mw_horse_holds_it(total):
-                why = f"{decision.reason}; the horse holds it: it ends with its job"
-                held = Cause.HELD_ELSEWHERE
-                return Decision(Action.WAIT, why, decision.total, decision.limit, cause=held)
-            return decision
-
-        policy.observe = parent_restarts  # type: ignore[method-assign]
 
     def _mw_horse_holds_it(self, total: int) -> bool:
         """True when a horse is alive and the parent alone is under the soft limit."""
         horse, warden = self.horse_pid, self.warden
-        if not horse or warden is None or warden.limits.soft is None:
+        soft = None if warden is None else warden.state.limits.soft
+        if not horse or soft is None:
             return False
         mem = smaps_rollup(horse)
-        return mem is not None and total - mem.pss < warden.limits.soft
+        return mem is not None and total - mem.pss < soft
 
     # ----------------------------------------------------------------- parent
     def _mw_after_job(self) -> None:
@@ -652,10 +634,7 @@ class Worker(WardenMixin, rq.Worker):
             if status is not None:
                 report["exit_status"] = status
             report["worker_pid"] = os.getpid()
-            self.warden.counts["jobs"] += 1
-            if report.get("rss_after", 0) > report.get("rss_before", 0):
-                self.warden.last_culprit = report.get("job")
-            self.warden.journal.write("job", **report)
+            self.warden.record_job(report)
         if self._mw_kill_target == "horse":
             if rusage is not None:
                 log.warning(
@@ -666,7 +645,7 @@ class Worker(WardenMixin, rq.Worker):
             self._mw_horse_killed = None
             with self._mw_kill_lock:
                 self._mw_kill_target = None
-            self.warden.policy.did_recover()
+            self.warden.recovered()
 
     @_hook_guard
     def _mw_before_dequeue(self) -> None:
@@ -713,14 +692,13 @@ class Worker(WardenMixin, rq.Worker):
     def _mw_horse_kill_suffices(self) -> bool:
         """True when the horse is alive and the parent alone is under the hard limit."""
         horse = self.horse_pid
-        warden = self.warden
-        if not horse or warden is None or warden.limits.hard is None:
+        state = None if self.warden is None else self.warden.state
+        if not horse or state is None or state.limits.hard is None:
             return False
-        sample = warden.last_sample
         mem = smaps_rollup(horse)
-        if sample is None or mem is None:
+        if state.total is None or mem is None:
             return True
-        return sample.total - mem.pss < warden.limits.hard
+        return state.total - mem.pss < state.limits.hard
 
     def _mw_kill_horse_first(self) -> dict[str, Any]:
         """A horse-only kill: the horse dies here, before the kill is recorded, and its job
@@ -758,7 +736,7 @@ class Worker(WardenMixin, rq.Worker):
             with self._mw_kill_lock:
                 self._mw_kill_target = None
             if self.warden is not None:
-                self.warden.policy.did_recover()
+                self.warden.recovered()
         # else the parent, once it has reaped the horse, re-enqueues and recovers
 
 

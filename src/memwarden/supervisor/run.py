@@ -57,13 +57,15 @@ from memwarden.gauges import CgroupGauge, Gauge, Sample, TreeGauge
 from memwarden.gauges.cgroup import Cgroup, tracking_dir
 from memwarden.gauges.pressure import Signals
 from memwarden.gauges.proc import children_of, process_tree, rss, stat_fields
-from memwarden.gauges.quota import Quota, detect_quota
+from memwarden.gauges.quota import Quota
 from memwarden.journal import Journal
+from memwarden.pace import Pace
 from memwarden.policy import Action, Decision, Limits, Policy
+from memwarden.setup import set_up
 from memwarden.supervisor import brake
 from memwarden.supervisor.jobs import JobLedger
 from memwarden.units import SettingError, format_duration, format_size
-from memwarden.warden import SAY_AGAIN_AFTER, Pace, resolve_limits
+from memwarden.warden import SAY_AGAIN_AFTER
 
 log = logging.getLogger("memwarden.run")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -132,9 +134,8 @@ def settings(env: Mapping[str, str] | None = None, **options: Any) -> RunSetting
         env["MEMWARDEN_QUOTA"] = str(given["quota"])
     config = Config.from_env(env, **given).replace(reclaim=False)
     brake.enabled(env)  # a bad MEMWARDEN_BRAKE fails here, at start
-    cgroup = Cgroup.of_self()
-    quota = detect_quota(env, cgroup)
-    limits = resolve_limits(config, quota)
+    where = set_up(config, env)
+    cgroup, quota, limits = where.cgroup, where.quota, where.limits
     if config.measure == "cgroup" and cgroup is None:
         raise SettingError(
             env_name_of("measure"), "cgroup", "this process has no memory cgroup to read", "tree"

@@ -196,21 +196,31 @@ def wait(what, timeout=30):
         time.sleep(0.01)
 
 
-# 1. jobs with live figures and a trace; a fragmented heap over the soft limit: reclaim,
-#    intake paused, then resumed; the watchdog's samples
-calls = []
+# 1. jobs with live figures and a trace; a fragmented heap over the soft limit: reclaim
 w = Warden(soft_limit=at(80), hard_limit=at(2000), measure="tree", grace=3600, min_uptime=0,
-           restart="none", journal=J, state_dir=".", trace="fragmenting", trace_runs=1,
-           hooks=Hooks(pause=lambda: calls.append("pause"),
-                       resume=lambda: calls.append("resume")))
-w.start()
+           restart="none", journal=J, state_dir=".", trace="fragmenting", trace_runs=1)
 with w.job("fragmenting", "j1", queue="default"):
     workload.fragment(mb=200, threads=4, keep_every=20)
 workload.forget()
 with w.job("light", 2):
     pass
-wait(lambda: "resume" in calls)
 w.close()
+
+# 1b. live memory over the soft limit (no reclaim helps): intake paused, then resumed once
+#     it is let go; the watchdog's samples
+calls = []
+p = Warden(soft_limit=at(60), hard_limit=at(400), measure="process", grace=3600,
+           restart="none", journal=J, state_dir=".",
+           hooks=Hooks(pause=lambda: calls.append("pause"),
+                       resume=lambda: calls.append("resume")))
+p.start()
+with p.job("spike", "j1b"):
+    buf = bytearray(100 * MB)  # one mmap'd block
+    buf[:: 4096] = b"x" * len(buf[:: 4096])
+    wait(lambda: "pause" in calls)
+    del buf
+wait(lambda: "resume" in calls)
+p.close()
 
 # 2. a pool child over its share: recycled
 child = Warden(quota=Quota(None, "prefork child share", "bare"), measure="process",

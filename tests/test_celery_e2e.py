@@ -28,6 +28,8 @@ from tests.cgroups import TestCgroup, memory_cgroup
 from tests.conftest import need_service, wait_for
 from tests.fakeapi import FakeAPI, Reply
 
+from memwarden.records import problems
+
 APPS = Path(__file__).parent / "apps"
 RESULTS = "redis://127.0.0.1:6379/1"  # Celery's Redis DB in this project's tests
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -334,6 +336,7 @@ def test_growing_jobs_none_lost_hog_caught_poison_quarantined(
             ("mwt.poison", poison, 2)
         ]
         assert len(run.records("kill")) == 3
+        assert [p for r in run.records() for p in problems(r)] == []  # the journal's schema
         assert set(run.sent) - {poison} <= run.done()  # no job lost
         assert cg.oom_kills() == 0  # memwarden acted before the kernel had to
 

@@ -27,6 +27,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from apps.rq_harness import REDIS_URL, WorkerLoop, forget, journal, start_env
 from cgroups import memory_cgroup
 from conftest import wait_for
+from memwarden.records import problems
 
 MB = 1024 * 1024
 RQ = str(Path(sys.executable).with_name("rq"))
@@ -112,6 +113,7 @@ def check_common(res: dict) -> dict:
     by_event: dict[str, list[dict]] = collections.defaultdict(list)
     for r in res["records"]:
         by_event[r["event"]].append(r)
+    assert [p for r in res["records"] for p in problems(r)] == []  # the journal's schema
     assert len(ids) >= 200
     # Every job but the poison one completed at least once; none lost.
     poison = next(i for i, k in ids.items() if k == "hog")

@@ -1,4 +1,5 @@
-"""Append-only event records, one JSON object per line (schema: docs/journal.md).
+"""Append-only event records, one JSON object per line (schema: :mod:`memwarden.records`,
+docs/journal.md).
 
 Every record has ``event``, ``ts`` (epoch seconds) and ``pid``. The last records are kept in
 memory too, for ``status`` and tests. Extra sinks (a Redis stream, metrics) get every record.

@@ -13,13 +13,35 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from memwarden import workload
 
 SLEEPER = "import time\nwhile True: time.sleep(1)"
 
 
+Record = Callable[..., None]
+
+
 def main() -> None:
+    args = arguments()
+    record = recorder(args.record)
+    stopping: list[float] = []
+    quiet: list[bool] = []
+    handle_signals(args, record, stopping, quiet)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    record("start", pgid=os.getpgid(0), sid=os.getsid(0), nice=nice)  # handlers are in place
+    if args.exit is not None:
+        sys.exit(args.exit)
+    for kid in spawn(args):
+        record("spawned", child=kid.pid)
+    if args.runaway:
+        runaway(args.grow, args.upto)
+    time.sleep(args.idle_first)
+    grow(args, record, stopping, quiet)
+
+
+def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--record", required=True)
     p.add_argument("--grow", type=float, default=0.0, help="MiB per second")
@@ -38,15 +60,25 @@ def main() -> None:
         "--runaway", action="store_true", help="grow without pause, in 1 MiB pieces (big objects)"
     )
     p.add_argument("--hog", type=float, default=0.0, help="a grandchild runs away at MiB/s")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def recorder(path: str) -> Record:
+    """Writes an event as one JSON line into ``path``."""
 
     def record(event: str, **fields: object) -> None:
         line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields})
-        with open(args.record, "a") as f:
+        with open(path, "a") as f:
             f.write(line + "\n")
 
-    stopping = []
-    quiet = []
+    return record
+
+
+def handle_signals(
+    args: argparse.Namespace, record: Record, stopping: list[float], quiet: list[bool]
+) -> None:
+    """Record each signal; SIGTERM stops (after ``--term-delay``) unless ignored, SIGTSTP
+    stops the growth with ``--quiet-on-tstp``."""
 
     def on_signal(signum: int, frame: object) -> None:
         record("signal", signal=signal.Signals(signum).name)
@@ -58,11 +90,10 @@ def main() -> None:
     handled = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
     for signum in handled + ([signal.SIGTSTP] if args.quiet_on_tstp else []):
         signal.signal(signum, on_signal)
-    nice = os.getpriority(os.PRIO_PROCESS, 0)
-    record("start", pgid=os.getpgid(0), sid=os.getsid(0), nice=nice)  # handlers are in place
-    if args.exit is not None:
-        sys.exit(args.exit)
 
+
+def spawn(args: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
+    """The grandchildren: sleepers (the first ``--escaped`` in their own session) and a hog."""
     kids = [
         subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=i < args.escaped)
         for i in range(args.grandchildren)
@@ -70,12 +101,13 @@ def main() -> None:
     if args.hog:
         hog = [sys.executable, __file__, "--record", os.devnull, "--runaway", "--grow"]
         kids.append(subprocess.Popen([*hog, str(args.hog)]))
-    for kid in kids:
-        record("spawned", child=kid.pid)
+    return kids
 
-    if args.runaway:
-        runaway(args.grow, args.upto)
-    time.sleep(args.idle_first)
+
+def grow(
+    args: argparse.Namespace, record: Record, stopping: list[float], quiet: list[bool]
+) -> None:
+    """Grow at ``--grow`` MiB/s up to ``--upto`` until asked to stop, then exit."""
     grown, t0 = 0.0, time.monotonic()
     while True:
         if stopping and time.monotonic() >= stopping[0]:

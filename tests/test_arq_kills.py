@@ -20,6 +20,7 @@ from apps.arq_harness import ARQ_WORKER, URL, arq_env, counts, enqueue, journal
 from apps.rq_harness import WorkerLoop
 from cgroups import memory_cgroup
 from conftest import need_service, wait_for
+from memwarden.records import problems
 
 MB = 1024 * 1024
 POISON_KILLS = 2
@@ -90,3 +91,4 @@ def test_job_in_flight_at_a_kernel_oom_kill_comes_back(tmp_path: Path) -> None:
         quarantined = journal(env, "quarantine")
         assert [(q["job_id"], q["kills"]) for q in quarantined] == [(poison, POISON_KILLS)]
         assert [c["by"] for c in journal(env, "requeue")] == ["rescue"] * POISON_KILLS
+        assert [p for r in journal(env) for p in problems(r)] == []  # the journal's schema

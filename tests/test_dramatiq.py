@@ -22,6 +22,7 @@ from conftest import need_service, wait_for
 from memwarden.dramatiq import MemoryWarden
 from memwarden.journal import read_records
 from memwarden.poison import PoisonJobs
+from memwarden.records import problems
 from memwarden.units import SettingError
 
 MB = 1024 * 1024
@@ -100,6 +101,7 @@ def test_no_message_lost_through_reloads_kills_and_a_poison_message(
         assert "hog" not in tree.done()
         wait_for(lambda: mid in dead_lettered(tree), timeout=30, what="hog dead-lettered")
         assert "was running at 2 hard kills" in tree.log.read_text()
+        assert [p for r in tree.records() for p in problems(r)] == []  # the journal's schema
 
         # The tree lives on and keeps serving.
         tree.send("after", "light")

@@ -19,6 +19,7 @@ from apps.huey_harness import URL, consumer_argv, counts, huey_env, journal, pro
 from apps.rq_harness import WorkerLoop
 from cgroups import memory_cgroup
 from conftest import need_service, wait_for
+from memwarden.records import problems
 
 MB = 1024 * 1024
 POISON_KILLS = 2
@@ -101,6 +102,7 @@ def test_task_in_flight_at_a_kernel_oom_kill_comes_back(tmp_path: Path, worker_t
         assert [(q["job_id"], q["kills"]) for q in quarantined] == [(poison.id, POISON_KILLS)]
         comebacks = journal(env, "requeue")
         assert [c["by"] for c in comebacks] == ["rescue"] * POISON_KILLS
+        assert [p for r in journal(env) for p in problems(r)] == []  # the journal's schema
 
 
 def test_hard_kill_does_not_wait_for_idle_fetches(tmp_path: Path) -> None:

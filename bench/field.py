@@ -1123,55 +1123,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error(f"--rounds must be at least 1 (got {a.rounds})")
-    s = Settings(scale=0.4, headroom_scale=0.6, stall=15.0, tries=2) if a.tiny else Settings()
-    if a.tries is not None:
-        s = dataclasses.replace(s, tries=a.tries)
-    if a.stall is not None:
-        s = dataclasses.replace(s, stall=a.stall)
+    s = _settings(a.tiny, a.tries, a.stall)
     cells = choose_cells(p, a.cells, a.tiny)
     if a.list:
         print("\n".join(cells))
         return 0
-    skipped = {}
-    runnable = []
-    for c in cells:
-        fw = c.split("/")[0]
-        reason = why_not(fw)
-        if reason:
-            skipped[fw] = reason
-        else:
-            runnable.append(c)
-    workdir = tempfile.mkdtemp(prefix="memwarden-field-")
-    idle: dict[str, int] = {}
-    broken: dict[str, str] = {}
-    per: dict[str, list[Figures]] = {c: [] for c in runnable}
-    try:
-        for k in range(a.rounds):
-            for c in runnable:
-                fw, wl = c.split("/")
-                f = FRAMEWORKS[fw]
-                if fw not in idle:
-                    print(f"# {fw}: measuring the idle worker ...", file=sys.stderr, flush=True)
-                    try:
-                        idle[fw] = idle_size(f, s, workdir)
-                    except CellBroken as exc:
-                        idle[fw] = -1
-                        broken[fw] = f"broken:idle_{exc}".replace(" ", "_")
-                    said = broken.get(fw) or f"idle {format_size(idle[fw])}"
-                    print(f"# {fw}: {said}", file=sys.stderr, flush=True)
-                if fw in broken:
-                    per[c].append(Figures(cell=c, why=[broken[fw]]))
-                    continue
-                tag = f" (round {k + 1}/{a.rounds})" if a.rounds > 1 else ""
-                print(f"# {c}{tag} ...", file=sys.stderr, flush=True)
-                fig = run_cell(Cell(f, WORKLOADS[wl]), s, workdir, idle[fw])
-                print(f"#   {fig.line()}", file=sys.stderr, flush=True)
-                per[c].append(fig)
-    finally:
-        if os.environ.get("BENCH_KEEP"):
-            print(f"# kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    runnable, skipped = _runnable(cells)
+    per = _run_rounds(runnable, a.rounds, s)
     figs = [combine(rounds) for rounds in per.values() if rounds]
     text = report(figs, skipped, argv)
     print(text)
@@ -1182,6 +1140,75 @@ def main(argv: list[str] | None = None) -> int:
     for fig in figs:
         print(fig.line())
     return 0
+
+
+def _settings(tiny: bool, tries: int | None, stall: float | None) -> Settings:
+    """The bench's settings: the tiny ones for the tests, and the tries and stall given."""
+    s = Settings(scale=0.4, headroom_scale=0.6, stall=15.0, tries=2) if tiny else Settings()
+    if tries is not None:
+        s = dataclasses.replace(s, tries=tries)
+    if stall is not None:
+        s = dataclasses.replace(s, stall=stall)
+    return s
+
+
+def _runnable(cells: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The cells whose framework can run here, and why each other framework cannot."""
+    skipped = {}
+    runnable = []
+    for c in cells:
+        fw = c.split("/")[0]
+        reason = why_not(fw)
+        if reason:
+            skipped[fw] = reason
+        else:
+            runnable.append(c)
+    return runnable, skipped
+
+
+def _run_rounds(runnable: list[str], rounds: int, s: Settings) -> dict[str, list[Figures]]:
+    """Every cell run ``rounds`` times, in a working directory removed after (kept with
+    ``BENCH_KEEP``); a framework whose idle worker cannot be measured has broken cells."""
+    workdir = tempfile.mkdtemp(prefix="memwarden-field-")
+    idle: dict[str, int] = {}
+    broken: dict[str, str] = {}
+    per: dict[str, list[Figures]] = {c: [] for c in runnable}
+    try:
+        for k in range(rounds):
+            for c in runnable:
+                fw, wl = c.split("/")
+                f = FRAMEWORKS[fw]
+                if fw not in idle:
+                    _measure_idle(fw, s, workdir, idle, broken)
+                if fw in broken:
+                    per[c].append(Figures(cell=c, why=[broken[fw]]))
+                    continue
+                tag = f" (round {k + 1}/{rounds})" if rounds > 1 else ""
+                print(f"# {c}{tag} ...", file=sys.stderr, flush=True)
+                fig = run_cell(Cell(f, WORKLOADS[wl]), s, workdir, idle[fw])
+                print(f"#   {fig.line()}", file=sys.stderr, flush=True)
+                per[c].append(fig)
+    finally:
+        if os.environ.get("BENCH_KEEP"):
+            print(f"# kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return per
+
+
+def _measure_idle(
+    fw: str, s: Settings, workdir: str, idle: dict[str, int], broken: dict[str, str]
+) -> None:
+    """Framework ``fw``'s idle worker into ``idle`` (-1, and why in ``broken``, when it
+    cannot be measured)."""
+    print(f"# {fw}: measuring the idle worker ...", file=sys.stderr, flush=True)
+    try:
+        idle[fw] = idle_size(FRAMEWORKS[fw], s, workdir)
+    except CellBroken as exc:
+        idle[fw] = -1
+        broken[fw] = f"broken:idle_{exc}".replace(" ", "_")
+    said = broken.get(fw) or f"idle {format_size(idle[fw])}"
+    print(f"# {fw}: {said}", file=sys.stderr, flush=True)
 
 
 def parse(text: str) -> list[dict[str, Any]]:

@@ -168,6 +168,8 @@ class RestartRecord(Record):
     supervisor: NotRequired[Supervisor]
     signal: NotRequired[Annotated[str | int, "the stop signal sent (`memwarden run`)"]]
     uptime_s: NotRequired[Uptime]
+    child_pid: NotRequired[Annotated[int, "the worker recycled (Gunicorn)"]]
+    uss: NotRequired[Annotated[int, "that worker's own memory (bytes, Gunicorn)"]]
 
 
 class RestartCalledOffRecord(Record):

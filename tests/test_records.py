@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import wait_for
-from memwarden.analysis.digest import action_word
-from memwarden.events import Cause, Event, State, event_of
+from memwarden.events import Cause, Event, State, action_word, event_of
 from memwarden.journal import Journal
 from memwarden.records import RECORDS, Record, fields, journal_markdown, problems
 from memwarden.supervisor.jobs import JobLedger

@@ -215,3 +215,15 @@ def _legacy_cause(record: Mapping[str, Any]) -> Cause | None:
     if text.startswith("drained "):
         return Cause.DRAINED
     return None
+
+
+def action_word(event: str, action: str, dry_run: bool = False) -> str:
+    """The word for what was done, the same in logs, journal and report: ``reclaim``,
+    ``recycle``, ``restart (signal)``, ``kill``."""
+    if event in ("kill", "reclaim"):
+        word = event
+    elif action == "recycle":
+        word = "recycle"
+    else:
+        word = f"restart ({action})" if action and action != "restart" else "restart"
+    return word + (" (dry run)" if dry_run else "")

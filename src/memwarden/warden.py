@@ -27,10 +27,9 @@ from typing import Any, TypeVar, Unpack
 
 from memwarden import reclaim as reclaim_mod
 from memwarden import state as state_dir
-from memwarden.analysis.digest import action_word
 from memwarden.config import Config, WardenOptions
 from memwarden.coordination import HostLock, Once, RestartLock
-from memwarden.events import Cause, cause_field
+from memwarden.events import Cause, action_word, cause_field
 from memwarden.fleet import Fleet
 from memwarden.gauges import Gauge, ProcessGauge, Quota, Sample
 from memwarden.gauges.pressure import Signals

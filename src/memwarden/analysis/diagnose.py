@@ -46,10 +46,10 @@ from memwarden.analysis.digest import (
     Digest,
     Life,
     ReasonGroup,
-    action_word,
     median,
 )
 from memwarden.analysis.read import ReadSummary, read_journals
+from memwarden.events import action_word
 from memwarden.units import format_duration, format_size
 
 __all__ = [

@@ -40,7 +40,7 @@ from memwarden.analysis.read import (
     has_live_keys,
     job_fields,
 )
-from memwarden.events import Cause, cause_of, cause_words
+from memwarden.events import Cause, action_word, cause_of, cause_words
 
 try:
     from collections import _count_elements  # type: ignore[attr-defined]  # Counter's C helper
@@ -860,15 +860,3 @@ class Digest:
         lives = [life for life in self.lives if life.has_data]
         lives.sort(key=lambda life: life.first_ts)
         return lives
-
-
-def action_word(event: str, action: str, dry_run: bool = False) -> str:
-    """The word for what was done, the same in logs, journal and report: ``reclaim``,
-    ``recycle``, ``restart (signal)``, ``kill``."""
-    if event in ("kill", "reclaim"):
-        word = event
-    elif action == "recycle":
-        word = "recycle"
-    else:
-        word = f"restart ({action})" if action and action != "restart" else "restart"
-    return word + (" (dry run)" if dry_run else "")

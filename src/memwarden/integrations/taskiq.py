@@ -1,0 +1,525 @@
+"""Taskiq: ``broker.add_middlewares(memwarden.taskiq.MemoryWarden(**options))``.
+
+One :class:`~memwarden.warden.Warden` per ``taskiq worker`` process, built when the worker
+starts its broker (the middleware does nothing in a client that only sends tasks).
+
+- Records: ``pre_execute`` / ``post_execute`` give one ``job`` record per task (its name,
+  ``task_id``, queue); the tasks between them are the warden's in-flight list.
+- Pause (memory over the soft limit): the broker's ``listen`` is wrapped; while paused the
+  worker reads no new message (the running tasks go on) and reads again once memory is back
+  under the limit.
+- Drain and restart: intake stops, the running tasks finish (``shutdown_timeout``), then
+  SIGTERM to this worker process: taskiq's own graceful stop; ``taskiq worker``'s process
+  manager starts a fresh process within a second (unless ``--max-fails`` is reached).
+  At the stop, messages read but not begun go back to the queue (taskiq would drop them).
+- Hard kill: one kill is counted against every task running at that instant
+  (:class:`PoisonJobs`, Redis), then every message this worker holds goes back to its queue
+  before the SIGKILL: on :class:`~taskiq_redis.RedisStreamBroker` each pending entry of its
+  consumer is added again and acknowledged (at once, not after ``idle_timeout``); on
+  :class:`~taskiq_redis.ListQueueBroker` each message read and not finished is pushed back.
+  A message whose task was running at ``poison_kills`` kills is quarantined when it comes
+  back: never run, kept in ``memwarden:taskiq:{queue}:quarantine``, a failed result.
+- A death memwarden does not cause (the kernel's OOM killer, a crash): only
+  ``RedisStreamBroker`` with ``ack_type`` ``when_executed`` or ``when_saved`` (the default)
+  gets the messages back, after its ``idle_timeout``; :func:`loss_notes` says which
+  settings can lose a task (``memwarden check`` and the worker's log print them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, Unpack, cast
+
+import redis
+from taskiq import AckableMessage, TaskiqMessage, TaskiqMiddleware, TaskiqResult
+from taskiq.abc.broker import AsyncBroker
+
+from memwarden.config import Config, Options
+from memwarden.hooks import Hooks
+from memwarden.poison import PoisonJobs
+from memwarden.units import SettingError
+from memwarden.warden import Warden, swallow_but
+
+#: Taskiq's control flow (asyncio's CancelledError, its KeyboardInterrupt on a hard stop)
+#: derives from BaseException: no hook boundary catches it. Declared for the contract.
+HOST_CONTROL_FLOW: tuple[type[BaseException], ...] = ()
+_hook_guard = swallow_but(*HOST_CONTROL_FLOW)
+
+log = logging.getLogger("memwarden")
+
+__all__ = ["MemoryWarden", "check_app", "loss_notes", "worker_ack_type"]
+
+#: How often a paused intake looks whether it may read again (s).
+INTAKE_POLL = 0.1
+#: A worker's lease on its stream consumer (s), renewed every third of it; a consumer with
+#: no lease is dead: another worker gives back what it held.
+LEASE = 10.0
+#: How often a worker looks for stream consumers of dead workers (s).
+RESCUE_EVERY = 5.0
+#: A RedisStreamBroker autoclaim lock left with no expiry by a killed worker expires this
+#: long after the kill (ms): taskiq-redis takes it with no timeout, and a lock that is never
+#: released stops every worker from reclaiming the messages of dead ones.
+AUTOCLAIM_LOCK_TTL = 5000
+
+#: Add again, then acknowledge, every pending entry of consumer ARGV[2] in group ARGV[1] of
+#: stream KEYS[1] (at most ARGV[3]); returns how many went back.
+GIVE_BACK_LUA = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[3], ARGV[2])
+local n = 0
+for _, entry in ipairs(pending) do
+  local id = entry[1]
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if #found > 0 then
+    redis.call('XADD', KEYS[1], '*', unpack(found[1][2]))
+    n = n + 1
+  end
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+end
+return n
+"""
+
+
+def _kind(broker: AsyncBroker) -> str:
+    """``stream``, ``list`` or ``other``: which taskiq-redis broker this is."""
+    names = {c.__name__ for c in type(broker).__mro__}
+    if "RedisStreamBroker" in names:
+        return "stream"
+    if "ListQueueBroker" in names:
+        return "list"
+    return "other"
+
+
+def loss_notes(broker: AsyncBroker, ack_type: str | None = None) -> list[str]:
+    """The broker settings (and worker ``--ack-type``) that can lose a task on a kill."""
+    kind = _kind(broker)
+    notes = []
+    if kind == "list":
+        notes.append(
+            "ListQueueBroker takes a message off Redis as it reads it: a task is put back "
+            "when memwarden kills the worker, but lost when anything else does (the kernel's "
+            "OOM killer, a crash); use taskiq_redis.RedisStreamBroker"
+        )
+    elif kind == "stream":
+        if (ack_type or "when_saved") == "when_received":
+            notes.append(
+                "--ack-type when_received acknowledges a message before its task runs: a "
+                "task running at a kill memwarden does not make is lost; use when_saved"
+            )
+        idle = float(getattr(broker, "idle_timeout", 0)) / 1000
+        notes.append(
+            f"RedisStreamBroker: tasks held by a worker memwarden kills go back at once; by one "
+            f"that dies otherwise, within {LEASE + RESCUE_EVERY:g} s while a guarded worker "
+            f"runs (else taskiq's own idle_timeout, {idle:g} s: keep it above your longest "
+            f"task, or a task still running is run twice)"
+        )
+        if str(getattr(broker, "consumer_id", "$")) == "$":
+            notes.append(
+                "RedisStreamBroker(consumer_id='$') makes its group at the first worker's "
+                "start: tasks sent before that are never read; pass consumer_id='0'"
+            )
+    else:
+        notes.append(
+            f"{type(broker).__name__}: memwarden counts poison kills but cannot put a "
+            f"message back; whether a killed task comes back is the broker's"
+        )
+    return notes
+
+
+def worker_ack_type(argv: list[str] | None = None) -> str | None:
+    """The ``--ack-type`` this ``taskiq worker`` was started with (None: its default)."""
+    args = sys.argv if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg == "--ack-type" and i + 1 < len(args):
+            return args[i + 1].lower()
+        if arg.startswith("--ack-type="):
+            return arg.partition("=")[2].lower()
+    return None
+
+
+def check_app(spec: str) -> Callable[[Config, Any], list[str]]:
+    """A ``memwarden check`` extra for ``--taskiq-broker module:broker``."""
+    from taskiq.cli.utils import import_object
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as ``taskiq worker`` does
+    broker = import_object(spec)
+
+    def taskiq_checks(config: Config, env: Any) -> list[str]:
+        return [f"taskiq: {note}" for note in loss_notes(broker)]
+
+    return taskiq_checks
+
+
+class MemoryWarden(TaskiqMiddleware):
+    """Taskiq middleware keeping each ``taskiq worker`` process inside its memory quota.
+
+    Options are memwarden's settings (``soft_limit="400MB"``, …; each also a ``MEMWARDEN_*``
+    env var), validated here so a bad one fails at import. ``poison_url`` (a Redis URL or
+    client) holds the poison-task counts; by default the taskiq-redis broker's own Redis.
+    """
+
+    def __init__(self, *, poison_url: Any = None, **options: Unpack[Options]) -> None:
+        super().__init__()
+        self.config = Config.from_env(**options)
+        self.poison_url = poison_url
+        self.warden: Warden | None = None
+        self.poison: PoisonJobs | None = None
+        self.redis: redis.Redis | None = None
+        self.kind = "other"
+        self.queue = "taskiq"
+        self.quarantine_key = "memwarden:taskiq:taskiq:quarantine"
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.paused = False
+        self.draining = False
+        self.killing = False
+        self.consumer = ""  # our RedisStreamBroker consumer, once leased
+        self.running_key = "memwarden:taskiq:taskiq:running"
+        self.limbo_key = "memwarden:taskiq:taskiq:killed"
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # the event loop writes, the watchdog thread reads
+        #: Tasks begun and not ended: task id -> record.
+        self._running: dict[str, dict[str, Any]] = {}
+        #: Messages read and not ended (ListQueueBroker put-back): task id -> raw message.
+        self._taken: dict[str, bytes] = {}
+
+    # ----------------------------------------------------------------- process life
+    async def startup(self) -> None:
+        if not getattr(self.broker, "is_worker_process", False) or self.warden is not None:
+            return
+        try:
+            self._boot()
+        except SettingError:
+            raise
+        except Exception:
+            log.exception("memwarden: could not start; this taskiq worker runs unguarded")
+
+    def _boot(self) -> None:
+        broker = self.broker
+        self.loop = asyncio.get_running_loop()
+        self.kind = _kind(broker)
+        self.queue = str(getattr(broker, "queue_name", "taskiq"))
+        self.quarantine_key = f"memwarden:taskiq:{self.queue}:quarantine"
+        self.running_key = f"memwarden:taskiq:{self.queue}:running"
+        self.limbo_key = f"memwarden:taskiq:{self.queue}:killed"
+        self.redis = self._sync_redis()
+        if self.redis is not None and self.config.poison_kills:
+            prefix = f"memwarden:taskiq:{self.queue}"
+            self.poison = PoisonJobs(self.redis, kills=self.config.poison_kills, prefix=prefix)
+        elif self.config.poison_kills:
+            log.warning("memwarden: poison-task quarantine is off: pass poison_url='redis://…'")
+        broker.listen = self._wrap_listen(broker.listen)  # type: ignore[method-assign]
+        hooks = Hooks(
+            drain=self.drain,
+            pause=self.pause,
+            resume=self.resume,
+            in_flight=self.in_flight,
+            before_kill=self.before_kill,
+        )
+        self.warden = Warden(self.config, hooks=hooks, framework="taskiq").start()
+        self._expire_autoclaim_lock()
+        if self.redis is not None and self.kind == "list":
+            self._push_back_killed()
+        if self.redis is not None and self.kind == "stream":
+            self.consumer = str(getattr(broker, "consumer_name", ""))
+            self._renew()
+            self.rescue()
+            threading.Thread(target=self._lease_loop, name="memwarden-lease", daemon=True).start()
+        log.info("memwarden: %r guarding taskiq worker %d", self.warden, os.getpid())
+        for note in loss_notes(broker, worker_ack_type()):
+            log.info("memwarden: %s", note)
+
+    async def shutdown(self) -> None:
+        if self.warden is None:
+            return
+        try:
+            self.give_back()  # read and not begun: taskiq drops them at its stop
+        except Exception:
+            log.exception("memwarden: could not give the unbegun messages back")
+        self._stop.set()
+        self.warden.stop()
+
+    def _sync_redis(self) -> redis.Redis | None:
+        """A plain client for the watchdog thread: ``poison_url``, else the broker's Redis."""
+        source = self.poison_url or self.config.redis_url
+        if isinstance(source, redis.Redis):
+            return source
+        if isinstance(source, str):
+            return redis.Redis.from_url(source, socket_timeout=5)
+        pool = getattr(self.broker, "connection_pool", None)
+        kw = dict(getattr(pool, "connection_kwargs", None) or {})
+        if not kw:
+            return None
+        keep = ("host", "port", "db", "username", "password")
+        args = {k: kw[k] for k in keep if k in kw}
+        if "path" in kw:
+            args["unix_socket_path"] = kw["path"]
+        return redis.Redis(socket_timeout=5, **args)
+
+    # ----------------------------------------------------------------- intake
+    def _wrap_listen(
+        self, listen: Callable[[], AsyncGenerator[Any, None]]
+    ) -> Callable[[], AsyncGenerator[Any, None]]:
+        async def guarded_listen() -> AsyncGenerator[Any, None]:
+            messages = listen()
+            try:
+                while True:
+                    await self._intake_open()
+                    message = await anext(messages)
+                    task = self._note(message)
+                    # Read as intake closed (a read was under way): held, unbegun; at a
+                    # stop or a kill it goes back with the rest.
+                    await self._intake_open()
+                    if task is None or not await self._quarantined(message, task):
+                        yield message
+            finally:
+                await messages.aclose()
+
+        return guarded_listen
+
+    async def _intake_open(self) -> None:
+        while self.paused or self.draining or self.killing:
+            await asyncio.sleep(INTAKE_POLL)
+
+    def _note(self, message: bytes | AckableMessage) -> TaskiqMessage | None:
+        """The task of a message read (None: unreadable, taskiq itself skips it); on
+        ListQueueBroker, the message is kept until its task ends, to put it back."""
+        data = message.data if isinstance(message, AckableMessage) else message
+        try:
+            task = self.broker.formatter.loads(message=data)
+        except Exception:
+            return None
+        if self.kind == "list":
+            with self._lock:
+                self._taken[task.task_id] = data
+        return task
+
+    async def _quarantined(self, message: bytes | AckableMessage, task: TaskiqMessage) -> bool:
+        """True (and quarantined) when the task was running at ``poison_kills`` kills."""
+        kills = self._poison_kills(task.task_id)
+        if not kills:
+            return False
+        data = message.data if isinstance(message, AckableMessage) else message
+        await self._quarantine(message, data, task, kills)
+        return True
+
+    @_hook_guard
+    def _poison_kills(self, task_id: str) -> int:
+        if self.poison is None:
+            return 0
+        kills = self.poison.count(task_id)
+        return kills if kills >= self.poison.kills else 0
+
+    async def _quarantine(
+        self, message: bytes | AckableMessage, data: bytes, task: TaskiqMessage, kills: int
+    ) -> None:
+        """Off the queue for good: the raw message to the quarantine list, a failed result."""
+        reason = f"running at {kills} hard kills: quarantined by memwarden, not retried"
+        assert self.redis is not None
+        self.redis.rpush(self.quarantine_key, data)
+        with self._lock:
+            self._taken.pop(task.task_id, None)
+        if isinstance(message, AckableMessage):
+            await cast("Any", message.ack())
+        with contextlib.suppress(Exception):
+            error = RuntimeError(f"taskiq task {task.task_name}[{task.task_id}] {reason}")
+            result: TaskiqResult[Any] = TaskiqResult(
+                is_err=True, return_value=None, execution_time=0.0, error=error
+            )
+            await self.broker.result_backend.set_result(task.task_id, result)
+        if self.warden is not None:
+            self.warden.journal.write(
+                "quarantine",
+                job=task.task_name,
+                job_id=task.task_id,
+                kills=kills,
+                reason=reason,
+                framework="taskiq",
+                where=self.quarantine_key,
+            )
+        log.error("memwarden: taskiq task %s[%s] %s", task.task_name, task.task_id, reason)
+
+    # ----------------------------------------------------------------- records
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        self._started(message)
+        return message
+
+    @_hook_guard
+    def _started(self, message: TaskiqMessage) -> None:
+        if self.warden is None:
+            return
+        with self._lock:
+            self._running[message.task_id] = {"job": message.task_name, "job_id": message.task_id}
+        if self.consumer and self.redis is not None:
+            note = f"{self.consumer}\t{message.task_name}"
+            self.redis.hset(self.running_key, message.task_id, note)
+        self.warden.job_started(message.task_name, message.task_id, queue=self.queue)
+
+    @_hook_guard
+    def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+        if self.warden is None:
+            return
+        with self._lock:
+            self._running.pop(message.task_id, None)
+            self._taken.pop(message.task_id, None)
+        if self.consumer and self.redis is not None:
+            self.redis.hdel(self.running_key, message.task_id)
+        self.warden.job_finished(message.task_id)
+
+    # ----------------------------------------------------------------- the warden's hooks
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def drain(self) -> None:
+        self.draining = True
+        log.warning("memwarden: taskiq worker %d draining: no new tasks", os.getpid())
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._running.values()]
+
+    def before_kill(self, in_flight: list[dict[str, Any]]) -> dict[str, Any]:
+        """Just before the hard kill: read nothing more, count one kill against every task
+        running now, give every message this worker holds back to its queue."""
+        self.killing = True
+        hand = self.in_flight()
+        if self.poison is not None:
+            for job in hand:
+                self.poison.record_kill(job["job_id"])
+        fields: dict[str, Any] = {"in_flight": hand}
+        try:
+            if self.consumer and self.redis is not None:
+                self._stop.set()
+                if hand:
+                    self.redis.hdel(self.running_key, *[j["job_id"] for j in hand])
+                # No lease: what this worker reads from now to its death (a read under
+                # way) is given back by the next worker that looks.
+                self.redis.delete(self._lease_key(self.consumer))
+            fields["given_back"] = self.give_back(dying=True)
+        except Exception:
+            log.exception("memwarden: could not give the messages back")
+        self._expire_autoclaim_lock()
+        return fields
+
+    def give_back(self, consumer: str | None = None, dying: bool = False) -> int:
+        """Every message this worker (or stream ``consumer``) holds, back to its queue;
+        returns how many. ``dying`` (a kill is next): a list's messages are put aside, for
+        the next worker to start to push back (a read under way here would take them)."""
+        if self.redis is None:
+            return 0
+        if self.kind == "stream":
+            group = self._group()
+            mine = str(getattr(self.broker, "consumer_name", ""))
+            args = (group, consumer or mine, "10000")
+            return int(cast("int", self.redis.eval(GIVE_BACK_LUA, 1, self.queue, *args)))
+        if self.kind == "list":
+            with self._lock:
+                taken = list(self._taken.values())
+                self._taken.clear()
+            if taken:
+                where = self.limbo_key if dying else self.queue
+                self.redis.rpush(where, *reversed(taken))  # BRPOP takes the tail
+            return len(taken)
+        return 0
+
+    @_hook_guard
+    def _expire_autoclaim_lock(self) -> None:
+        """An autoclaim lock with no expiry (its holder was killed) expires in a moment."""
+        if self.redis is None or self.kind != "stream":
+            return
+        key = f"autoclaim:{self._group()}:{self.queue}"
+        if self.redis.ttl(key) == -1:
+            self.redis.pexpire(key, AUTOCLAIM_LOCK_TTL)
+
+    @_hook_guard
+    def _push_back_killed(self) -> None:
+        """The messages a killed worker held (ListQueueBroker), back on the queue's tail."""
+        assert self.redis is not None
+        n = 0
+        while self.redis.lmove(self.limbo_key, self.queue, "LEFT", "RIGHT") is not None:
+            n += 1
+        if n:
+            log.warning(
+                "memwarden: %d taskiq messages of a killed worker back on %s", n, self.queue
+            )
+
+    def _group(self) -> str:
+        return str(getattr(self.broker, "consumer_group_name", "taskiq"))
+
+    # ----------------------------------------------------------------- dead consumers
+    def _lease_key(self, consumer: str) -> str:
+        return f"memwarden:taskiq:{self.queue}:lease:{consumer}"
+
+    def _renew(self) -> None:
+        assert self.redis is not None
+        self.redis.set(self._lease_key(self.consumer), os.getpid(), px=int(LEASE * 1000))
+
+    def _lease_loop(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(LEASE / 3):
+            try:
+                self._renew()
+                if time.monotonic() - last >= RESCUE_EVERY:
+                    last = time.monotonic()
+                    self.rescue()
+            except Exception:
+                log.exception("memwarden: taskiq lease or rescue failed (retried)")
+
+    @_hook_guard
+    def rescue(self) -> None:
+        """The stream consumers of dead workers (no lease): one kill counted against each
+        task noted running there, and every message they held back on the stream at once
+        (not after ``idle_timeout``); the consumer is then removed from the group."""
+        assert self.redis is not None
+        group = self._group()
+        try:
+            consumers = cast("list[dict[str, Any]]", self.redis.xinfo_consumers(self.queue, group))
+        except redis.ResponseError:
+            return  # no stream or group yet
+        running = cast("dict[bytes, bytes]", self.redis.hgetall(self.running_key))
+        for info in consumers:
+            name = _text(info.get("name"))
+            if name == self.consumer or self.redis.exists(self._lease_key(name)):
+                continue
+            held = {
+                _text(t): _text(note).partition("\t")[2]
+                for t, note in running.items()
+                if _text(note).partition("\t")[0] == name
+            }
+            if not int(info.get("pending", 0)) and not held:
+                continue
+            if not self.redis.set(f"{self._lease_key(name)}:rescue", 1, nx=True, ex=30):
+                continue  # another worker is at it
+            for task_id, task_name in held.items():
+                self._count_rescued(task_id, task_name)
+            if held:
+                self.redis.hdel(self.running_key, *held)
+            n = self.give_back(name)
+            self.redis.xgroup_delconsumer(self.queue, group, name)
+            log.warning("memwarden: taskiq consumer %s is gone: %d messages back", name, n)
+
+    def _count_rescued(self, task_id: str, task_name: str) -> None:
+        kills = self.poison.record_kill(task_id) if self.poison is not None else 0
+        if self.warden is not None:
+            self.warden.journal.write(
+                "requeue",
+                by="rescue",
+                job=task_name,
+                job_id=task_id,
+                kills=kills,
+                framework="taskiq",
+                queue=self.queue,
+            )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

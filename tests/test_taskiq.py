@@ -1,0 +1,142 @@
+"""Taskiq under memwarden: a real ``taskiq worker`` (its process manager, one worker
+process, ``--max-async-tasks 4``) on real Redis, in a real memory cgroup.
+
+A task running at a hard kill comes back at once (not after RedisStreamBroker's
+``idle_timeout`` of 10 minutes), and even on ListQueueBroker, which takes a message off
+Redis as it reads it; a task running at K kills is quarantined; over the soft limit the
+worker reads no new message, and reads again under it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from taskiq_redis import ListQueueBroker, RedisStreamBroker
+
+from apps.taskiq_harness import URL, counts, journal, send, taskiq_env, taskiq_worker
+from cgroups import memory_cgroup
+from conftest import need_service, wait_for
+from memwarden.records import problems
+from memwarden.taskiq import loss_notes
+
+MB = 1024 * 1024
+POISON_KILLS = 2
+KILL_SETTINGS = {
+    "MEMWARDEN_MEASURE": "tree",
+    "MEMWARDEN_SOFT_LIMIT": "150MiB",
+    "MEMWARDEN_HARD_LIMIT": "300MiB",
+    "MEMWARDEN_GRACE": "60",
+    "MEMWARDEN_POISON_KILLS": str(POISON_KILLS),
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("broker", ["stream", "list"])
+def test_task_killed_at_the_hard_limit_comes_back(tmp_path: Path, broker: str) -> None:
+    """A task crosses the hard limit: memwarden kills the worker process, counts one kill
+    against the task and gives its message back; taskiq's process manager starts a new
+    worker process, which runs it again at once. A task that was waiting runs once."""
+    need_service("Redis", 6379)
+    with (
+        taskiq_env(tmp_path, broker, **KILL_SETTINGS) as env,
+        memory_cgroup(1024 * MB) as cg,
+        taskiq_worker(env, tmp_path / "worker.log", cg, "--max-async-tasks", "4"),
+    ):
+        wait_for(lambda: journal(env, "sample"), 60, what="the worker's watchdog")
+        (hog,) = send(env, ("hog", 1, 400, True))
+        wait_for(lambda: journal(env, "kill"), 60, what="the hard kill")
+        killed = time.monotonic()
+        wait_for(lambda: counts(env, "done").get(1), 30, what="the killed task, run again")
+        back_in = time.monotonic() - killed
+        (kill,) = journal(env, "kill")
+        assert [j["job_id"] for j in kill["in_flight"]] == [hog]
+        assert kill["given_back"] >= 1
+        assert counts(env, "attempts") == {1: 2} and counts(env, "done") == {1: 1}
+        assert back_in < 20  # not RedisStreamBroker's idle_timeout (600 s)
+        prefix = f"memwarden:taskiq:{env['TASKIQ_TEST_QUEUE']}:kills"
+        assert redis.Redis.from_url(URL).get(f"{prefix}:{hog}") == b"1"
+        assert cg.oom_kills() == 0
+        assert [p for r in journal(env) for p in problems(r)] == []
+
+
+def test_poison_task_is_quarantined_after_k_kills(tmp_path: Path) -> None:
+    """A task that crosses the hard limit every time is killed ``poison_kills`` times, then
+    quarantined when it comes back: never run again, its message kept aside, a failed
+    result; the tasks behind it run."""
+    need_service("Redis", 6379)
+    r = redis.Redis.from_url(URL)
+    with (
+        taskiq_env(tmp_path, **KILL_SETTINGS) as env,
+        memory_cgroup(1024 * MB) as cg,
+        taskiq_worker(env, tmp_path / "worker.log", cg, "--max-async-tasks", "4"),
+    ):
+        wait_for(lambda: journal(env, "sample"), 60, what="the worker's watchdog")
+        (poison,) = send(env, ("hog", 1, 400))
+        quarantine = f"memwarden:taskiq:{env['TASKIQ_TEST_QUEUE']}:quarantine"
+        wait_for(lambda: r.llen(quarantine), 120, what="the poison task quarantined")
+        send(env, ("light", 2))
+        wait_for(lambda: counts(env, "done").get(2), 60, what="the queue to go on")
+        assert counts(env, "attempts") == {1: POISON_KILLS, 2: 1}
+        assert 1 not in counts(env, "done")
+        assert len(journal(env, "kill")) == POISON_KILLS
+        (q,) = journal(env, "quarantine")
+        assert (q["job_id"], q["kills"], q["framework"]) == (poison, POISON_KILLS, "taskiq")
+        assert r.llen(quarantine) == 1
+        assert cg.oom_kills() == 0
+        assert [p for r in journal(env) for p in problems(r)] == []
+
+
+def test_big_task_pauses_intake_and_its_end_resumes_it(tmp_path: Path) -> None:
+    """A task holds 150 MiB: over the soft limit the worker starts no other task though it
+    may run three more; once the task frees its memory the next one starts, in the same
+    worker process, with no restart."""
+    need_service("Redis", 6379)
+    settings = {
+        "MEMWARDEN_MEASURE": "tree",
+        "MEMWARDEN_SOFT_LIMIT": "100MiB",
+        # At the task's 100 MiB/s the hard limit is more than grace + drain (9 s) away: only
+        # intake is steered here, not the growth-aware restart.
+        "MEMWARDEN_HARD_LIMIT": "1600MiB",
+        "MEMWARDEN_GRACE": "8",
+        "MEMWARDEN_SHUTDOWN_TIMEOUT": "1",
+    }
+    r = redis.Redis.from_url(URL)
+    with (
+        taskiq_env(tmp_path, **settings) as env,
+        memory_cgroup(2048 * MB) as cg,
+        taskiq_worker(env, tmp_path / "worker.log", cg, "--max-async-tasks", "4"),
+    ):
+        wait_for(lambda: journal(env, "sample"), 60, what="the worker's watchdog")
+        send(env, ("big", 1, 150))
+        wait_for(lambda: counts(env, "peaked").get(1), 60, what="the big task to peak")
+        wait_for(lambda: journal(env, "pause"), 30, what="intake paused")
+        send(env, ("light", 2))
+        # The worker has room for the task: give it two seconds to (wrongly) start it.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and 2 not in counts(env, "started"):
+            time.sleep(0.02)
+        released = time.time()
+        r.set(f"{env['TASKIQ_TEST_QUEUE']}:release:1", 1)
+        wait_for(lambda: counts(env, "started").get(2), 60, what="the light task")
+        assert counts(env, "started")[2] > released, "a task started over the soft limit"
+        pauses, resumes = journal(env, "pause"), journal(env, "resume")
+        assert len(pauses) == 1 and len(resumes) == 1 and pauses[0]["ts"] < resumes[0]["ts"]
+        assert journal(env, "kill") == [] and journal(env, "restart") == []
+        assert cg.oom_kills() == 0
+        assert counts(env, "done") == {1: 1, 2: 1}
+
+
+def test_loss_notes_name_the_settings_that_can_lose_a_task() -> None:
+    """ListQueueBroker and ``--ack-type when_received`` can lose a task; the stream
+    broker's redelivery delay and a group made at ``$`` are said."""
+    (note,) = loss_notes(ListQueueBroker(URL))
+    assert "ListQueueBroker" in note and "lost" in note
+    safe = RedisStreamBroker(URL, consumer_id="0", idle_timeout=120_000)
+    (note,) = loss_notes(safe)
+    assert "120 s" in note
+    late = loss_notes(RedisStreamBroker(URL), "when_received")
+    assert any("when_received" in n for n in late) and any("consumer_id='0'" in n for n in late)

@@ -10,7 +10,8 @@ otherwise.
 
 Workers (``--list`` shows the cells): Celery prefork (-c 2), threads (-c 4) and solo; RQ
 ``Worker`` and ``SimpleWorker``; Dramatiq (2 processes × 2 threads); Huey process (-w 2)
-and thread (-w 4) workers; arq (``max_jobs = 4``); ``memwarden run`` around a plain Python
+and thread (-w 4) workers; arq (``max_jobs = 4``); Django Tasks' ``db_worker`` (its
+database backend on PostgreSQL, a database per cell); ``memwarden run`` around a plain Python
 worker with a SIGTERM handler (2 threads); Sidekiq through ``run`` when its app and
 Debian's ``ruby-sidekiq`` are here.
 
@@ -100,7 +101,7 @@ GRACEFUL_GOAL = 0.9
 @dataclass(frozen=True)
 class Framework:
     name: str
-    family: str  # celery, rq, dramatiq, huey, arq, run, sidekiq
+    family: str  # celery, rq, dramatiq, huey, arq, django, run, sidekiq
     concurrency: int
     argv: tuple[str, ...]
     #: Delivery the framework promises: with "exactly once" a duplicate fails the cell. None
@@ -152,6 +153,7 @@ FRAMEWORKS = {
             _argv(f"{BIN}/huey_consumer", "field_huey.huey -k thread -w 4 -g TERM -t 25"),
         ),
         Framework("arq", "arq", 4, _argv(f"{BIN}/arq", "field_arq.WorkerSettings")),
+        Framework("django-tasks", "django", 1, _argv(sys.executable, "-m django db_worker")),
         Framework(
             "run",
             "run",
@@ -272,11 +274,21 @@ def plan(w: Workload, f: Framework, s: Settings, idle: int, limit: int, token: s
 
 
 # ------------------------------------------------------------------------ sending jobs
+def _django() -> Any:
+    """``bench/apps/field_django/cell.py``: a Django cell's database, sender and rows."""
+    if APPS not in sys.path:
+        sys.path.insert(0, APPS)
+    from field_django import cell
+
+    return cell
+
+
 class Sender:
     """Puts jobs on one framework's queue, from this process, the way a web app would."""
 
     def __init__(self, f: Framework, queue: str, prefix: str, r: Any) -> None:
         self.f, self.queue, self.prefix, self.r = f, queue, prefix, r
+        self.env: dict[str, str] = {}  # Django's sender: the cell's environment
         self._celery: Any = None
         self._dramatiq: Any = None
         self._huey: Any = None
@@ -297,6 +309,9 @@ class Sender:
             self._send_huey(jobs)
         elif family == "arq":
             asyncio.run(self._send_arq(jobs))
+        elif family == "django":  # through Django's API, from a process of the project
+            cell = _django()
+            cell.send(self.env, [(j.id, j.kind, j.mb, j.secs) for j in jobs])
         elif family == "run":
             for j in jobs:
                 self.r.lpush(self.queue, json.dumps(dataclasses.asdict(j)))
@@ -594,12 +609,18 @@ class Run:
                             cap_mb=2 * self.limit // MB)  # fmt: skip
         # Typed Any: redis-py's stubs mix its async return types into the sync client's.
         self.r: Any = redis.Redis.from_url(REDIS)
+        if f.family == "django":  # a PostgreSQL database of the cell's own
+            cell = _django()
+            self.env.update(cell.create(self.token, self.env))
 
     def records(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for p in [*(f"{self.journal}.{i}" for i in (3, 2, 1)), self.journal]:
             with contextlib.suppress(OSError), open(p) as fh:
                 out += read_records(fh)[0]
+        if self.cell.framework.family == "django":  # its job ids are the rows' ids
+            cell = _django()
+            out = cell.translate(out, cell.bench_ids(self.token))
         return [r for r in out if not r.get("dry_run")]
 
     def done(self) -> dict[str, int]:
@@ -613,6 +634,9 @@ class Run:
 
     def poison_counts(self) -> dict[str, int]:
         """memwarden's kill counts of this cell's job ids (what counts towards poison)."""
+        if self.cell.framework.family == "django":  # kept in the rows
+            cell = _django()
+            return cell.kill_counts(self.token)
         out = {}
         for key in self.r.scan_iter(f"memwarden:kills:{self.token}-*", count=1000):
             value = self.r.get(key)
@@ -636,6 +660,9 @@ class Run:
                     r.delete(key, key + b":executions")
                     r.srem("rq:workers", key)
         r.srem("rq:queues", f"rq:queue:{self.queue}")
+        if self.cell.framework.family == "django":
+            cell = _django()
+            cell.drop(self.token)
         if self.cell.framework.family == "sidekiq":
             self._forget_sidekiq()
 
@@ -672,6 +699,7 @@ def run_cell(cell: Cell, s: Settings, workdir: str, idle: int) -> Figures:
     run = Run(cell, s, workdir, idle)
     fig = Figures(cell=cell.name, limit=run.limit, idle=idle)
     sender = Sender(f, run.queue, run.prefix, run.r)
+    sender.env = run.env
     os.makedirs(run.state, exist_ok=True)
     argv = worker_argv(f, run.queue)
     t_begin = time.monotonic()
@@ -883,6 +911,7 @@ def idle_size(f: Framework, s: Settings, workdir: str) -> int:
     cell = Cell(f, WORKLOADS["fast-leak"])
     run = Run(cell, s, workdir, 0)
     sender = Sender(f, run.queue, run.prefix, run.r)
+    sender.env = run.env
     os.makedirs(run.state, exist_ok=True)
     try:
         with dyno(2048 * MB) as cg, open(run.log_path, "ab") as log:

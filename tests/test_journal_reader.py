@@ -186,6 +186,22 @@ def job(i: int, pid: int = 7, kind: str = "a", level: float = 100 * MB) -> dict:
     }
 
 
+def test_a_job_records_fields_are_in_the_order_its_readers_slice() -> None:
+    """job_fields checks the first eight one by one, then JOB_SIZES; the digest takes the
+    live figures after and before a job by slices of JOB_FIELDS; msgspec's JobLine gives
+    its values in the same order."""
+    fields = journal_reader.JOB_FIELDS
+    assert fields[:8] == ("job", "pid", "worker_pid", "host", "hostname", "dyno", "ts", "rss_after")
+    assert sorted(fields[8:]) == sorted(journal_reader.JOB_SIZES)
+    assert len(set(fields)) == len(fields)
+    assert fields[journal_reader.LIVE_AFTER_AT] == journal_reader.LIVE_AFTER
+    assert fields[journal_reader.LIVE_BEFORE_AT] == journal_reader.LIVE_BEFORE
+    if journal_reader.fast_jobs is not None:
+        from memwarden.analysis.fast_job import JobLine
+
+        assert JobLine.__struct_fields__ == fields
+
+
 def test_a_line_too_long_is_skipped_without_being_held(tmp_path):
     lines = [json.dumps(job(i)) for i in range(30)]
     big = '{"event": "job", "junk": "' + "x" * (3 * MAX_LINE) + '"}'

@@ -114,7 +114,7 @@ def test_scrape_of_a_real_worker(worker):
     states = {
         dict(labels)["state"]: v for (name, labels), v in m.items() if name == "memwarden_state"
     }
-    every = ("ok", "over_soft_limit", "over_hard_limit", "restarting", "killed", "off")
+    every = ("ok", "paused", "over_soft_limit", "over_hard_limit", "restarting", "killed", "off")
     assert states == {s: float(s == "restarting") for s in every}
     # served on loopback only (the default address)
     listening = [

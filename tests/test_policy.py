@@ -404,6 +404,17 @@ def test_a_reclaim_just_under_the_soft_limit_keeps_intake_paused_until_the_jobs_
     assert r.observe(790 * MB, 131, busy=True).action is Action.OK and not r.paused
 
 
+def test_the_state_says_paused_while_intake_is_paused_just_under_the_soft_limit():
+    p = policy(min_uptime=3600)
+    p.observe(850 * MB, 100, busy=True)
+    assert p.paused and p.state(850 * MB) is State.OVER_SOFT
+    p.did_reclaim(100, 790 * MB)
+    assert p.observe(790 * MB, 100.01, busy=True).cause is Cause.JUST_UNDER
+    assert p.state(790 * MB) is State.PAUSED
+    assert p.observe(790 * MB, 131, busy=True).action is Action.OK  # long under: resumed
+    assert p.state(790 * MB) is State.OK
+
+
 def test_a_pool_recycles_a_child_before_a_regrown_heap_is_trimmed_again():
     """Prefork, each job churning: the reclaim trims the heap just under the limit, the next
     jobs take it over again. The next rung is the recycle, not one more trim."""
@@ -641,6 +652,7 @@ def test_the_state_uses_the_metric_names():
     assert off.state(960 * MB) is State.OFF
     assert [s.value for s in State] == [
         "ok",
+        "paused",
         "over_soft_limit",
         "over_hard_limit",
         "restarting",

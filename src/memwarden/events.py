@@ -82,6 +82,9 @@ class State(str, Enum):
     a fleet heartbeat)."""
 
     OK = "ok"
+    #: Under the soft limit, intake still paused: a reclaim won memory back only just
+    #: under it, or memory pressure runs the ladder.
+    PAUSED = "paused"
     OVER_SOFT = "over_soft_limit"
     OVER_HARD = "over_hard_limit"
     RESTARTING = "restarting"

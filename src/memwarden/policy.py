@@ -552,7 +552,9 @@ class Policy:
             return State.RESTARTING
         if total is not None and hard is not None and total >= hard:
             return State.OVER_HARD
-        return State.OK if self.over_since is None else State.OVER_SOFT
+        if self.over_since is not None:
+            return State.OVER_SOFT
+        return State.PAUSED if self.paused else State.OK
 
     def did_kill(self) -> None:
         self.killed = True

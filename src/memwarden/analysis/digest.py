@@ -34,6 +34,8 @@ from typing import Any
 
 from memwarden.analysis.read import (
     JOB_FIELDS,
+    LIVE_AFTER_AT,
+    LIVE_BEFORE_AT,
     ReadSummary,
     check,
     feed,
@@ -84,7 +86,7 @@ def median(xs: Iterable[float]) -> float:
 def _live_after(values: tuple[Any, ...], r: Any, life: Life) -> float:
     """:func:`memwarden.trace.live_bytes` after a job (NaN when not known), from the values
     of a job record's :data:`JOB_FIELDS`; counted in ``life`` as known or partial."""
-    blocks, heap, mapped, allocated = values[10:14]
+    blocks, heap, mapped, allocated = values[LIVE_AFTER_AT]
     if allocated is None:
         if heap is None or mapped is None:
             if has_live_keys(r):
@@ -100,20 +102,12 @@ def _live_after(values: tuple[Any, ...], r: Any, life: Life) -> float:
 def _live_before(values: tuple[Any, ...]) -> float | None:
     """:func:`memwarden.trace.live_bytes` before a job, from the values of a job record's
     :data:`JOB_FIELDS` (inlined for speed)."""
-    blocks, heap, mapped, allocated = values[15:19]
+    blocks, heap, mapped, allocated = values[LIVE_BEFORE_AT]
     if allocated is None:
         if heap is None or mapped is None:
             return None
         allocated = heap + mapped
     return float(allocated) + BLOCK_BYTES * float(blocks or 0)
-
-
-assert JOB_FIELDS[15:19] == (
-    "blocks_before",
-    "heap_in_use_before",
-    "mmapped_before",
-    "allocated_before",
-)
 
 
 def _second(_: Any, b: Any) -> Any:

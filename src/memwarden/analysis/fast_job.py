@@ -26,7 +26,7 @@ Pid = int | str | None
 
 
 class JobLine(Struct, tag_field="event", tag="job", kw_only=True):
-    """A job record, its fields in the order of ``journal_reader.JOB_FIELDS``."""
+    """A job record, its fields in the order of :data:`memwarden.analysis.read.JOB_FIELDS`."""
 
     job: Annotated[str, Meta(min_length=1, max_length=500)]
     pid: Pid = None

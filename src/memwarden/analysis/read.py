@@ -118,24 +118,25 @@ def _short(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-LIVE_FIELDS = tuple(
-    name + suffix
-    for name in ("blocks", "heap_in_use", "mmapped", "allocated")
-    for suffix in ("", "_before")
-)
+#: The live-memory figures (:func:`memwarden.trace.live_bytes`) a job record has after the
+#: job, and the same before it.
+LIVE_AFTER = ("blocks", "heap_in_use", "mmapped", "allocated")
+LIVE_BEFORE = tuple(f"{name}_before" for name in LIVE_AFTER)
+LIVE_FIELDS = tuple(name + suffix for name in LIVE_AFTER for suffix in ("", "_before"))
 
 
 JOB_SIZES = ("rss_before", "duration_s", "peak_rss", *LIVE_FIELDS)
 NUMBER = (int, float)
 PID = (int, str)
-#: A job record's fields in the order :func:`job_fields` gives their values.
+#: A job record's fields in the order :func:`job_fields` gives their values: the first
+#: eight checked one by one, then :data:`JOB_SIZES` (``tests/test_journal_reader.py``).
 JOB_FIELDS = (
-    *("job", "pid", "worker_pid", "host", "hostname", "dyno"),
-    *("ts", "rss_after", "rss_before", "duration_s", "blocks", "heap_in_use", "mmapped"),
-    *("allocated", "peak_rss", "blocks_before", "heap_in_use_before", "mmapped_before"),
-    "allocated_before",
+    *("job", "pid", "worker_pid", "host", "hostname", "dyno", "ts", "rss_after"),
+    *("rss_before", "duration_s", *LIVE_AFTER, "peak_rss", *LIVE_BEFORE),
 )
-assert sorted(JOB_FIELDS[8:]) == sorted(JOB_SIZES)
+#: Where :data:`LIVE_AFTER` and :data:`LIVE_BEFORE` are in :data:`JOB_FIELDS`.
+LIVE_AFTER_AT = slice(JOB_FIELDS.index(LIVE_AFTER[0]), JOB_FIELDS.index(LIVE_AFTER[-1]) + 1)
+LIVE_BEFORE_AT = slice(JOB_FIELDS.index(LIVE_BEFORE[0]), JOB_FIELDS.index(LIVE_BEFORE[-1]) + 1)
 _PID_OR_NONE = (int, str, type(None))
 _TEXT_OR_NONE = (str, type(None))
 

@@ -198,3 +198,6 @@ def test_manage_py_check_says_which_settings_can_lose_a_task(tmp_path: Path) -> 
     env["MEMWARDEN_RESTART"] = "none"
     warned = subprocess.run(manage, env=env, capture_output=True, text=True, check=True)
     assert "(memwarden.W004) MEMWARDEN restart is none" in warned.stderr
+    check = [sys.executable, "-m", "memwarden.cli", "check"]
+    said = subprocess.run(check, env=env, capture_output=True, text=True, check=True)
+    assert "django: JOBS CAN BE LOST: MEMWARDEN restart is none" in said.stdout

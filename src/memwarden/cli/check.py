@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -18,11 +19,26 @@ from memwarden.restart import heroku, kubernetes
 from memwarden.setup import set_up
 from memwarden.units import SettingError, format_size
 
+
+def django_checks(config: Config, env: Mapping[str, str]) -> list[str]:
+    """With ``DJANGO_SETTINGS_MODULE`` set and Django Tasks' database backend installed: the
+    project's settings that can leave a task unrun (``memwarden.django``)."""
+    if not env.get("DJANGO_SETTINGS_MODULE") or importlib.util.find_spec("django_tasks_db") is None:
+        return []
+    try:
+        from memwarden.integrations.django import checks_from_env
+
+        return checks_from_env(config, env)
+    except Exception as exc:
+        return [f"django: cannot load the settings {env['DJANGO_SETTINGS_MODULE']!r}: {exc}"]
+
+
 #: Extra checks (platform, framework): each gets (config, env) and returns warning strings.
 EXTRA_CHECKS: list[Callable[[Config, Mapping[str, str]], list[str]]] = [
     heroku.checks,
     kubernetes.checks,
     fleet.checks,
+    django_checks,
 ]
 
 

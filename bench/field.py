@@ -10,7 +10,8 @@ otherwise.
 
 Workers (``--list`` shows the cells): Celery prefork (-c 2), threads (-c 4) and solo; RQ
 ``Worker`` and ``SimpleWorker``; Dramatiq (2 processes × 2 threads); Huey process (-w 2)
-and thread (-w 4) workers; arq (``max_jobs = 4``); Django Tasks' ``db_worker`` (its
+and thread (-w 4) workers; arq (``max_jobs = 4``); Taskiq (2 processes × 2 async tasks,
+RedisStreamBroker); Django Tasks' ``db_worker`` (its
 database backend on PostgreSQL, a database per cell); ``memwarden run`` around a plain Python
 worker with a SIGTERM handler (2 threads); Sidekiq through ``run`` when its app and
 Debian's ``ruby-sidekiq`` are here.
@@ -101,7 +102,7 @@ GRACEFUL_GOAL = 0.9
 @dataclass(frozen=True)
 class Framework:
     name: str
-    family: str  # celery, rq, dramatiq, huey, arq, django, run, sidekiq
+    family: str  # celery, rq, dramatiq, huey, arq, taskiq, django, run, sidekiq
     concurrency: int
     argv: tuple[str, ...]
     #: Delivery the framework promises: with "exactly once" a duplicate fails the cell. None
@@ -153,6 +154,12 @@ FRAMEWORKS = {
             _argv(f"{BIN}/huey_consumer", "field_huey.huey -k thread -w 4 -g TERM -t 25"),
         ),
         Framework("arq", "arq", 4, _argv(f"{BIN}/arq", "field_arq.WorkerSettings")),
+        Framework(
+            "taskiq",
+            "taskiq",
+            4,
+            _argv(f"{BIN}/taskiq", "worker field_taskiq:broker --workers 2 --max-async-tasks 2"),
+        ),
         Framework("django-tasks", "django", 1, _argv(sys.executable, "-m django db_worker")),
         Framework(
             "run",
@@ -307,8 +314,8 @@ class Sender:
             self._send_dramatiq(jobs)
         elif family == "huey":
             self._send_huey(jobs)
-        elif family == "arq":
-            asyncio.run(self._send_arq(jobs))
+        elif family in ("arq", "taskiq"):  # async clients
+            asyncio.run(getattr(self, f"_send_{family}")(jobs))
         elif family == "django":  # through Django's API, from a process of the project
             cell = _django()
             cell.send(self.env, [(j.id, j.kind, j.mb, j.secs) for j in jobs])
@@ -380,6 +387,19 @@ class Sender:
                 )
         finally:
             await pool.aclose()
+
+    async def _send_taskiq(self, jobs: Sequence[Job]) -> None:
+        from taskiq.kicker import AsyncKicker
+        from taskiq_redis import RedisStreamBroker
+
+        broker = RedisStreamBroker(REDIS, queue_name=self.queue, consumer_id="0")
+        await broker.startup()  # the group, from the stream's start: no job missed
+        try:
+            for j in jobs:
+                kicker = AsyncKicker("field_job", broker, {}).with_task_id(j.id)
+                await kicker.kiq(j.id, j.kind, j.mb, j.secs)
+        finally:
+            await broker.shutdown()
 
     def close(self) -> None:
         if self._celery is not None:

@@ -5,6 +5,7 @@ that hold the memory, and not one request fails, nor does the kernel OOM-kill an
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,3 +78,29 @@ def test_workers_recycled_on_memory_without_a_failed_request(
     assert not [r for r in records if r["event"] == "kill"], "a hard kill: the ladder was late"
     assert [r for r in records if r["event"] == "reclaim"], "no reclaim before the recycles"
     assert [p for r in records for p in problems(r)] == []
+
+
+def test_bench_tiny() -> None:
+    """``bench/gunicorn.py --tiny``: every contender runs and its last line adds up."""
+    with memory_cgroup(64 * 2**20):
+        pass  # cgroups writable here (else skipped)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gunicorn.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [
+        {k: v for k, _, v in (part.partition("=") for part in line.split())}
+        for line in out.stdout.splitlines()
+        if line.startswith("contender=")
+    ]
+    assert [r["contender"] for r in rows] == ["none", "max-requests", "memwarden"]
+    for r in rows:
+        assert int(r["served"]) > 0 and float(r["p99_ms"]) > 0, r
+        assert 0 < int(r["peak_bytes"]) <= 256 * 2**20, r
+    assert int(rows[1]["max_requests"]) > 0
+    guarded = rows[2]
+    assert (guarded["lost"], guarded["oom_kills"]) == ("0", "0"), guarded

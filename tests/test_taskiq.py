@@ -9,6 +9,9 @@ worker reads no new message, and reads again under it.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +22,8 @@ from taskiq_redis import ListQueueBroker, RedisStreamBroker
 from apps.taskiq_harness import URL, counts, journal, send, taskiq_env, taskiq_worker
 from cgroups import memory_cgroup
 from conftest import need_service, wait_for
+from memwarden.integrations.taskiq import loss_notes, no_loss_problems, worker_ack_type
 from memwarden.records import problems
-from memwarden.taskiq import loss_notes
 
 MB = 1024 * 1024
 POISON_KILLS = 2
@@ -131,12 +134,41 @@ def test_big_task_pauses_intake_and_its_end_resumes_it(tmp_path: Path) -> None:
 
 
 def test_loss_notes_name_the_settings_that_can_lose_a_task() -> None:
-    """ListQueueBroker and ``--ack-type when_received`` can lose a task; the stream
-    broker's redelivery delay and a group made at ``$`` are said."""
-    (note,) = loss_notes(ListQueueBroker(URL))
-    assert "ListQueueBroker" in note and "lost" in note
+    """ListQueueBroker and ``--ack-type when_received`` can lose a task, and so can a stream
+    group made at ``$``; the stream broker's redelivery delays are said."""
+    (problem,) = no_loss_problems(ListQueueBroker(URL))
+    assert "ListQueueBroker" in problem and "lost" in problem
     safe = RedisStreamBroker(URL, consumer_id="0", idle_timeout=120_000)
+    assert no_loss_problems(safe) == []
     (note,) = loss_notes(safe)
-    assert "120 s" in note
-    late = loss_notes(RedisStreamBroker(URL), "when_received")
-    assert any("when_received" in n for n in late) and any("consumer_id='0'" in n for n in late)
+    assert "at once" in note and "15 s" in note and "120 s" in note
+    late = no_loss_problems(RedisStreamBroker(URL), "when_received")
+    assert len(late) == 2
+    assert "when_received" in late[0] and "consumer_id='0'" in late[1]
+    assert worker_ack_type(["taskiq", "worker", "--ack-type", "WHEN_RECEIVED"]) == "when_received"
+    assert worker_ack_type(["taskiq", "worker", "--ack-type=when_executed"]) == "when_executed"
+    assert worker_ack_type(["taskiq", "worker"]) is None
+
+
+def test_memwarden_check_says_which_broker_settings_lose_tasks(tmp_path: Path) -> None:
+    """``memwarden check --taskiq-broker module:broker`` loads the broker as ``taskiq
+    worker`` would (from the working directory) and warns of each setting that can lose a
+    task; a broker it cannot load is a usage error."""
+    (tmp_path / "tq_brokers.py").write_text(
+        "from taskiq_redis import ListQueueBroker, RedisStreamBroker\n"
+        f"lossy = ListQueueBroker({URL!r})\n"
+        f"safe = RedisStreamBroker({URL!r}, consumer_id='0')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")}
+    env["MEMWARDEN_SOFT_LIMIT"] = "400MB"
+
+    def check(spec: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "memwarden.cli", "check", "--taskiq-broker", spec]
+        return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    lossy, safe, missing = check("tq_brokers:lossy"), check("tq_brokers:safe"), check("nope:b")
+    assert lossy.returncode == 0 and safe.returncode == 0
+    assert "taskiq: TASKS CAN BE LOST: ListQueueBroker" in lossy.stdout
+    assert "TASKS CAN BE LOST" not in safe.stdout
+    assert "taskiq: RedisStreamBroker: tasks held by a worker memwarden kills" in safe.stdout
+    assert missing.returncode == 2 and "cannot load Taskiq broker 'nope:b'" in missing.stderr

@@ -163,7 +163,26 @@ def render(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _taskiq_broker(ctx: click.Context, param: click.Parameter, spec: str | None) -> None:
+    """``--taskiq-broker``: the broker's no-loss settings, checked beside the rest."""
+    if not spec:
+        return
+    try:
+        integration = importlib.import_module("memwarden.integrations.taskiq")
+        EXTRA_CHECKS.append(integration.check_app(spec))
+    except Exception as exc:
+        raise click.BadParameter(f"cannot load Taskiq broker {spec!r}: {exc}") from exc
+
+
 @click.command()
+@click.option(
+    "--taskiq-broker",
+    metavar="MODULE:BROKER",
+    expose_value=False,
+    callback=_taskiq_broker,
+    help="Also check a Taskiq broker's no-loss settings: its kind, consumer_id, "
+    "idle_timeout (default: none).",
+)
 @click.option(
     "--json",
     "as_json",

@@ -54,7 +54,14 @@ _hook_guard = swallow_but(*HOST_CONTROL_FLOW)
 
 log = logging.getLogger("memwarden")
 
-__all__ = ["MemoryWarden", "check_app", "loss_notes", "worker_ack_type"]
+__all__ = [
+    "MemoryWarden",
+    "check_app",
+    "loss_notes",
+    "no_loss_problems",
+    "redelivery_note",
+    "worker_ack_type",
+]
 
 #: How often a paused intake looks whether it may read again (s).
 INTAKE_POLL = 0.1
@@ -96,40 +103,51 @@ def _kind(broker: AsyncBroker) -> str:
     return "other"
 
 
-def loss_notes(broker: AsyncBroker, ack_type: str | None = None) -> list[str]:
-    """The broker settings (and worker ``--ack-type``) that can lose a task on a kill."""
+def no_loss_problems(broker: AsyncBroker, ack_type: str | None = None) -> list[str]:
+    """The broker settings (and worker ``--ack-type``) that can lose a task."""
     kind = _kind(broker)
-    notes = []
     if kind == "list":
-        notes.append(
+        return [
             "ListQueueBroker takes a message off Redis as it reads it: a task is put back "
             "when memwarden kills the worker, but lost when anything else does (the kernel's "
             "OOM killer, a crash); use taskiq_redis.RedisStreamBroker"
-        )
-    elif kind == "stream":
-        if (ack_type or "when_saved") == "when_received":
-            notes.append(
-                "--ack-type when_received acknowledges a message before its task runs: a "
-                "task running at a kill memwarden does not make is lost; use when_saved"
-            )
-        idle = float(getattr(broker, "idle_timeout", 0)) / 1000
-        notes.append(
-            f"RedisStreamBroker: tasks held by a worker memwarden kills go back at once; by one "
-            f"that dies otherwise, within {LEASE + RESCUE_EVERY:g} s while a guarded worker "
-            f"runs (else taskiq's own idle_timeout, {idle:g} s: keep it above your longest "
-            f"task, or a task still running is run twice)"
-        )
-        if str(getattr(broker, "consumer_id", "$")) == "$":
-            notes.append(
-                "RedisStreamBroker(consumer_id='$') makes its group at the first worker's "
-                "start: tasks sent before that are never read; pass consumer_id='0'"
-            )
-    else:
-        notes.append(
+        ]
+    if kind != "stream":
+        return [
             f"{type(broker).__name__}: memwarden counts poison kills but cannot put a "
             f"message back; whether a killed task comes back is the broker's"
+        ]
+    problems = []
+    if (ack_type or "when_saved") == "when_received":
+        problems.append(
+            "--ack-type when_received acknowledges a message before its task runs: a "
+            "task running at a kill memwarden does not make is lost; use when_saved"
         )
-    return notes
+    if str(getattr(broker, "consumer_id", "$")) == "$":
+        problems.append(
+            "RedisStreamBroker(consumer_id='$') makes its group at the first worker's "
+            "start: tasks sent before that are never read; pass consumer_id='0'"
+        )
+    return problems
+
+
+def redelivery_note(broker: AsyncBroker) -> str | None:
+    """When the tasks of a dead worker come back (RedisStreamBroker)."""
+    if _kind(broker) != "stream":
+        return None
+    idle = float(getattr(broker, "idle_timeout", 0)) / 1000
+    return (
+        f"RedisStreamBroker: tasks held by a worker memwarden kills go back at once; by one "
+        f"that dies otherwise, within {LEASE + RESCUE_EVERY:g} s while a guarded worker "
+        f"runs (else taskiq's own idle_timeout, {idle:g} s: keep it above your longest "
+        f"task, or a task still running is run twice)"
+    )
+
+
+def loss_notes(broker: AsyncBroker, ack_type: str | None = None) -> list[str]:
+    """What can lose a task, then when a dead worker's tasks come back."""
+    note = redelivery_note(broker)
+    return no_loss_problems(broker, ack_type) + ([note] if note else [])
 
 
 def worker_ack_type(argv: list[str] | None = None) -> str | None:
@@ -152,7 +170,9 @@ def check_app(spec: str) -> Callable[[Config, Any], list[str]]:
     broker = import_object(spec)
 
     def taskiq_checks(config: Config, env: Any) -> list[str]:
-        return [f"taskiq: {note}" for note in loss_notes(broker)]
+        out = [f"taskiq: TASKS CAN BE LOST: {p}" for p in no_loss_problems(broker)]
+        note = redelivery_note(broker)
+        return out + ([f"taskiq: {note}"] if note else [])
 
     return taskiq_checks
 

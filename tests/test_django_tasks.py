@@ -152,7 +152,7 @@ def test_intake_paused_over_the_soft_limit_then_drained_and_restarted(tmp_path: 
         assert counts(env, "done") == {1: 1, 2: 1, 3: 1, 4: 1}
         assert counts(env, "started") == {1: 1, 2: 1, 3: 1, 4: 1}
         restart_at = journal(env, "restart")[0]["ts"]
-        notes = [j for j in journal(env, "job") if j["job"] == "note"]
+        notes = [j for j in journal(env, "job") if j["job"] == "django_jobs.tasks.note"]
         assert len(notes) == 3 and all(j["ts"] > restart_at for j in notes)
         assert loop.exits and loop.exits[0] == 0
         assert not journal(env, "kill")

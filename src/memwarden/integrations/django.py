@@ -219,7 +219,7 @@ class Guard:
         if row is None or str(row.id) != str(task_result.id):
             return
         self.started = True
-        self.warden.job_started(task_result.task.name, str(task_result.id))
+        self.warden.job_started(row.task_path, str(task_result.id))
 
     @_hook_guard
     def task_finished(self, sender: Any, task_result: Any, **_: Any) -> None:

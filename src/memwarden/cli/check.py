@@ -174,7 +174,26 @@ def _taskiq_broker(ctx: click.Context, param: click.Parameter, spec: str | None)
         raise click.BadParameter(f"cannot load Taskiq broker {spec!r}: {exc}") from exc
 
 
+def _procrastinate_app(ctx: click.Context, param: click.Parameter, spec: str | None) -> None:
+    """``--procrastinate-app``: the app's no-loss settings, checked beside the rest."""
+    if not spec:
+        return
+    try:
+        integration = importlib.import_module("memwarden.integrations.procrastinate")
+        EXTRA_CHECKS.append(integration.check_app(spec))
+    except Exception as exc:
+        raise click.BadParameter(f"cannot load Procrastinate app {spec!r}: {exc}") from exc
+
+
 @click.command()
+@click.option(
+    "--procrastinate-app",
+    metavar="MODULE.APP",
+    expose_value=False,
+    callback=_procrastinate_app,
+    help="Also check a Procrastinate app's no-loss settings: the guard, "
+    "shutdown_graceful_timeout, the heartbeat (default: none).",
+)
 @click.option(
     "--taskiq-broker",
     metavar="MODULE:BROKER",

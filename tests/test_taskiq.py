@@ -133,6 +133,68 @@ def test_big_task_pauses_intake_and_its_end_resumes_it(tmp_path: Path) -> None:
         assert counts(env, "done") == {1: 1, 2: 1}
 
 
+def test_leak_restarts_the_worker_gracefully_and_no_task_is_lost(tmp_path: Path) -> None:
+    """Tasks that keep memory take the worker over the soft limit: it stops reading, lets
+    its running tasks finish, stops (SIGTERM) and taskiq's process manager starts a fresh
+    one. Every task runs to its end exactly once: those read and not begun at the stop
+    went back to the stream, not to ``idle_timeout``; no kill."""
+    need_service("Redis", 6379)
+    settings = {
+        "MEMWARDEN_MEASURE": "tree",
+        "MEMWARDEN_SOFT_LIMIT": "150MiB",
+        "MEMWARDEN_HARD_LIMIT": "900MiB",
+        "MEMWARDEN_GRACE": "1",
+        "MEMWARDEN_MIN_UPTIME": "0",
+    }
+    n = 16
+    with (
+        taskiq_env(tmp_path, **settings) as env,
+        memory_cgroup(2048 * MB) as cg,
+        taskiq_worker(env, tmp_path / "worker.log", cg, "--max-async-tasks", "4"),
+    ):
+        wait_for(lambda: journal(env, "sample"), 60, what="the worker's watchdog")
+        send(env, *[("leaky", i, 30, 0.5) for i in range(n)])
+        wait_for(lambda: len(counts(env, "done")) == n, 120, what="every task done")
+        assert counts(env, "done") == dict.fromkeys(range(n), 1.0)
+        assert counts(env, "attempts") == dict.fromkeys(range(n), 1.0)
+        restarts = journal(env, "restart")
+        pids = {j["pid"] for j in journal(env, "job")}
+        assert restarts and len(pids) >= 2, "no graceful restart"
+        assert journal(env, "kill") == [] and cg.oom_kills() == 0
+        assert [p for r in journal(env) for p in problems(r)] == []
+
+
+def test_task_in_flight_at_a_kernel_oom_kill_comes_back(tmp_path: Path) -> None:
+    """The kernel's OOM killer (memwarden's limits out of reach) kills the worker process
+    in the middle of a task: the next worker process, seeing the consumer's process gone,
+    gives its messages back as it starts, one kill counted (not after ``idle_timeout``,
+    600 s, nor after the consumer's 10 s lease)."""
+    need_service("Redis", 6379)
+    settings = {
+        "MEMWARDEN_MEASURE": "tree",
+        "MEMWARDEN_SOFT_LIMIT": "3GiB",
+        "MEMWARDEN_HARD_LIMIT": "4GiB",
+        "MEMWARDEN_POISON_KILLS": str(POISON_KILLS),
+    }
+    with (
+        taskiq_env(tmp_path, **settings) as env,
+        memory_cgroup(300 * MB) as cg,
+        taskiq_worker(env, tmp_path / "worker.log", cg, "--max-async-tasks", "4"),
+    ):
+        wait_for(lambda: journal(env, "sample"), 60, what="the worker's watchdog")
+        (hog,) = send(env, ("hog", 1, 400, True))
+        wait_for(lambda: cg.oom_kills(), 60, what="the kernel's OOM kill")
+        killed = time.monotonic()
+        wait_for(lambda: counts(env, "done").get(1), 60, what="the OOM-killed task, run again")
+        assert time.monotonic() - killed < 8
+        assert counts(env, "attempts") == {1: 2} and counts(env, "done") == {1: 1}
+        assert journal(env, "kill") == []  # the kernel's kill, not memwarden's
+        (requeue,) = journal(env, "requeue")
+        assert (requeue["by"], requeue["job"], requeue["job_id"]) == ("rescue", "hog", hog)
+        assert requeue["kills"] == 1
+        assert [p for r in journal(env) for p in problems(r)] == []
+
+
 def test_loss_notes_name_the_settings_that_can_lose_a_task() -> None:
     """ListQueueBroker and ``--ack-type when_received`` can lose a task, and so can a stream
     group made at ``$``; the stream broker's redelivery delays are said."""

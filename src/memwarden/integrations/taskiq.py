@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -42,6 +43,7 @@ from taskiq import AckableMessage, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq.abc.broker import AsyncBroker
 
 from memwarden.config import Config, Options
+from memwarden.gauges.proc import alive
 from memwarden.hooks import Hooks
 from memwarden.poison import PoisonJobs
 from memwarden.units import SettingError
@@ -258,11 +260,20 @@ class MemoryWarden(TaskiqMiddleware):
     async def shutdown(self) -> None:
         if self.warden is None:
             return
+        self._stop.set()
         try:
-            self.give_back()  # read and not begun: taskiq drops them at its stop
+            n = self.give_back()  # read and not begun: taskiq drops them at its stop
+            if n:
+                log.info("memwarden: %d taskiq messages read and not begun given back", n)
+            if self.consumer and self.redis is not None:
+                with self._lock:
+                    mine = list(self._running)
+                if mine:
+                    self.redis.hdel(self.running_key, *mine)
+                self.redis.xgroup_delconsumer(self.queue, self._group(), self.consumer)
+                self.redis.delete(self._lease_key(self.consumer))
         except Exception:
             log.exception("memwarden: could not give the unbegun messages back")
-        self._stop.set()
         self.warden.stop()
 
     def _sync_redis(self) -> redis.Redis | None:
@@ -481,7 +492,8 @@ class MemoryWarden(TaskiqMiddleware):
 
     def _renew(self) -> None:
         assert self.redis is not None
-        self.redis.set(self._lease_key(self.consumer), os.getpid(), px=int(LEASE * 1000))
+        here = f"{socket.gethostname()}:{os.getpid()}"
+        self.redis.set(self._lease_key(self.consumer), here, px=int(LEASE * 1000))
 
     def _lease_loop(self) -> None:
         last = time.monotonic()
@@ -508,7 +520,7 @@ class MemoryWarden(TaskiqMiddleware):
         running = cast("dict[bytes, bytes]", self.redis.hgetall(self.running_key))
         for info in consumers:
             name = _text(info.get("name"))
-            if name == self.consumer or self.redis.exists(self._lease_key(name)):
+            if name == self.consumer or not self._dead(name):
                 continue
             held = {
                 _text(t): _text(note).partition("\t")[2]
@@ -526,6 +538,15 @@ class MemoryWarden(TaskiqMiddleware):
             n = self.give_back(name)
             self.redis.xgroup_delconsumer(self.queue, group, name)
             log.warning("memwarden: taskiq consumer %s is gone: %d messages back", name, n)
+
+    def _dead(self, consumer: str) -> bool:
+        """No lease, or a lease of a process of this host that is gone."""
+        assert self.redis is not None
+        lease = self.redis.get(self._lease_key(consumer))
+        if lease is None:
+            return True
+        host, _, pid = _text(lease).rpartition(":")
+        return host == socket.gethostname() and pid.isdigit() and not alive(int(pid))
 
     def _count_rescued(self, task_id: str, task_name: str) -> None:
         kills = self.poison.record_kill(task_id) if self.poison is not None else 0

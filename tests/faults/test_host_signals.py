@@ -93,6 +93,7 @@ HOSTS = {
     "memwarden.integrations.huey": ["huey.exceptions.TaskTimeout"],
     "memwarden.integrations.dramatiq": [],
     "memwarden.integrations.arq": [],
+    "memwarden.integrations.taskiq": [],
 }
 
 

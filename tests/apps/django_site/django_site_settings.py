@@ -17,7 +17,7 @@ DATABASES = {
     }
 }
 TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
-#: memwarden's settings (each MEMWARDEN_* env var, set by the tests, overrides nothing here).
+#: memwarden's settings (none: the tests set MEMWARDEN_* variables; a key here would win).
 MEMWARDEN: dict[str, object] = {}
 LOGGING = {
     "version": 1,

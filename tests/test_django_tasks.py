@@ -8,6 +8,7 @@ it) and for any other death (the next guarded worker's sweep)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -137,7 +138,9 @@ def test_intake_paused_over_the_soft_limit_then_drained_and_restarted(tmp_path: 
     tasks queued behind wait), the worker drains and exits gracefully (status 0), the next
     one runs them, each once."""
     need_service("PostgreSQL", 5432)
-    settings = _settings(MEMWARDEN_GRACE="3", MEMWARDEN_HARD_LIMIT="600MiB")
+    settings = _settings(MEMWARDEN_GRACE="60", MEMWARDEN_HARD_LIMIT="600MiB")
+    # As a project sets them, in settings.MEMWARDEN: they win over the variables.
+    settings["DJANGO_TEST_MEMWARDEN"] = json.dumps({"grace": 3})
     with (
         django_env(tmp_path, **settings) as env,
         memory_cgroup(1024 * MB) as cg,
@@ -201,3 +204,7 @@ def test_manage_py_check_says_which_settings_can_lose_a_task(tmp_path: Path) -> 
     check = [sys.executable, "-m", "memwarden.cli", "check"]
     said = subprocess.run(check, env=env, capture_output=True, text=True, check=True)
     assert "django: JOBS CAN BE LOST: MEMWARDEN restart is none" in said.stdout
+    env["DJANGO_TEST_MEMWARDEN"] = json.dumps({"soft_limt": "400MB"})
+    typo = subprocess.run(manage, env=env, capture_output=True, text=True)
+    assert typo.returncode != 0
+    assert "did you mean soft_limit?" in typo.stderr

@@ -1,6 +1,7 @@
 """Settings of memwarden's test Django project: its own PostgreSQL database (named by
 ``DJANGO_TEST_DB``), the database task backend, and memwarden guarding ``db_worker``."""
 
+import json
 import os
 
 SECRET_KEY = "memwarden-tests"
@@ -17,8 +18,9 @@ DATABASES = {
     }
 }
 TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
-#: memwarden's settings (none: the tests set MEMWARDEN_* variables; a key here would win).
-MEMWARDEN: dict[str, object] = {}
+#: memwarden's settings, as a project writes them (the tests give them as JSON); a key here
+#: wins over its MEMWARDEN_* variable.
+MEMWARDEN: dict[str, object] = json.loads(os.environ.get("DJANGO_TEST_MEMWARDEN", "{}"))
 LOGGING = {
     "version": 1,
     "handlers": {"console": {"class": "logging.StreamHandler"}},

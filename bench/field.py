@@ -12,7 +12,8 @@ Workers (``--list`` shows the cells): Celery prefork (-c 2), threads (-c 4) and 
 ``Worker`` and ``SimpleWorker``; Dramatiq (2 processes × 2 threads); Huey process (-w 2)
 and thread (-w 4) workers; arq (``max_jobs = 4``); Taskiq (2 processes × 2 async tasks,
 RedisStreamBroker); Django Tasks' ``db_worker`` (its
-database backend on PostgreSQL, a database per cell); ``memwarden run`` around a plain Python
+database backend on PostgreSQL, a database per cell); Procrastinate (4 async jobs, a
+PostgreSQL database per cell); ``memwarden run`` around a plain Python
 worker with a SIGTERM handler (2 threads); Sidekiq through ``run`` when its app and
 Debian's ``ruby-sidekiq`` are here.
 
@@ -102,7 +103,7 @@ GRACEFUL_GOAL = 0.9
 @dataclass(frozen=True)
 class Framework:
     name: str
-    family: str  # celery, rq, dramatiq, huey, arq, taskiq, django, run, sidekiq
+    family: str  # celery, rq, dramatiq, huey, arq, taskiq, django, procrastinate, run, sidekiq
     concurrency: int
     argv: tuple[str, ...]
     #: Delivery the framework promises: with "exactly once" a duplicate fails the cell. None
@@ -161,6 +162,12 @@ FRAMEWORKS = {
             _argv(f"{BIN}/taskiq", "worker field_taskiq:broker --workers 2 --max-async-tasks 2"),
         ),
         Framework("django-tasks", "django", 1, _argv(sys.executable, "-m django db_worker")),
+        Framework(
+            "procrastinate",
+            "procrastinate",
+            4,
+            _argv(f"{BIN}/procrastinate", "--app=field_procrastinate.app worker"),
+        ),
         Framework(
             "run",
             "run",
@@ -290,6 +297,20 @@ def _django() -> Any:
     return cell
 
 
+def _db_cell(family: str) -> Any:
+    """The bench's side of a cell kept in PostgreSQL (Django Tasks, Procrastinate): its
+    database, sender and rows; None for the others."""
+    if family == "django":
+        return _django()
+    if family == "procrastinate":  # bench/apps/field_procrastinate.py
+        if APPS not in sys.path:
+            sys.path.insert(0, APPS)
+        import field_procrastinate
+
+        return field_procrastinate
+    return None
+
+
 class Sender:
     """Puts jobs on one framework's queue, from this process, the way a web app would."""
 
@@ -316,8 +337,8 @@ class Sender:
             self._send_huey(jobs)
         elif family in ("arq", "taskiq"):  # async clients
             asyncio.run(getattr(self, f"_send_{family}")(jobs))
-        elif family == "django":  # through Django's API, from a process of the project
-            cell = _django()
+        elif family in ("django", "procrastinate"):  # through the framework's own API
+            cell = _db_cell(family)
             cell.send(self.env, [(j.id, j.kind, j.mb, j.secs) for j in jobs])
         elif family == "run":
             for j in jobs:
@@ -629,8 +650,8 @@ class Run:
                             cap_mb=2 * self.limit // MB)  # fmt: skip
         # Typed Any: redis-py's stubs mix its async return types into the sync client's.
         self.r: Any = redis.Redis.from_url(REDIS)
-        if f.family == "django":  # a PostgreSQL database of the cell's own
-            cell = _django()
+        cell = _db_cell(f.family)
+        if cell is not None:  # a PostgreSQL database of the cell's own
             self.env.update(cell.create(self.token, self.env))
 
     def records(self) -> list[dict[str, Any]]:
@@ -638,8 +659,8 @@ class Run:
         for p in [*(f"{self.journal}.{i}" for i in (3, 2, 1)), self.journal]:
             with contextlib.suppress(OSError), open(p) as fh:
                 out += read_records(fh)[0]
-        if self.cell.framework.family == "django":  # its job ids are the rows' ids
-            cell = _django()
+        cell = _db_cell(self.cell.framework.family)
+        if cell is not None:  # its job ids are the rows' ids
             out = cell.translate(out, cell.bench_ids(self.token))
         return [r for r in out if not r.get("dry_run")]
 
@@ -654,8 +675,8 @@ class Run:
 
     def poison_counts(self) -> dict[str, int]:
         """memwarden's kill counts of this cell's job ids (what counts towards poison)."""
-        if self.cell.framework.family == "django":  # kept in the rows
-            cell = _django()
+        cell = _db_cell(self.cell.framework.family)
+        if cell is not None:  # kept in the rows
             return cell.kill_counts(self.token)
         out = {}
         for key in self.r.scan_iter(f"memwarden:kills:{self.token}-*", count=1000):
@@ -680,8 +701,8 @@ class Run:
                     r.delete(key, key + b":executions")
                     r.srem("rq:workers", key)
         r.srem("rq:queues", f"rq:queue:{self.queue}")
-        if self.cell.framework.family == "django":
-            cell = _django()
+        cell = _db_cell(self.cell.framework.family)
+        if cell is not None:
             cell.drop(self.token)
         if self.cell.framework.family == "sidekiq":
             self._forget_sidekiq()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memwarden.cli.demo import FileQueue, bar, render, summarize
+from memwarden.cli.demo import FileQueue, bar, summarize, summary_text
 from memwarden.units import format_size
 
 MEMWARDEN = [sys.executable, "-c", "from memwarden.cli import main; main()"]
@@ -73,10 +73,10 @@ def test_summary_from_records() -> None:
     s = summarize(records)
     assert (s.jobs, s.lifetimes, s.reclaims, s.freed, s.restarts, s.kills) == (2, 2, 1, 30, 1, 0)
     assert (s.peak, s.soft, s.hard, s.each_once) == (120, 100, 200, True)
-    text = render(s, "j.jsonl", 12.0, 0)
+    text = summary_text(s, "j.jsonl", 12.0, 0)
     assert "every job ran exactly once" in text and text.endswith("memwarden diagnose j.jsonl")
     twice = summarize([*records, {"event": "job", "pid": 3, "job_id": 1, "rss_after": 1}])
-    assert not twice.each_once and "SOME JOBS RAN TWICE" in render(twice, "j", 1.0, 0)
+    assert not twice.each_once and "SOME JOBS RAN TWICE" in summary_text(twice, "j", 1.0, 0)
 
 
 def test_file_queue_goes_on_where_the_last_worker_stopped(tmp_path: Path) -> None:

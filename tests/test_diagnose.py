@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from memwarden.analysis.diagnose import diagnose, load, nnls, render, sustained, theil_sen
+from memwarden.analysis.diagnose import diagnose, load, nnls, sustained, theil_sen, verdict_text
 from memwarden.journal import read_records
 
 TRACES = os.path.join(os.path.dirname(__file__), "data", "traces")
@@ -412,7 +412,7 @@ def test_rss_alone_with_jobs_at_once_says_the_suspect_may_be_a_neighbour():
     caveat = attribution["caveat"]
     assert caveat and "RSS alone" in caveat and "neighbour" in caveat, caveat
     assert all(s["tentative"] is True for s in result["suspects"])
-    assert caveat in render(result)
+    assert caveat in verdict_text(result)
     profile = [a for a in result["advice"] if a.startswith("Profile ")]
     assert profile and "runs beside it" in profile[0], result["advice"]
     # the same on recorded threads (4 at once): by RSS alone said, with live memory not
@@ -435,7 +435,7 @@ def test_no_neighbour_caveat_with_live_memory_or_one_job_at_a_time(case):
     attribution = result["evidence"]["attribution"]
     assert attribution["basis"] == basis and attribution["caveat"] is None, attribution
     assert not any("tentative" in s for s in result["suspects"])
-    assert "neighbour" not in render(result)
+    assert "neighbour" not in verdict_text(result)
 
 
 def test_same_pid_on_two_hosts_is_two_lifetimes():
@@ -892,7 +892,7 @@ def test_forking_worker_jobs_belong_to_the_worker_that_forked_them():
     assert ev["shapes"][0]["pid"] == 500 and ev["shapes"][0]["source"] == "jobs"
     assert result["pattern"] == "stable"
     assert any("forked work horses" in note for note in result["notes"])
-    text = render(result)
+    text = verdict_text(result)
     assert "over 300 jobs in 1 process lifetime(s)" in text
     assert "Longest lifetime (pid 500, 300 jobs)" in text
 
@@ -940,11 +940,11 @@ def test_leak_and_bloat_say_how_much_and_how_long_to_the_limit():
     # is the whole worker's, from memwarden run's readings of it
     assert 4 <= pace["seconds_from_start_to_limit"] <= 30, pace
     assert pace["figure"] == "the whole worker"
-    text = render(leak)
+    text = verdict_text(leak)
     assert "per hour" in text and "goes from" in text and "to its hard limit" in text
     bloat = diagnose(bloat_with_limits(300, soft_mb=340, hard_mb=380))
     assert bloat["pace"]["growth_per_lifetime_bytes"] > 10 * MB
-    assert "under its soft limit" in render(bloat)
+    assert "under its soft limit" in verdict_text(bloat)
 
 
 def test_oom_kills_are_said():
@@ -1076,7 +1076,7 @@ def output_digest(folder: str, name: str, parse=None) -> str:
     finally:
         os.chdir(cwd)
         journal_reader.parse = default
-    text = json.dumps(result, indent=2, default=str) + "\n" + render(result)
+    text = json.dumps(result, indent=2, default=str) + "\n" + verdict_text(result)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

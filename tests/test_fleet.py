@@ -17,10 +17,10 @@ import redis
 
 from conftest import need_service, wait_for
 from fleet_worker import Workers
-from memwarden import workload
+from memwarden import redact, workload
 from memwarden.config import Config
 from memwarden.coordination import HostLock, Once
-from memwarden.fleet import Fleet, FleetLock, Heartbeat, Link, connect, holders_key, redact
+from memwarden.fleet import Fleet, FleetLock, Heartbeat, Link, connect, holders_key
 from memwarden.fleet import checks as fleet_checks
 from memwarden.gauges.proc import self_rss
 from memwarden.policy import Action
@@ -52,7 +52,7 @@ def fleet(client: redis.Redis) -> Iterator[str]:
 
 
 def lock(fleet: str, k: int = 2, ttl: float = 30.0, url: str = URL) -> FleetLock:
-    return FleetLock(Link(connect(url), redact(url)), fleet, k=k, ttl=ttl)
+    return FleetLock(Link(connect(url), redact.url(url)), fleet, k=k, ttl=ttl)
 
 
 def server_ms(client: redis.Redis) -> int:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memwarden.analysis import read as journal_reader
-from memwarden.analysis.diagnose import analyse, analyse_files, render
+from memwarden.analysis.diagnose import analyse, analyse_files, verdict_text
 from memwarden.analysis.read import MAX_LINE, ReadSummary, check, job_fields, read_journals
 
 DEFAULT_PARSE = journal_reader.parse
@@ -55,7 +55,7 @@ def _judge(path: str) -> tuple[dict, ReadSummary]:
     fast_summary = ReadSummary()
     fast = analyse_files([path], fast_summary).result
     assert json.dumps(fast, default=str) == json.dumps(result, default=str)
-    render(result)
+    verdict_text(result)
     json.dumps(result, default=str)
     assert result["pattern"] in ("leak", "bloat", "stable", "unknown")
     assert summary.records + summary.bad <= summary.lines
@@ -159,7 +159,7 @@ def test_any_records(tmp_path, recs, zipped, cut):
     judge(write(tmp_path, text))
     # records handed over as they are (a library caller): validated on the way in
     analysis = analyse(list(recs))
-    render(analysis.result)
+    verdict_text(analysis.result)
 
 
 @settings(max_examples=100, deadline=None)

@@ -235,7 +235,7 @@ def test_metrics_export_pressure_and_events(tmp_path: Path):
 def test_heartbeats_and_status_show_pressure(tmp_path: Path):
     _need_system_psi()
     from memwarden import Journal, Warden
-    from memwarden.cli.status import render
+    from memwarden.cli.status import fleet_table
     from memwarden.fleet import heartbeat_of, warden_state
 
     w = Warden(
@@ -245,7 +245,7 @@ def test_heartbeats_and_status_show_pressure(tmp_path: Path):
     assert beat is not None
     assert 0.0 <= beat["psi_full10"] <= beat["psi_some10"] + 100.0
     assert beat["psi_src"] in ("cgroup", "system")
-    table = render({"wardens": [beat], "restarting": {}}).splitlines()
+    table = fleet_table({"wardens": [beat], "restarting": {}}).splitlines()
     assert "PSI10 SOME/FULL" in table[0]
     at = table[0].index("PSI10 SOME/FULL")
     cell = table[1][at:].split()[0]
@@ -255,7 +255,7 @@ def test_heartbeats_and_status_show_pressure(tmp_path: Path):
     # Of the wrong type, a heartbeat is malformed; absent (an older warden), a dash.
     assert heartbeat_of(json.dumps({**beat, "psi_full10": "high"})) is None
     old = {k: v for k, v in beat.items() if not k.startswith("psi_")}
-    row = render({"wardens": [old], "restarting": {}}).splitlines()[1]
+    row = fleet_table({"wardens": [old], "restarting": {}}).splitlines()[1]
     assert row[at:].split()[0] == "-"
 
 

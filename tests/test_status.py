@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from conftest import need_service, wait_for
 from fleet_worker import Workers
-from memwarden.cli.status import render, status
+from memwarden.cli.status import fleet_table, status
 from memwarden.fleet import FleetLock, Link, connect
 
 URL = "redis://127.0.0.1:6379/7"
@@ -106,7 +106,7 @@ def test_status_shows_live_wardens_and_drops_dead_ones(workers, client):
 
 
 def test_render_of_an_empty_fleet_says_so():
-    text = render({"wardens": [], "restarting": {}})
+    text = fleet_table({"wardens": [], "restarting": {}})
     assert "no live warden" in text
 
 

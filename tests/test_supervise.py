@@ -17,7 +17,8 @@ import pytest
 
 from cgroups import memory_cgroup
 from conftest import wait_for
-from memwarden.supervisor.run import EarlyExits, exit_status, redact, settings, status_text
+from memwarden import redact
+from memwarden.supervisor.run import EarlyExits, exit_status, settings, status_text
 from memwarden.units import SettingError
 
 CHILD = str(Path(__file__).parent / "programs" / "child.py")
@@ -348,7 +349,7 @@ def test_command_lines_are_redacted_for_logs_and_journal() -> None:
         "worker",
         "amqp://guest:guest@mq//",
     ]
-    shown = redact(argv)
+    shown = redact.argv(argv)
     assert shown == [
         "celery",
         "-b",

@@ -235,7 +235,7 @@ class Config:
             value = getattr(self, f.name)
             if value is not None:
                 VALIDATORS[f.metadata["kind"]](self, f, value)
-        _check_together(self)
+        _validate_together(self)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -456,7 +456,7 @@ def _set(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     object.__setattr__(cfg, f.name, value)
 
 
-def _check_size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     name = env_name(f)
     percent = isinstance(value, str) and value.strip().endswith("%")
     if percent and f.name in _NO_PERCENT:
@@ -471,7 +471,7 @@ def _check_size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
         raise SettingError(name, value, f"a size {floor}", "512MB")
 
 
-def _check_duration(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_duration(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     name = env_name(f)
     seconds = parse_duration(value, name)
     low, high, low_ok, example = _DURATIONS.get(f.name, (0.0, YEAR, True, "2m"))
@@ -481,7 +481,7 @@ def _check_duration(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     _set(cfg, f, seconds)
 
 
-def _check_percent(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_percent(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     text = str(value).strip().removesuffix("%").strip()
     try:
         share = float(text)
@@ -492,11 +492,11 @@ def _check_percent(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     _set(cfg, f, share)
 
 
-def _check_bool(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_bool(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     _set(cfg, f, parse_bool(value, env_name(f)))
 
 
-def _check_int(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_int(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     low, high, example = _INTS.get(f.name, (0, 1_000_000, "3"))
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         expected = f"a whole number from {low} to {high}"
@@ -505,7 +505,7 @@ def _check_int(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
         raise SettingError(env_name(f), value, expected, example)
 
 
-def _check_choice(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_choice(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     options = RESTARTS if f.name == "restart" else MEASURES
     normal = str(value).strip().lower()
     if normal not in options:
@@ -513,7 +513,7 @@ def _check_choice(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     _set(cfg, f, normal)
 
 
-def _check_signal(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_signal(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     name, text = env_name(f), str(value).strip()
     try:
         signum = signal.Signals(int(text)) if text.isdigit() else signal.Signals[_signal_name(text)]
@@ -524,7 +524,7 @@ def _check_signal(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     _set(cfg, f, signum.name)
 
 
-def _check_url(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_url(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     name, text = env_name(f), str(value).strip()
     example = _URL_EXAMPLES.get(f.name, "https://host")
     schemes = _URL_SCHEMES.get(f.name, ("http", "https"))
@@ -541,24 +541,24 @@ def _check_url(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
         raise SettingError(name, value, "spaces or control characters in the URL", example)
 
 
-def _check_path(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_path(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     name, text = env_name(f), str(value)
     if "\0" in text or not text.strip():
         raise SettingError(name, value, "expected a path", "/var/log/memwarden.jsonl")
     if f.name == "state_dir":
         _set(cfg, f, os.path.abspath(text))
     elif f.name == "journal":
-        _check_journal(name, text)
+        _validate_journal(name, text)
 
 
-def _check_text(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_text(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     """Text is any text, but for the settings with a form of their own (:data:`_TEXTS`)."""
-    check = _TEXTS.get(f.name)
-    if check is not None:
-        check(cfg, f, value)
+    validate = _TEXTS.get(f.name)
+    if validate is not None:
+        validate(cfg, f, value)
 
 
-def _check_dyno_size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_dyno_size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     from memwarden.gauges.quota import HEROKU_DYNO_SIZES
 
     shown = str(value).strip().lower()
@@ -567,35 +567,35 @@ def _check_dyno_size(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None
     _set(cfg, f, shown)
 
 
-def _check_fleet(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_fleet(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     if not _FLEET.match(str(value).strip()):
         raise SettingError(env_name(f), value, "letters, digits and . _ @ / + - only", "shop")
 
 
-def _check_address(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
+def _validate_address(cfg: Config, f: dataclasses.Field[Any], value: Any) -> None:
     if not _address(str(value).strip()):
         raise SettingError(env_name(f), value, "an IP address or a host name", "127.0.0.1")
 
 
 #: Text settings with a form of their own.
 _TEXTS: dict[str, Validator] = {
-    "dyno_size": _check_dyno_size,
-    "fleet": _check_fleet,
-    "metrics_addr": _check_address,
+    "dyno_size": _validate_dyno_size,
+    "fleet": _validate_fleet,
+    "metrics_addr": _validate_address,
 }
-#: Kind of setting -> its check; a check may store the value normalised (seconds, a
+#: Kind of setting -> its validator; a validator may store the value normalised (seconds, a
 #: signal's name, an absolute path).
 VALIDATORS: dict[str, Validator] = {
-    "size": _check_size,
-    "duration": _check_duration,
-    "percent": _check_percent,
-    "bool": _check_bool,
-    "int": _check_int,
-    "choice": _check_choice,
-    "signal": _check_signal,
-    "url": _check_url,
-    "path": _check_path,
-    "text": _check_text,
+    "size": _validate_size,
+    "duration": _validate_duration,
+    "percent": _validate_percent,
+    "bool": _validate_bool,
+    "int": _validate_int,
+    "choice": _validate_choice,
+    "signal": _validate_signal,
+    "url": _validate_url,
+    "path": _validate_path,
+    "text": _validate_text,
 }
 
 
@@ -607,7 +607,7 @@ def _address(text: str) -> bool:
         return len(text) <= 253 and bool(_HOST.match(text))
 
 
-def _check_journal(name: str, path: str) -> None:
+def _validate_journal(name: str, path: str) -> None:
     """A journal path must be a file to be (not a directory), and a symlink there ours."""
     if os.path.isdir(path):
         raise SettingError(name, path, "a directory: name a file in it", f"{path}/memwarden.jsonl")
@@ -621,7 +621,7 @@ def _check_journal(name: str, path: str) -> None:
         )
 
 
-def _check_together(cfg: Config) -> None:
+def _validate_together(cfg: Config) -> None:
     """Settings that are fine alone and wrong together."""
     soft, hard = cfg.soft_limit, cfg.hard_limit
     if soft is None or hard is None:

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from memwarden import redact as redact_mod
+from memwarden import redact
 from memwarden.events import state_of
 from memwarden.units import SettingError
 
@@ -77,11 +77,6 @@ end
 return 1
 """
 _RELEASE = "return redis.call('ZREM', KEYS[1], ARGV[1])"
-
-
-def redact(url: str) -> str:
-    """``url`` without its password or secret query parameters, for logs (:mod:`redact`)."""
-    return redact_mod.url(url)
 
 
 def worker_host(env: Mapping[str, str]) -> str:
@@ -347,11 +342,11 @@ class Fleet:
         except ValueError as exc:
             raise SettingError(
                 "MEMWARDEN_REDIS_URL",
-                redact(config.redis_url),
-                redact_mod.text(str(exc), known=[config.redis_url]),
+                redact.url(config.redis_url),
+                redact.text(str(exc), known=[config.redis_url]),
                 "redis://host:6379/0",
             ) from None
-        link = Link(client, redact(config.redis_url))
+        link = Link(client, redact.url(config.redis_url))
         return cls(link, fleet_name(config, env), worker_host(env), config)
 
     def __repr__(self) -> str:
@@ -376,7 +371,7 @@ def checks(config: Config, env: Mapping[str, str]) -> list[str]:
     """``memwarden check``: does the fleet's Redis answer?"""
     if not config.redis_url:
         return []
-    where = redact(config.redis_url)
+    where = redact.url(config.redis_url)
     try:
         connect(config.redis_url).ping()
     except ImportError:

@@ -479,7 +479,7 @@ class Warden:
             )
         action = decision.action
         if action is Action.RECLAIM:
-            return self._reclaim(decision)
+            return self._reclaim_rung(decision)
         self._steer_intake(decision)
         if action is Action.RECYCLE_CHILD:
             self.policy.did_recycle()
@@ -519,14 +519,17 @@ class Warden:
         except Exception:
             log.exception("memwarden: the %s hook failed", event)
 
-    def _reclaim(self, decision: Decision, decide: bool = True) -> Decision:
+    def _reclaim_rung(self, decision: Decision, decide: bool = True) -> Decision:
+        """The first rung: this process's heap trimmed, the pool children asked to trim
+        theirs (:attr:`Hooks.reclaim`), the ``reclaim`` journaled, and a fresh reading
+        decided on (responded to, unless ``decide`` is False)."""
         now = time.time()
         self.policy.did_reclaim(now)
         if self.config.dry_run:
             self._record("reclaim", decision, freed=0, rss_after=self_rss(), dry_run=True)
             return decision
         got = reclaim_mod.reclaim(self_rss)
-        asked = self._ask_reclaim(decision.reason)
+        asked = self._ask_children_to_reclaim(decision.reason)
         if asked:
             self.policy.did_ask(now + RECLAIM_SETTLE)
         after = self.read()
@@ -565,7 +568,8 @@ class Warden:
         after_decision = self._observe(after.total, time.time(), busy=busy)
         return self._respond(after_decision) if decide else after_decision
 
-    def _ask_reclaim(self, reason: str) -> int:
+    def _ask_children_to_reclaim(self, reason: str) -> int:
+        """How many pool children were asked to reclaim (0 without the hook)."""
         if self.hooks.reclaim is None:
             return 0
         try:
@@ -585,7 +589,7 @@ class Warden:
             return None
         total = self.read().total
         asked = Decision(Action.RECLAIM, reason, total, self.limits.soft, cause=cause)
-        return self._reclaim(asked, decide)
+        return self._reclaim_rung(asked, decide)
 
     def _record(
         self,

@@ -61,9 +61,9 @@ __all__ = [
     "load",
     "median",
     "nnls",
-    "render",
     "sustained",
     "theil_sen",
+    "verdict_text",
 ]
 
 MiB = 1024 * 1024
@@ -1395,7 +1395,8 @@ def load(paths: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
     return records, summary.bad
 
 
-def render(result: dict[str, Any]) -> str:
+def verdict_text(result: dict[str, Any]) -> str:
+    """The verdict as ``memwarden diagnose`` prints it (``result``: :func:`diagnose`'s)."""
     ev = result["evidence"]
     pattern = result["pattern"]
     lines = [

@@ -184,7 +184,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> Summary:
     )
 
 
-def render(s: Summary, journal: str, seconds: float, left: int) -> str:
+def summary_text(s: Summary, journal: str, seconds: float, left: int) -> str:
+    """The demo's closing summary from its journal: jobs, reclaims, restarts, kills, peak."""
     once = "every job ran exactly once" if s.each_once else "SOME JOBS RAN TWICE"
     lines = [
         "",
@@ -275,7 +276,7 @@ def demo(journal: str | None, jobs: int, seconds: float) -> None:
         records, _ = read_records(f)
     summary = summarize(r for r in records if r.get("ts", 0) >= t0)
     left = max(0, jobs - summary.unique_jobs)
-    click.echo(render(summary, path, time.monotonic() - start, left))
+    click.echo(summary_text(summary, path, time.monotonic() - start, left))
     # Asked to stop at the time budget while draining, a worker leaves with its restart's
     # status (75): a clean end too (a slow machine, e.g. the cgroup v2 VM of the tests).
     if status not in (0, run.config.exit_code, 128 + signal.SIGTERM):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import click
 
-from memwarden.analysis.diagnose import Analysis, analyse_files, render
+from memwarden.analysis.diagnose import Analysis, analyse_files, verdict_text
 from memwarden.analysis.read import ReadSummary
 
 
@@ -39,4 +39,4 @@ def diagnose(journals: tuple[str, ...], as_json: bool) -> None:
     to its restart."""
     analysis, _ = run_analysis(journals)
     result = analysis.result
-    click.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else verdict_text(result))

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from memwarden.redact import text
+from memwarden import redact
 from memwarden.units import format_duration, format_size
 
 COLUMNS: tuple[str, ...] = ("FLEET", "WORKER", "PID", "FRAMEWORK", "MEMORY", "SOFT", "HARD")
@@ -50,7 +50,8 @@ def _pressure(w: dict[str, Any]) -> str:
     return f"{some:.1f}/{full:.1f}%" + ("*" if w.get("psi_src") == "system" else "")
 
 
-def render(report: dict[str, Any], now: float | None = None) -> str:
+def fleet_table(report: dict[str, Any], now: float | None = None) -> str:
+    """The fleet as ``memwarden status`` prints it: a row per warden."""
     now = time.time() if now is None else now
     table = [COLUMNS, *rows(report, now)]
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
@@ -84,7 +85,7 @@ def render(report: dict[str, Any], now: float | None = None) -> str:
 )
 def status(url: str | None, fleet: str | None, as_json: bool) -> None:
     """Show the live wardens of the fleet: memory, limits, state, restarts, last culprit."""
-    from memwarden.fleet import connect, read_fleet, redact
+    from memwarden.fleet import connect, read_fleet
 
     url = url or os.environ.get("MEMWARDEN_REDIS_URL")
     if not url:
@@ -102,15 +103,17 @@ def status(url: str | None, fleet: str | None, as_json: bool) -> None:
         )
         sys.exit(2)
     except (OSError, ValueError) as exc:  # a bad URL
-        click.echo(f"memwarden: cannot read Redis {redact(url)}: {type(exc).__name__}", err=True)
+        click.echo(
+            f"memwarden: cannot read Redis {redact.url(url)}: {type(exc).__name__}", err=True
+        )
         sys.exit(1)
     except Exception as exc:  # redis errors: connection refused, auth, timeouts
         if type(exc).__module__.startswith("redis"):
             click.echo(
-                f"memwarden: cannot read Redis {redact(url)}: {type(exc).__name__}", err=True
+                f"memwarden: cannot read Redis {redact.url(url)}: {type(exc).__name__}", err=True
             )
         else:  # not Redis's fault: say what it was, not a traceback
-            shown = text(str(exc), known=[url])
+            shown = redact.text(str(exc), known=[url])
             click.echo(f"memwarden: status failed: {type(exc).__name__}: {shown}", err=True)
         sys.exit(1)
-    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    click.echo(json.dumps(report, indent=2) if as_json else fleet_table(report))

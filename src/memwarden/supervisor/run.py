@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TextIO, TypeVar
 
-from memwarden import redact as redaction
+from memwarden import redact
 from memwarden.config import Config, env_name_of
 from memwarden.events import Cause, cause_field
 from memwarden.gauges import CgroupGauge, Gauge, Sample, TreeGauge
@@ -219,10 +219,6 @@ def describe_exit(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}"
     return f"exited with status {returncode}"
-
-
-#: The command line fit for a log or the journal (one rule set: :mod:`memwarden.redact`).
-redact = redaction.argv
 
 
 def status_text(
@@ -467,8 +463,8 @@ class StatusLine:
 
 # --------------------------------------------------------------------- the supervisor
 @dataclass
-class Lifetime:
-    """One run of the command."""
+class ChildRun:
+    """One run of the command: its live process, and what the supervisor knows of it."""
 
     proc: subprocess.Popen[bytes]
     started: float  # monotonic
@@ -522,7 +518,7 @@ class Supervisor:
         if not argv:
             raise ValueError("no command to run")
         self.argv = list(argv)
-        self.shown = redact(self.argv)  # what logs and the journal may see
+        self.shown = redact.argv(self.argv)  # what logs and the journal may see
         self.settings = run
         self.config = run.config
         self.limits = run.limits
@@ -536,7 +532,7 @@ class Supervisor:
         self.label = name or shlex.join(self.shown)
         self.status = StatusLine(stream or sys.stderr, enabled=status)
         self.early = EarlyExits(run.young, run.max_early_exits, self.config.restart_window)
-        self.child: Lifetime | None = None
+        self.child: ChildRun | None = None
         self.restart_times: list[float] = []  # memory restarts (wall clock), for the policy
         #: restarts: lifetimes run replaced (a restart, a hard kill, exit 75); kills: those of
         #: them ended by our SIGKILL; oom_kills: the kernel's, in our cgroup.
@@ -629,9 +625,9 @@ class Supervisor:
                 return self._give_up(child)
             delay = delay_or_none
 
-    def _ended(self, child: Lifetime, oom: bool) -> float | None:
+    def _ended(self, child: ChildRun, oom: bool) -> float | None:
         """Journal and say how a lifetime ended; the delay before the next start (None:
-        give up). Lifetimes we ended, and the kernel's OOM kills, never count as early exits."""
+        give up). Runs we ended, and the kernel's OOM kills, never count as early exits."""
         assert child.returncode is not None
         asked = child.cause is None and child.returncode == self.config.exit_code
         # A command that leaves on its drain signal was stopped by us too.
@@ -673,7 +669,7 @@ class Supervisor:
         self.counts["early_exits"] = len(self.early.times)
         return delay
 
-    def _give_up(self, child: Lifetime) -> int:
+    def _give_up(self, child: ChildRun) -> int:
         assert child.returncode is not None
         status = exit_status(child.returncode) or 1
         self._say(
@@ -715,7 +711,7 @@ class Supervisor:
             self._say(logging.ERROR, "cannot start %s: %s", shlex.join(self.shown), exc.strerror)
             return code
         now_wall = time.time()
-        self.child = Lifetime(
+        self.child = ChildRun(
             proc=proc,
             started=time.monotonic(),
             gauge=child_gauge(self.settings, proc.pid),
@@ -727,7 +723,7 @@ class Supervisor:
         self._say(logging.INFO, "started %s (pid %d)", self.label, proc.pid)
         return None
 
-    def _supervise(self, child: Lifetime) -> None:
+    def _supervise(self, child: ChildRun) -> None:
         # The first reading at once (Popen returns once CMD is exec'd): a runaway is seen
         # from its first moment; the start-up is judged once CMD has settled.
         next_sample = time.monotonic()
@@ -781,7 +777,7 @@ class Supervisor:
         due = (soft + (hard - soft) / 2 - total) / rise
         return max(MIN_AIM, due) if due < interval else interval
 
-    def _sample(self, child: Lifetime) -> None:
+    def _sample(self, child: ChildRun) -> None:
         try:
             sample = self.pace.timed(child.gauge.read)
         except OSError as exc:
@@ -818,7 +814,7 @@ class Supervisor:
         psi = self.signals.full10() if self.limits.pressure_full is not None else None
         self._act(child, policy.observe(sample.total, time.time(), busy=busy, pressure=psi))
 
-    def _judge_start(self, child: Lifetime, total: int) -> None:
+    def _judge_start(self, child: ChildRun, total: int) -> None:
         """CMD is starting until it has settled: its memory rose less than ``SETTLED_RISE``
         over an interval and its processes all sleep (a process waiting for a CPU is not
         settled, only slow). The start reading then decides "starts over its soft limit".
@@ -837,7 +833,7 @@ class Supervisor:
             child.starting = False
             child.readings.clear()
 
-    def _settled(self, child: Lifetime, total: int) -> None:
+    def _settled(self, child: ChildRun, total: int) -> None:
         """CMD has started (its memory settled, or it told of its first job): ``total`` is
         its start, judged once."""
         child.starting = False
@@ -853,7 +849,7 @@ class Supervisor:
                 format_size(decision.limit),
             )
 
-    def _act(self, child: Lifetime, decision: Decision) -> None:
+    def _act(self, child: ChildRun, decision: Decision) -> None:
         action = decision.action
         if action is Action.KILL:
             in_flight = self._in_flight()  # one list for the record and the poison counts
@@ -879,7 +875,7 @@ class Supervisor:
         if child.drained_at is not None:
             self._after_drain(child, decision)
 
-    def _say_capped(self, child: Lifetime, decision: Decision) -> None:
+    def _say_capped(self, child: ChildRun, decision: Decision) -> None:
         """The restart cap, once per episode over the soft limit, then once a minute."""
         now = time.monotonic()
         episode = child.policy.over_since
@@ -888,7 +884,7 @@ class Supervisor:
         self._capped_episode, self._capped_said_at = episode, now
         self._say(logging.ERROR, "%s", decision.reason)
 
-    def _drain(self, child: Lifetime, decision: Decision) -> None:
+    def _drain(self, child: ChildRun, decision: Decision) -> None:
         """The drain signal, once per lifetime, at the soft crossing (the policy paused
         intake): CMD stops taking work; its stop signal follows soon (:meth:`_after_drain`)."""
         signum = self.settings.drain_signal
@@ -924,7 +920,7 @@ class Supervisor:
         child.drained_at = child.drain_peak_at = time.monotonic()
         child.drain_peak = decision.total
 
-    def _after_drain(self, child: Lifetime, decision: Decision) -> None:
+    def _after_drain(self, child: ChildRun, decision: Decision) -> None:
         """A drained CMD takes no work again: its stop signal once memory has not risen for
         ``DRAIN_QUIET`` seconds, and at the latest ``DRAIN_WAIT`` after the drain."""
         assert child.drained_at is not None
@@ -950,7 +946,7 @@ class Supervisor:
         )
         self._graceful_restart(child, restart)
 
-    def _graceful_restart(self, child: Lifetime, decision: Decision) -> None:
+    def _graceful_restart(self, child: ChildRun, decision: Decision) -> None:
         now = time.time()
         if self.config.dry_run:
             child.policy.did_dry_run(now)
@@ -973,7 +969,7 @@ class Supervisor:
     def _record(
         self,
         event: str,
-        child: Lifetime,
+        child: ChildRun,
         decision: Decision,
         in_flight: list[dict[str, Any]] | None = None,
         **extra: Any,
@@ -1004,7 +1000,7 @@ class Supervisor:
         )
 
     # ------------------------------------------------------------- stopping and killing
-    def _send_stop(self, child: Lifetime, signum: int) -> None:
+    def _send_stop(self, child: ChildRun, signum: int) -> None:
         """The one stop signal of this lifetime, then the SIGKILL deadline."""
         if child.stop_sent is None:
             child.stop_sent = signum
@@ -1017,7 +1013,7 @@ class Supervisor:
 
     def _hard_kill(
         self,
-        child: Lifetime,
+        child: ChildRun,
         reason: str,
         in_flight: list[dict[str, Any]] | None = None,
         cause: Cause | None = None,
@@ -1051,7 +1047,7 @@ class Supervisor:
         if self.jobs is not None:
             self.jobs.killed(in_flight)
 
-    def _ask_to_stop(self, child: Lifetime | None, signum: int, forward: bool) -> None:
+    def _ask_to_stop(self, child: ChildRun | None, signum: int, forward: bool) -> None:
         self._stopping = signum
         if child is None or child.returncode is not None:
             return
@@ -1074,7 +1070,7 @@ class Supervisor:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
 
-    def _reap(self, child: Lifetime | None) -> bool:
+    def _reap(self, child: ChildRun | None) -> bool:
         """Reap exited children; True when ``child`` (CMD) is one of them."""
         done = False
         while True:
@@ -1138,14 +1134,14 @@ class Supervisor:
                 return True
         return False
 
-    def _handle_signals(self, child: Lifetime | None) -> None:
+    def _handle_signals(self, child: ChildRun | None) -> None:
         """The signals received since the last look, in order, each to its handler."""
         while self._pending:
             signum = self._pending.pop(0)
             handler = self._SIGNAL_HANDLERS.get(signum, Supervisor._on_stop_signal)
             handler(self, signum, child)
 
-    def _on_sighup(self, signum: int, child: Lifetime | None) -> None:
+    def _on_sighup(self, signum: int, child: ChildRun | None) -> None:
         """SIGHUP: passed on to a running CMD (a reload; ``memwarden run`` goes on)."""
         if child is None or child.returncode is not None:
             return
@@ -1156,7 +1152,7 @@ class Supervisor:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGHUP)
 
-    def _on_sigint(self, signum: int, child: Lifetime | None) -> None:
+    def _on_sigint(self, signum: int, child: ChildRun | None) -> None:
         """SIGINT: stop; a second one while stopping kills CMD at once."""
         self._sigint_count += 1
         alive = child is not None and child.returncode is None
@@ -1166,7 +1162,7 @@ class Supervisor:
             return
         self._on_stop_signal(signum, child)
 
-    def _on_sigterm(self, signum: int, child: Lifetime | None) -> None:
+    def _on_sigterm(self, signum: int, child: ChildRun | None) -> None:
         """SIGTERM: stop, passing it on unless it is not to be (Heroku sends it to every
         process)."""
         if self.settings.forward_sigterm:
@@ -1176,7 +1172,7 @@ class Supervisor:
             self._on_stop_signal(signum, child, forward=False, how=how)
 
     def _on_stop_signal(
-        self, signum: int, child: Lifetime | None, forward: bool = True, how: str | None = None
+        self, signum: int, child: ChildRun | None, forward: bool = True, how: str | None = None
     ) -> None:
         """A signal that stops ``memwarden run``: CMD is asked to stop (the signal passed
         on when ``forward``), once; later ones only say that it is stopping."""
@@ -1204,7 +1200,7 @@ class Supervisor:
         self._ask_to_stop(child if alive else None, signum, forward)
 
     #: One handler per signal; any other asks CMD to stop.
-    _SIGNAL_HANDLERS: ClassVar[dict[int, Callable[[Supervisor, int, Lifetime | None], None]]] = {
+    _SIGNAL_HANDLERS: ClassVar[dict[int, Callable[[Supervisor, int, ChildRun | None], None]]] = {
         signal.SIGHUP: _on_sighup,
         signal.SIGINT: _on_sigint,
         signal.SIGTERM: _on_sigterm,
@@ -1225,7 +1221,7 @@ class Supervisor:
         log.log(level, "memwarden run: " + msg, *args)
         self.status.redraw()
 
-    def _show_status(self, child: Lifetime, event: bool = False) -> None:
+    def _show_status(self, child: ChildRun, event: bool = False) -> None:
         text = status_text(
             self.last_total,
             self.limits,
@@ -1252,7 +1248,7 @@ class Supervisor:
         except (OSError, ValueError):
             return None
 
-    def _look_for_oom_kills(self, child: Lifetime, ended: bool) -> bool:
+    def _look_for_oom_kills(self, child: ChildRun, ended: bool) -> bool:
         """Journal (``oom_kill``), count and say the OOM kills in our cgroup since the last
         look. True when CMD itself ``ended`` by one: SIGKILL, not ours, the counter moved."""
         now = self._oom_looked_at = time.monotonic()
@@ -1297,7 +1293,7 @@ class Supervisor:
             )
         return cmd
 
-    def _journal_exit(self, child: Lifetime, why: str) -> None:
+    def _journal_exit(self, child: ChildRun, why: str) -> None:
         assert child.returncode is not None
         self.journal.write(
             "exit",

@@ -94,6 +94,7 @@ HOSTS = {
     "memwarden.integrations.dramatiq": [],
     "memwarden.integrations.arq": [],
     "memwarden.integrations.taskiq": [],
+    "memwarden.integrations.procrastinate": [],
 }
 
 

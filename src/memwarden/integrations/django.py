@@ -62,6 +62,8 @@ _hook_guard = swallow_but()
 SWEEP_EVERY = 5.0
 #: How long the fetch waits between looks while intake is held (s).
 IDLE = 0.1
+#: How long a kill waits for a fetch under way (the worker's poll ``--interval`` counts in).
+FETCH_WAIT = 2.0
 #: How long a task that ends once a kill is decided waits for it before ending us itself.
 KILL_WAIT = 30.0
 #: A guarded worker's id starts with this; its advisory lock says it lives.
@@ -124,6 +126,7 @@ class Guard:
         self.killing = False
         self.in_hand: Any = None  # the DBTaskResult claimed, not ended
         self.started = False  # its run began (task_started)
+        self.fetching = False  # the worker is between its hold and its next claimed task
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._life: Any = None  # the connection holding our advisory lock
@@ -175,19 +178,24 @@ class Guard:
 
     def before_fetch(self) -> None:
         """Called by the worker's loop before each fetch: waits while intake is held."""
+        self.fetching = False
         while self.held() and self.in_hand is None:
             if not self.worker.running:
                 sys.exit(0)  # stopped while held: db_worker's own exit between tasks
             time.sleep(IDLE)
+        self.fetching = self.in_hand is None
 
     def claimed(self, row: Any) -> bool:
         """A row the worker claimed: False (and back to READY) when intake stopped meanwhile."""
-        with self._lock:
-            if not self.held():
-                self.in_hand, self.started = row, False
-                return True
-        self._put_back(row, killed=False, by="put_back")
-        return False
+        try:
+            with self._lock:
+                if not self.held():
+                    self.in_hand, self.started = row, False
+                    return True
+            self._put_back(row, killed=False, by="put_back")
+            return False
+        finally:
+            self.fetching = False
 
     def ended(self) -> None:
         with self._lock:
@@ -249,6 +257,13 @@ class Guard:
         quarantined at ``poison_kills``; from here on no task starts or ends."""
         with self._lock:
             self.killing = True
+        # A fetch under way claims its task, sees the kill and puts it back, uncounted: wait
+        # for it (at most FETCH_WAIT), lest the kill leave that row RUNNING and a sweep count
+        # a kill against a task that never began.
+        deadline = time.monotonic() + FETCH_WAIT
+        while self.fetching and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._lock:
             row, started = self.in_hand, self.started
         if row is None:
             return {"in_flight": []}

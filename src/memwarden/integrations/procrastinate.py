@@ -35,7 +35,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Unpack
 
 import psycopg
@@ -59,6 +59,8 @@ __all__ = ["KILLS_TABLE", "ProcrastinateGuard", "check_app", "guard", "no_loss_p
 KILLS_TABLE = "memwarden_procrastinate_kills"
 #: How often a worker looks for jobs left ``doing`` by a dead worker (s).
 RESCUE_EVERY = 5.0
+#: The longest a statement of ours may take (s): a kill is held back no longer per job.
+STATEMENT_TIMEOUT = 5.0
 
 CREATE_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {KILLS_TABLE} (
@@ -91,6 +93,8 @@ class ProcrastinateGuard:
         self.paused = False
         self.draining = False
         self._stop = threading.Event()
+        self._db_lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
 
     # ------------------------------------------------------------ wiring
     def install(self) -> App:
@@ -136,6 +140,9 @@ class ProcrastinateGuard:
                 self._stop.set()
                 if self.warden is not None:
                     self.warden.stop()
+                with self._db_lock, contextlib.suppress(Exception):
+                    if self._conn is not None:
+                        self._conn.close()
 
         worker.stop = stopped  # type: ignore[method-assign]
         worker.run = guarded_run  # type: ignore[method-assign]
@@ -154,15 +161,34 @@ class ProcrastinateGuard:
         )
         self.warden = Warden(self.config, hooks=hooks, framework="procrastinate").start()
         log.info("memwarden: guarding a procrastinate worker: %r", self.warden)
+        with contextlib.suppress(Exception), self.connection():
+            pass  # open now: the first kill does not wait for it
         threading.Thread(target=self._rescue_loop, name="memwarden-rescue", daemon=True).start()
 
     def connect(self) -> psycopg.Connection[Any]:
-        """A connection of our own (the app's pool belongs to its event loop)."""
-        if self.dsn is not None:
-            return psycopg.connect(self.dsn, connect_timeout=10)
+        """A connection of our own (the app's pool belongs to its event loop); a statement
+        never holds a hard kill back more than :data:`STATEMENT_TIMEOUT` seconds."""
         args: Mapping[str, Any] = getattr(self.app.connector, "_pool_args", {}) or {}
-        conninfo = str(args.get("conninfo", ""))
-        return psycopg.connect(conninfo, connect_timeout=10, **dict(args.get("kwargs") or {}))
+        conninfo = self.dsn if self.dsn is not None else str(args.get("conninfo", ""))
+        kwargs = {} if self.dsn is not None else dict(args.get("kwargs") or {})
+        kwargs["options"] = f"-c statement_timeout={int(STATEMENT_TIMEOUT * 1000)}"
+        kwargs.setdefault("connect_timeout", 5)
+        return psycopg.connect(conninfo, **kwargs)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """This worker's connection, kept open (a kill does not wait for a new one), made
+        again after a failure; one user at a time (the watchdog, the rescue thread)."""
+        with self._db_lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = self.connect()
+            try:
+                yield self._conn
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
+                raise
 
     # ------------------------------------------------------------ records
     async def middleware(
@@ -228,7 +254,7 @@ class ProcrastinateGuard:
             running = {k: str(v["job"]) for k, v in self._running.items()}
         me = self.worker.worker_id if self.worker is not None else None
         counted = []
-        with self.connect() as conn:
+        with self.connection() as conn:
             for job_id, name in running.items():
                 if self._free(conn, job_id, name, me, by="watchdog"):
                     counted.append({"job": name, "job_id": str(job_id)})
@@ -306,7 +332,7 @@ class ProcrastinateGuard:
         me = worker.worker_id if worker is not None else None
         stalled = worker.stalled_worker_timeout if worker is not None else 30.0
         freed = 0
-        with self.connect() as conn:
+        with self.connection() as conn:
             rows = conn.execute(ORPHANS, {"me": me, "stalled": stalled}).fetchall()
             conn.commit()
             for job_id, name in rows:

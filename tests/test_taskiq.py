@@ -10,6 +10,7 @@ worker reads no new message, and reads again under it.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -193,6 +194,32 @@ def test_task_in_flight_at_a_kernel_oom_kill_comes_back(tmp_path: Path) -> None:
         assert (requeue["by"], requeue["job"], requeue["job_id"]) == ("rescue", "hog", hog)
         assert requeue["kills"] == 1
         assert [p for r in journal(env) for p in problems(r)] == []
+
+
+def test_a_platform_stop_finishes_running_tasks_and_gives_the_rest_back(tmp_path: Path) -> None:
+    """SIGTERM to ``taskiq worker`` (a deploy, a scale-down): the two running tasks finish,
+    the six read and not begun (one stream read takes them all) go back to the stream, not
+    to ``idle_timeout``; the next worker runs them, each exactly once. No restart of
+    memwarden's own (it knows the worker is being stopped)."""
+    need_service("Redis", 6379)
+    settings = {"MEMWARDEN_SOFT_LIMIT": "600MiB", "MEMWARDEN_HARD_LIMIT": "900MiB"}
+    r = redis.Redis.from_url(URL)
+    with taskiq_env(tmp_path, **settings) as env, memory_cgroup(1024 * MB) as cg:
+        log = tmp_path / "worker.log"
+        with taskiq_worker(env, log, cg, "--max-async-tasks", "2") as first:
+            wait_for(lambda: b"guarding taskiq" in log.read_bytes(), 60, what="the warden")
+            send(env, *[("leaky", i, 0, 3) for i in range(8)])
+            wait_for(lambda: len(counts(env, "attempts")) == 2, 30, what="two tasks running")
+            first.send_signal(signal.SIGTERM)
+            first.wait(timeout=60)
+            assert len(counts(env, "done")) == 2  # the running ones finished
+            pending = r.xpending(env["TASKIQ_TEST_QUEUE"], "taskiq")
+            assert pending["pending"] == 0  # none left with the stopped worker
+        with taskiq_worker(env, log, cg, "--max-async-tasks", "4"):
+            wait_for(lambda: len(counts(env, "done")) == 8, 60, what="every task done")
+        assert counts(env, "done") == dict.fromkeys(range(8), 1.0)
+        assert counts(env, "attempts") == dict.fromkeys(range(8), 1.0)
+        assert journal(env, "restart") == [] and journal(env, "kill") == []
 
 
 def test_loss_notes_name_the_settings_that_can_lose_a_task() -> None:

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -245,6 +246,7 @@ class MemoryWarden(TaskiqMiddleware):
             before_kill=self.before_kill,
         )
         self.warden = Warden(self.config, hooks=hooks, framework="taskiq").start()
+        self._note_stop_signals()
         self._expire_autoclaim_lock()
         if self.redis is not None and self.kind == "list":
             self._push_back_killed()
@@ -256,6 +258,24 @@ class MemoryWarden(TaskiqMiddleware):
         log.info("memwarden: %r guarding taskiq worker %d", self.warden, os.getpid())
         for note in loss_notes(broker, worker_ack_type()):
             log.info("memwarden: %s", note)
+
+    def _note_stop_signals(self) -> None:
+        """Learn when this worker is being stopped (``taskiq worker`` passes SIGINT, a
+        platform sends SIGTERM), keeping taskiq's own handler: read no more from then on,
+        and want no restart of our own."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def noted(num: int, frame: Any, previous: Any = previous) -> None:
+                self.draining = True
+                if self.warden is not None:
+                    self.warden.being_stopped()
+                if callable(previous):
+                    previous(num, frame)
+
+            signal.signal(signum, noted)
 
     async def shutdown(self) -> None:
         if self.warden is None:

@@ -226,4 +226,12 @@ def test_check_names_the_settings_that_can_lose_a_job() -> None:
     assert "once" in found[1] and "again" not in found[1]
     assert "update_heartbeat_interval (30s) >= stalled_worker_timeout (30s)" in found[2]
     safe = guard(App(connector=PsycopgConnector(conninfo=ADMIN)))
+
+    @safe.task(name="plain")
+    def plain() -> None: ...
+
     assert no_loss_problems(safe) == []
+    # A running worker's own settings (its command line's) count, not the app's defaults.
+    running = {"shutdown_graceful_timeout": 5.0, "update_heartbeat_interval": 10.0}
+    (timeout,) = no_loss_problems(safe, {**running, "stalled_worker_timeout": 30.0})
+    assert "shutdown_graceful_timeout is set" in timeout

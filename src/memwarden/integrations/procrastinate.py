@@ -161,6 +161,8 @@ class ProcrastinateGuard:
         )
         self.warden = Warden(self.config, hooks=hooks, framework="procrastinate").start()
         log.info("memwarden: guarding a procrastinate worker: %r", self.warden)
+        for problem in no_loss_problems(self.app, _settings(self.worker)):
+            log.warning("memwarden: procrastinate: JOBS CAN BE LOST: %s", problem)
         with contextlib.suppress(Exception), self.connection():
             pass  # open now: the first kill does not wait for it
         threading.Thread(target=self._rescue_loop, name="memwarden-rescue", daemon=True).start()
@@ -350,6 +352,14 @@ class ProcrastinateGuard:
         return row is not None
 
 
+def _settings(worker: Worker | None) -> dict[str, Any] | None:
+    """A running worker's settings that :func:`no_loss_problems` reads."""
+    if worker is None:
+        return None
+    names = ("shutdown_graceful_timeout", "update_heartbeat_interval", "stalled_worker_timeout")
+    return {n: getattr(worker, n) for n in names}
+
+
 def _count_kill(conn: psycopg.Connection[Any], job_id: int) -> int:
     row = conn.execute(
         f"INSERT INTO {KILLS_TABLE} (job_id, kills) VALUES (%s, 1)"
@@ -360,11 +370,12 @@ def _count_kill(conn: psycopg.Connection[Any], job_id: int) -> int:
 
 
 # ------------------------------------------------------------------ memwarden check
-def no_loss_problems(app: App) -> list[str]:
-    """Settings of ``app`` under which a job can be lost (or left for good)."""
+def no_loss_problems(app: App, settings: Mapping[str, Any] | None = None) -> list[str]:
+    """Settings of ``app`` under which a job can be lost (or left for good): its worker
+    settings, ``settings`` (a running worker's) else the app's ``worker_defaults``."""
     app.perform_import_paths()  # type: ignore[no-untyped-call]
     out = []
-    defaults: Mapping[str, Any] = app.worker_defaults or {}
+    defaults: Mapping[str, Any] = (app.worker_defaults or {}) if settings is None else settings
     if getattr(app, "memwarden_guard", None) is None:
         out.append(
             "the app is not guarded (memwarden.procrastinate.guard(app)): Procrastinate "

@@ -95,6 +95,7 @@ HOSTS = {
     "memwarden.integrations.arq": [],
     "memwarden.integrations.taskiq": [],
     "memwarden.integrations.procrastinate": [],
+    "memwarden.integrations.django": [],
 }
 
 

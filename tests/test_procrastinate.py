@@ -3,8 +3,9 @@ in a real memory cgroup, restarted by a loop as a platform would.
 
 A job killed at the hard limit is back at once; a job running at K kills is quarantined
 (status ``failed``, its row in memwarden's table); a job cut by a kill memwarden did not
-make (SIGKILL from outside) is back once its worker's heartbeat is stale (Procrastinate
-alone leaves it ``doing`` for good); intake pauses over the soft limit.
+make (SIGKILL from outside, the kernel's OOM killer) is back once its worker's heartbeat is
+stale (Procrastinate alone leaves it ``doing`` for good), or quarantined after K; intake
+pauses over the soft limit.
 """
 
 from __future__ import annotations
@@ -179,6 +180,37 @@ def test_job_of_a_worker_killed_from_outside_comes_back(tmp_path: Path, dsn: str
         assert requeue["job_id"] == str(job) and requeue["by"] == "rescue"
         assert requeue["kills"] == 1
         assert loop.exits == [-signal.SIGKILL]
+        assert [p for r in journal(env) for p in problems(r)] == []
+
+
+def test_jobs_cut_by_the_kernels_oom_killer_come_back_or_are_quarantined(
+    tmp_path: Path, dsn: str
+) -> None:
+    """memwarden's limits out of reach: the kernel's OOM killer kills the worker in the
+    middle of a job. The next worker finds the job ``doing`` on a dead worker and runs it
+    again; a job OOM-killed every run is quarantined after K kills and the queue goes on."""
+    env = worker_env(tmp_path, dsn, MEMWARDEN_SOFT_LIMIT="3GiB", MEMWARDEN_HARD_LIMIT="4GiB")
+    with memory_cgroup(300 * MB) as cg, WorkerLoop(WORKER, env, tmp_path / "w.log", cg):
+        wait_for(lambda: journal(env, "sample"), 60, what="the worker's watchdog")
+        once = defer(dsn, "hog", n=1, mb=400, first_only=True)
+        wait_for(lambda: counts(dsn, 1)[1], 90, what="the OOM-killed job, run again")
+        poison = defer(dsn, "hog", n=2, mb=400)
+        wait_for(lambda: journal(env, "quarantine"), 120, what="the poison job quarantined")
+        after = defer(dsn, "nap", n=3, seconds=0.1)
+        wait_for(lambda: counts(dsn, 3)[1], 60, what="the queue to go on")
+        assert cg.oom_kills() >= 1 + POISON_KILLS
+        assert journal(env, "kill") == []  # the kernel's kills, not memwarden's
+        assert [counts(dsn, n) for n in (1, 2, 3)] == [(2, 1), (POISON_KILLS, 0), (1, 1)]
+        assert [(q["job_id"], q["kills"]) for q in journal(env, "quarantine")] == [
+            (str(poison), POISON_KILLS)
+        ]
+        requeued = [(r["job_id"], r["by"]) for r in journal(env, "requeue")]
+        assert requeued == [(str(once), "rescue")] + [(str(poison), "rescue")] * (POISON_KILLS - 1)
+        assert [status(dsn, j) for j in (once, poison, after)] == [
+            "succeeded",
+            "failed",
+            "succeeded",
+        ]
         assert [p for r in journal(env) for p in problems(r)] == []
 
 

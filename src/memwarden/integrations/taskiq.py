@@ -10,19 +10,20 @@ starts its broker (the middleware does nothing in a client that only sends tasks
   under the limit.
 - Drain and restart: intake stops, the running tasks finish (``shutdown_timeout``), then
   SIGTERM to this worker process: taskiq's own graceful stop; ``taskiq worker``'s process
-  manager starts a fresh process within a second (unless ``--max-fails`` is reached).
-  At the stop, messages read but not begun go back to the queue (taskiq would drop them).
+  manager starts a fresh process within a second (unless ``--max-fails`` is reached). At
+  any stop (ours or the platform's, noted as it comes), messages read and not begun go back
+  to the queue (taskiq would drop them).
 - Hard kill: one kill is counted against every task running at that instant
   (:class:`PoisonJobs`, Redis), then every message this worker holds goes back to its queue
-  before the SIGKILL: on :class:`~taskiq_redis.RedisStreamBroker` each pending entry of its
-  consumer is added again and acknowledged (at once, not after ``idle_timeout``); on
-  :class:`~taskiq_redis.ListQueueBroker` each message read and not finished is pushed back.
-  A message whose task was running at ``poison_kills`` kills is quarantined when it comes
-  back: never run, kept in ``memwarden:taskiq:{queue}:quarantine``, a failed result.
-- A death memwarden does not cause (the kernel's OOM killer, a crash): only
-  ``RedisStreamBroker`` with ``ack_type`` ``when_executed`` or ``when_saved`` (the default)
-  gets the messages back, after its ``idle_timeout``; :func:`loss_notes` says which
-  settings can lose a task (``memwarden check`` and the worker's log print them).
+  before the SIGKILL: on ``RedisStreamBroker`` each pending entry of its consumer is added
+  again and acknowledged (at once, not after ``idle_timeout``); on ``ListQueueBroker`` the
+  messages read and not finished are set aside, and the next worker to start pushes them
+  back. A message whose task was running at ``poison_kills`` kills is quarantined when it
+  comes back: never run, kept in ``memwarden:taskiq:{queue}:quarantine``, a failed result.
+- A death memwarden does not cause (the kernel's OOM killer, a crash), ``RedisStreamBroker``:
+  a guarded worker rescues the consumer of a dead one (:mod:`.taskiq_redis`); a
+  ``ListQueueBroker``'s messages are lost. :func:`loss_notes` says which settings can lose
+  a task (``memwarden check --taskiq-broker`` and the worker's log at start print them).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -41,11 +41,18 @@ from typing import Any, Unpack, cast
 
 import redis
 from taskiq import AckableMessage, TaskiqMessage, TaskiqMiddleware, TaskiqResult
-from taskiq.abc.broker import AsyncBroker
 
 from memwarden.config import Config, Options
-from memwarden.gauges.proc import alive
 from memwarden.hooks import Hooks
+from memwarden.integrations.taskiq_redis import (
+    LEASE,
+    RESCUE_EVERY,
+    StreamConsumers,
+    broker_kind,
+    loss_notes,
+    no_loss_problems,
+    redelivery_note,
+)
 from memwarden.poison import PoisonJobs
 from memwarden.units import SettingError
 from memwarden.warden import Warden, swallow_but
@@ -68,89 +75,6 @@ __all__ = [
 
 #: How often a paused intake looks whether it may read again (s).
 INTAKE_POLL = 0.1
-#: A worker's lease on its stream consumer (s), renewed every third of it; a consumer with
-#: no lease is dead: another worker gives back what it held.
-LEASE = 10.0
-#: How often a worker looks for stream consumers of dead workers (s).
-RESCUE_EVERY = 5.0
-#: A RedisStreamBroker autoclaim lock left with no expiry by a killed worker expires this
-#: long after the kill (ms): taskiq-redis takes it with no timeout, and a lock that is never
-#: released stops every worker from reclaiming the messages of dead ones.
-AUTOCLAIM_LOCK_TTL = 5000
-
-#: Add again, then acknowledge, every pending entry of consumer ARGV[2] in group ARGV[1] of
-#: stream KEYS[1] (at most ARGV[3]); returns how many went back.
-GIVE_BACK_LUA = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[3], ARGV[2])
-local n = 0
-for _, entry in ipairs(pending) do
-  local id = entry[1]
-  local found = redis.call('XRANGE', KEYS[1], id, id)
-  if #found > 0 then
-    redis.call('XADD', KEYS[1], '*', unpack(found[1][2]))
-    n = n + 1
-  end
-  redis.call('XACK', KEYS[1], ARGV[1], id)
-end
-return n
-"""
-
-
-def _kind(broker: AsyncBroker) -> str:
-    """``stream``, ``list`` or ``other``: which taskiq-redis broker this is."""
-    names = {c.__name__ for c in type(broker).__mro__}
-    if "RedisStreamBroker" in names:
-        return "stream"
-    if "ListQueueBroker" in names:
-        return "list"
-    return "other"
-
-
-def no_loss_problems(broker: AsyncBroker, ack_type: str | None = None) -> list[str]:
-    """The broker settings (and worker ``--ack-type``) that can lose a task."""
-    kind = _kind(broker)
-    if kind == "list":
-        return [
-            "ListQueueBroker takes a message off Redis as it reads it: a task is put back "
-            "when memwarden kills the worker, but lost when anything else does (the kernel's "
-            "OOM killer, a crash); use taskiq_redis.RedisStreamBroker"
-        ]
-    if kind != "stream":
-        return [
-            f"{type(broker).__name__}: memwarden counts poison kills but cannot put a "
-            f"message back; whether a killed task comes back is the broker's"
-        ]
-    problems = []
-    if (ack_type or "when_saved") == "when_received":
-        problems.append(
-            "--ack-type when_received acknowledges a message before its task runs: a "
-            "task running at a kill memwarden does not make is lost; use when_saved"
-        )
-    if str(getattr(broker, "consumer_id", "$")) == "$":
-        problems.append(
-            "RedisStreamBroker(consumer_id='$') makes its group at the first worker's "
-            "start: tasks sent before that are never read; pass consumer_id='0'"
-        )
-    return problems
-
-
-def redelivery_note(broker: AsyncBroker) -> str | None:
-    """When the tasks of a dead worker come back (RedisStreamBroker)."""
-    if _kind(broker) != "stream":
-        return None
-    idle = float(getattr(broker, "idle_timeout", 0)) / 1000
-    return (
-        f"RedisStreamBroker: tasks held by a worker memwarden kills go back at once; by one "
-        f"that dies otherwise, within {LEASE + RESCUE_EVERY:g} s while a guarded worker "
-        f"runs (else taskiq's own idle_timeout, {idle:g} s: keep it above your longest "
-        f"task, or a task still running is run twice)"
-    )
-
-
-def loss_notes(broker: AsyncBroker, ack_type: str | None = None) -> list[str]:
-    """What can lose a task, then when a dead worker's tasks come back."""
-    note = redelivery_note(broker)
-    return no_loss_problems(broker, ack_type) + ([note] if note else [])
 
 
 def worker_ack_type(argv: list[str] | None = None) -> str | None:
@@ -202,8 +126,8 @@ class MemoryWarden(TaskiqMiddleware):
         self.paused = False
         self.draining = False
         self.killing = False
-        self.consumer = ""  # our RedisStreamBroker consumer, once leased
-        self.running_key = "memwarden:taskiq:taskiq:running"
+        #: Our RedisStreamBroker consumer's lease, notes and rescues (stream broker only).
+        self.consumers: StreamConsumers | None = None
         self.limbo_key = "memwarden:taskiq:taskiq:killed"
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the event loop writes, the watchdog thread reads
@@ -226,10 +150,9 @@ class MemoryWarden(TaskiqMiddleware):
     def _boot(self) -> None:
         broker = self.broker
         self.loop = asyncio.get_running_loop()
-        self.kind = _kind(broker)
+        self.kind = broker_kind(broker)
         self.queue = str(getattr(broker, "queue_name", "taskiq"))
         self.quarantine_key = f"memwarden:taskiq:{self.queue}:quarantine"
-        self.running_key = f"memwarden:taskiq:{self.queue}:running"
         self.limbo_key = f"memwarden:taskiq:{self.queue}:killed"
         self.redis = self._sync_redis()
         if self.redis is not None and self.config.poison_kills:
@@ -247,12 +170,14 @@ class MemoryWarden(TaskiqMiddleware):
         )
         self.warden = Warden(self.config, hooks=hooks, framework="taskiq").start()
         self._note_stop_signals()
-        self._expire_autoclaim_lock()
         if self.redis is not None and self.kind == "list":
             self._push_back_killed()
         if self.redis is not None and self.kind == "stream":
-            self.consumer = str(getattr(broker, "consumer_name", ""))
-            self._renew()
+            group = str(getattr(broker, "consumer_group_name", "taskiq"))
+            consumer = str(getattr(broker, "consumer_name", ""))
+            self.consumers = StreamConsumers(self.redis, self.queue, group, consumer)
+            self.consumers.expire_autoclaim_lock()
+            self.consumers.renew()
             self.rescue()
             threading.Thread(target=self._lease_loop, name="memwarden-lease", daemon=True).start()
         log.info("memwarden: %r guarding taskiq worker %d", self.warden, os.getpid())
@@ -285,13 +210,11 @@ class MemoryWarden(TaskiqMiddleware):
             n = self.give_back()  # read and not begun: taskiq drops them at its stop
             if n:
                 log.info("memwarden: %d taskiq messages read and not begun given back", n)
-            if self.consumer and self.redis is not None:
+            if self.consumers is not None:
                 with self._lock:
                     mine = list(self._running)
-                if mine:
-                    self.redis.hdel(self.running_key, *mine)
-                self.redis.xgroup_delconsumer(self.queue, self._group(), self.consumer)
-                self.redis.delete(self._lease_key(self.consumer))
+                self.consumers.ended(*mine)
+                self.consumers.leave()
         except Exception:
             log.exception("memwarden: could not give the unbegun messages back")
         self.warden.stop()
@@ -407,9 +330,8 @@ class MemoryWarden(TaskiqMiddleware):
             return
         with self._lock:
             self._running[message.task_id] = {"job": message.task_name, "job_id": message.task_id}
-        if self.consumer and self.redis is not None:
-            note = f"{self.consumer}\t{message.task_name}"
-            self.redis.hset(self.running_key, message.task_id, note)
+        if self.consumers is not None:
+            self.consumers.started(message.task_id, message.task_name)
         self.warden.job_started(message.task_name, message.task_id, queue=self.queue)
 
     @_hook_guard
@@ -419,8 +341,8 @@ class MemoryWarden(TaskiqMiddleware):
         with self._lock:
             self._running.pop(message.task_id, None)
             self._taken.pop(message.task_id, None)
-        if self.consumer and self.redis is not None:
-            self.redis.hdel(self.running_key, message.task_id)
+        if self.consumers is not None:
+            self.consumers.ended(message.task_id)
         self.warden.job_finished(message.task_id)
 
     # ----------------------------------------------------------------- the warden's hooks
@@ -448,31 +370,24 @@ class MemoryWarden(TaskiqMiddleware):
                 self.poison.record_kill(job["job_id"])
         fields: dict[str, Any] = {"in_flight": hand}
         try:
-            if self.consumer and self.redis is not None:
+            if self.consumers is not None:
                 self._stop.set()
-                if hand:
-                    self.redis.hdel(self.running_key, *[j["job_id"] for j in hand])
-                # No lease: what this worker reads from now to its death (a read under
-                # way) is given back by the next worker that looks.
-                self.redis.delete(self._lease_key(self.consumer))
+                self.consumers.ended(*[j["job_id"] for j in hand])  # counted just now
+                self.consumers.let_go()
             fields["given_back"] = self.give_back(dying=True)
+            if self.consumers is not None:
+                self.consumers.expire_autoclaim_lock()
         except Exception:
             log.exception("memwarden: could not give the messages back")
-        self._expire_autoclaim_lock()
         return fields
 
-    def give_back(self, consumer: str | None = None, dying: bool = False) -> int:
-        """Every message this worker (or stream ``consumer``) holds, back to its queue;
-        returns how many. ``dying`` (a kill is next): a list's messages are put aside, for
-        the next worker to start to push back (a read under way here would take them)."""
-        if self.redis is None:
-            return 0
-        if self.kind == "stream":
-            group = self._group()
-            mine = str(getattr(self.broker, "consumer_name", ""))
-            args = (group, consumer or mine, "10000")
-            return int(cast("int", self.redis.eval(GIVE_BACK_LUA, 1, self.queue, *args)))
-        if self.kind == "list":
+    def give_back(self, dying: bool = False) -> int:
+        """Every message this worker holds, back to its queue; returns how many.
+        ``dying`` (a kill is next): a list's messages are put aside, for the next worker
+        to start to push back (a read under way here would take them)."""
+        if self.consumers is not None:
+            return self.consumers.give_back()
+        if self.redis is not None and self.kind == "list":
             with self._lock:
                 taken = list(self._taken.values())
                 self._taken.clear()
@@ -481,15 +396,6 @@ class MemoryWarden(TaskiqMiddleware):
                 self.redis.rpush(where, *reversed(taken))  # BRPOP takes the tail
             return len(taken)
         return 0
-
-    @_hook_guard
-    def _expire_autoclaim_lock(self) -> None:
-        """An autoclaim lock with no expiry (its holder was killed) expires in a moment."""
-        if self.redis is None or self.kind != "stream":
-            return
-        key = f"autoclaim:{self._group()}:{self.queue}"
-        if self.redis.ttl(key) == -1:
-            self.redis.pexpire(key, AUTOCLAIM_LOCK_TTL)
 
     @_hook_guard
     def _push_back_killed(self) -> None:
@@ -503,23 +409,13 @@ class MemoryWarden(TaskiqMiddleware):
                 "memwarden: %d taskiq messages of a killed worker back on %s", n, self.queue
             )
 
-    def _group(self) -> str:
-        return str(getattr(self.broker, "consumer_group_name", "taskiq"))
-
     # ----------------------------------------------------------------- dead consumers
-    def _lease_key(self, consumer: str) -> str:
-        return f"memwarden:taskiq:{self.queue}:lease:{consumer}"
-
-    def _renew(self) -> None:
-        assert self.redis is not None
-        here = f"{socket.gethostname()}:{os.getpid()}"
-        self.redis.set(self._lease_key(self.consumer), here, px=int(LEASE * 1000))
-
     def _lease_loop(self) -> None:
         last = time.monotonic()
         while not self._stop.wait(LEASE / 3):
             try:
-                self._renew()
+                assert self.consumers is not None
+                self.consumers.renew()
                 if time.monotonic() - last >= RESCUE_EVERY:
                     last = time.monotonic()
                     self.rescue()
@@ -528,45 +424,11 @@ class MemoryWarden(TaskiqMiddleware):
 
     @_hook_guard
     def rescue(self) -> None:
-        """The stream consumers of dead workers (no lease): one kill counted against each
-        task noted running there, and every message they held back on the stream at once
-        (not after ``idle_timeout``); the consumer is then removed from the group."""
-        assert self.redis is not None
-        group = self._group()
-        try:
-            consumers = cast("list[dict[str, Any]]", self.redis.xinfo_consumers(self.queue, group))
-        except redis.ResponseError:
-            return  # no stream or group yet
-        running = cast("dict[bytes, bytes]", self.redis.hgetall(self.running_key))
-        for info in consumers:
-            name = _text(info.get("name"))
-            if name == self.consumer or not self._dead(name):
-                continue
-            held = {
-                _text(t): _text(note).partition("\t")[2]
-                for t, note in running.items()
-                if _text(note).partition("\t")[0] == name
-            }
-            if not int(info.get("pending", 0)) and not held:
-                continue
-            if not self.redis.set(f"{self._lease_key(name)}:rescue", 1, nx=True, ex=30):
-                continue  # another worker is at it
-            for task_id, task_name in held.items():
-                self._count_rescued(task_id, task_name)
-            if held:
-                self.redis.hdel(self.running_key, *held)
-            n = self.give_back(name)
-            self.redis.xgroup_delconsumer(self.queue, group, name)
-            log.warning("memwarden: taskiq consumer %s is gone: %d messages back", name, n)
-
-    def _dead(self, consumer: str) -> bool:
-        """No lease, or a lease of a process of this host that is gone."""
-        assert self.redis is not None
-        lease = self.redis.get(self._lease_key(consumer))
-        if lease is None:
-            return True
-        host, _, pid = _text(lease).rpartition(":")
-        return host == socket.gethostname() and pid.isdigit() and not alive(int(pid))
+        """The stream consumers of dead workers: one kill counted against each task they
+        ran, every message they held back on the stream at once (not after
+        ``idle_timeout``)."""
+        if self.consumers is not None:
+            self.consumers.rescue(self._count_rescued)
 
     def _count_rescued(self, task_id: str, task_name: str) -> None:
         kills = self.poison.record_kill(task_id) if self.poison is not None else 0
@@ -580,7 +442,3 @@ class MemoryWarden(TaskiqMiddleware):
                 framework="taskiq",
                 queue=self.queue,
             )
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -4,15 +4,20 @@ that hold the memory, and not one request fails, nor does the kernel OOM-kill an
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cgroups import memory_cgroup
+from memwarden.gauges.proc import children_of
 from memwarden.records import problems
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +33,11 @@ SECONDS = 25.0
 RECYCLES = 5
 
 
-def journal(path: Path) -> list[dict[str, object]]:
+def kills(path: Path) -> list[dict[str, Any]]:
+    return [r for r in journal(path) if r["event"] == "kill"]
+
+
+def journal(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -104,3 +113,47 @@ def test_bench_tiny() -> None:
     assert int(rows[1]["max_requests"]) > 0
     guarded = rows[2]
     assert (guarded["lost"], guarded["oom_kills"]) == ("0", "0"), guarded
+
+
+def test_one_worker_past_the_hard_limit_is_killed_before_the_kernel_does() -> None:
+    """A request that takes a worker past the hard limit at once: that worker (the one with
+    the most private memory) is SIGKILLed, the kernel kills nothing, the others serve on."""
+    with tempfile.TemporaryDirectory(prefix="memwarden-test-") as tmp:
+        path = Path(tmp) / "journal.jsonl"
+        env = {
+            "MEMWARDEN_JOURNAL": str(path),
+            "MEMWARDEN_STATE_DIR": str(Path(tmp) / "state"),
+            # 48 MiB between the hard limit and the cgroup's: room on both sides of the hog
+            "MEMWARDEN_SOFT_LIMIT": "75%",
+            "MEMWARDEN_HARD_LIMIT": "85%",
+        }
+        port = free_port()
+        with memory_cgroup(LIMIT) as cg, gunicorn(cg.join, port, env=env) as arbiter:
+            deadline = time.monotonic() + 60
+            while len(children_of(arbiter.pid)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            sampler = Sampler(cg.cgroup, arbiter.pid).start()
+            # Past the hard limit, short of the cgroup's: the hard rung acts, not the kernel.
+            hard = int(LIMIT * 0.85)
+            hog = hard - cg.cgroup.working_set() + (LIMIT - hard) // 2
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("GET", f"/hog?{hog}")
+                conn.getresponse().read()  # cut short by the kill
+            while time.monotonic() < deadline and not kills(path):
+                time.sleep(0.2)
+            # The others serve on, and the killed one is replaced.
+            load = Load(port, clients=2, pause=0.05).start()
+            while time.monotonic() < deadline and (sampler.restarts < 1 or len(load.done) < 20):
+                time.sleep(0.2)
+            load.stop()
+            sampler.stop()
+            oom_kills = cg.oom_kills()
+        records = journal(path)
+    killed = [r for r in records if r["event"] == "kill"]
+    assert len(killed) == 1, records[-10:]
+    assert killed[0]["target"] == "child" and killed[0]["uss"] >= hog // 2
+    assert oom_kills == 0
+    assert sampler.restarts >= 1
+    assert load.failed == [] and len(load.done) >= 20
+    assert [p for r in records for p in problems(r)] == []

@@ -12,6 +12,17 @@ import pytest
 from memwarden.reclaim import malloc_trim
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+#: Settings for end-to-end framework tests: the ladder acts at once (no grace, no minimum
+#: uptime, restarts unbounded), the process tree read every 0.1 s, poison after 2 kills.
+QUICK_LADDER = {
+    "MEMWARDEN_INTERVAL": "0.1",
+    "MEMWARDEN_GRACE": "0",
+    "MEMWARDEN_MIN_UPTIME": "0",
+    "MEMWARDEN_MAX_RESTARTS": "1000",
+    "MEMWARDEN_SHUTDOWN_TIMEOUT": "20",
+    "MEMWARDEN_POISON_KILLS": "2",
+    "MEMWARDEN_MEASURE": "tree",
+}
 
 
 def service_answers(port: int, host: str = "127.0.0.1") -> bool:

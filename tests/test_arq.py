@@ -17,7 +17,7 @@ import redis
 from arq.connections import RedisSettings, create_pool
 from arq.jobs import Job
 from arq.worker import JobExecutionFailed
-from tests.conftest import need_service, wait_for
+from tests.conftest import QUICK_LADDER, need_service, wait_for
 from tests.supervised import Supervised
 
 from apps.arq_harness import APPS, ARQ_WORKER, DB, URL, counts, enqueue, journal
@@ -27,16 +27,7 @@ from apps.arq_harness import arq_env as harness_env
 @pytest.fixture
 def arq_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     need_service("Redis", 6379)
-    with harness_env(
-        tmp_path,
-        MEMWARDEN_INTERVAL="0.1",
-        MEMWARDEN_GRACE="0",
-        MEMWARDEN_MIN_UPTIME="0",
-        MEMWARDEN_MAX_RESTARTS="1000",
-        MEMWARDEN_SHUTDOWN_TIMEOUT="20",
-        MEMWARDEN_POISON_KILLS="2",
-        MEMWARDEN_MEASURE="tree",
-    ) as env:
+    with harness_env(tmp_path, **QUICK_LADDER) as env:
         yield env
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from tests.conftest import need_service, wait_for
+from tests.conftest import QUICK_LADDER, need_service, wait_for
 from tests.supervised import Supervised
 
 from apps.huey_harness import APPS, CONSUMER, URL, counts, journal, producer
@@ -47,16 +47,7 @@ def consumer_argv(args: list[str]) -> list[str]:
 @pytest.fixture
 def huey_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     need_service("Redis", 6379)
-    with harness_env(
-        tmp_path,
-        MEMWARDEN_INTERVAL="0.1",
-        MEMWARDEN_GRACE="0",
-        MEMWARDEN_MIN_UPTIME="0",
-        MEMWARDEN_MAX_RESTARTS="1000",
-        MEMWARDEN_SHUTDOWN_TIMEOUT="20",
-        MEMWARDEN_POISON_KILLS="2",
-        MEMWARDEN_MEASURE="tree",
-    ) as env:
+    with harness_env(tmp_path, **QUICK_LADDER) as env:
         yield env
 
 

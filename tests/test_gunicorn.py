@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -157,3 +158,53 @@ def test_one_worker_past_the_hard_limit_is_killed_before_the_kernel_does() -> No
     assert sampler.restarts >= 1
     assert load.failed == [] and len(load.done) >= 20
     assert [p for r in records for p in problems(r)] == []
+
+
+def test_the_whole_server_only_when_recycling_cannot_help() -> None:
+    """Memory no worker holds (a /dev/shm file charged to the cgroup): each worker is
+    recycled once, then past the grace one SIGHUP (every worker replaced gracefully) — no
+    more, no request failed."""
+    with tempfile.TemporaryDirectory(prefix="memwarden-test-") as tmp:
+        path = Path(tmp) / "journal.jsonl"
+        shm = Path("/dev/shm") / f"memwarden-test-{os.getpid()}"
+        env = {
+            "MEMWARDEN_JOURNAL": str(path),
+            "MEMWARDEN_STATE_DIR": str(Path(tmp) / "state"),
+            "MEMWARDEN_SOFT_LIMIT": "50%",
+            "MEMWARDEN_HARD_LIMIT": "95%",
+            "MEMWARDEN_GRACE": "3s",
+        }
+        port = free_port()
+        try:
+            with memory_cgroup(LIMIT) as cg, gunicorn(cg.join, port, env=env) as arbiter:
+                deadline = time.monotonic() + 90
+                while len(children_of(arbiter.pid)) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                load = Load(port, clients=2, pause=0.05).start()
+                first = set(children_of(arbiter.pid))
+                while len(load.done) < 100 and time.monotonic() < deadline:
+                    time.sleep(0.1)  # every worker warm: their memory as it will stay
+                mib = (int(LIMIT * 0.5) - cg.cgroup.working_set()) // 2**20 + 60
+                code = f"f = open({str(shm)!r}, 'wb')\nfor _ in range({mib}): f.write(b'x' * 2**20)"
+                subprocess.run([sys.executable, "-c", code], preexec_fn=cg.join, check=True)
+                while time.monotonic() < deadline and not hups(path):
+                    time.sleep(0.2)
+                # the HUP's new workers serving, and no second HUP meanwhile
+                while time.monotonic() < deadline and set(children_of(arbiter.pid)) & first:
+                    time.sleep(0.2)
+                time.sleep(2)
+                load.stop()
+                oom_kills = cg.oom_kills()
+        finally:
+            shm.unlink(missing_ok=True)
+        records = journal(path)
+    recycled = [r["child_pid"] for r in records if r.get("action") == "recycle"]
+    assert sorted(recycled) == sorted(first), records[-10:]  # each worker once
+    assert [r["signal"] for r in records if r.get("action") == "signal"] == ["HUP"]
+    assert not [r for r in records if r["event"] == "kill"] and oom_kills == 0
+    assert load.failed == [] and len(load.done) > 20
+    assert [p for r in records for p in problems(r)] == []
+
+
+def hups(path: Path) -> list[dict[str, Any]]:
+    return [r for r in journal(path) if r.get("signal") == "HUP"]

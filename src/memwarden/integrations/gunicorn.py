@@ -80,6 +80,9 @@ class Episode:
 
     since: float
     reclaimed_at: float | None = None
+    #: The workers there when it began: each is recycled at most once in it (their
+    #: replacements are fresh), largest first.
+    first: set[int] = field(default_factory=set)
     recycled: set[int] = field(default_factory=set)
 
 
@@ -101,7 +104,8 @@ class GunicornGuard:
         self.recycling: dict[int, float] = {}
         self.killing: dict[int, float] = {}
         self.episode: Episode | None = None
-        self.server_restarted_at = 0.0
+        #: When the whole server was restarted (SIGHUP), within the restart window.
+        self.hups: list[float] = []
         self.counts = {"reclaims": 0, "recycles": 0, "kills": 0, "server_restarts": 0}
         self.last_sample: Sample | None = None
         self.read_at = 0.0
@@ -306,7 +310,10 @@ class GunicornGuard:
         if settling and not self._hard_within(total, RECLAIM_SETTLE):
             return
         workers = self.workers()
-        fresh = {p: u for p, u in workers.items() if p not in self.recycling}
+        if not ep.first:
+            ep.first = set(workers)
+        due = ep.first - ep.recycled - set(self.recycling)
+        fresh = {p: u for p, u in workers.items() if p in due}
         if fresh and self._may_recycle(total, now):
             pid = max(fresh, key=fresh.__getitem__)
             with contextlib.suppress(OSError):
@@ -367,16 +374,19 @@ class GunicornGuard:
     ) -> None:
         """Every worker recycled in this episode, none under way, and still over past the
         grace: the memory is not the workers' to give back one by one — SIGHUP, at most
-        once per ``min_uptime``."""
+        once per ``min_uptime``, ``max_restarts`` per ``restart_window``; the workers that
+        replace them are not recycled again in this episode."""
         lim = self.limits
         assert lim is not None
-        if self.recycling or not workers or not set(workers) <= ep.recycled:
+        if self.recycling or not workers or not ep.first <= ep.recycled:
             return
-        if now - ep.since < lim.grace or now - self.server_restarted_at < lim.min_uptime:
+        if now - ep.since < lim.grace or (self.hups and now - self.hups[-1] < lim.min_uptime):
             return
-        self.server_restarted_at = now
+        self.hups = [t for t in self.hups if now - t < lim.restart_window]
+        if len(self.hups) >= lim.max_restarts:
+            return  # capped, as restarts are: the hard limit still applies
+        self.hups.append(now)
         self.counts["server_restarts"] += 1
-        ep.recycled.clear()
         self._say("restart", over, total, lim.soft, Cause.GRACE_OVER, action="signal", signal="HUP")
         os.kill(os.getpid(), signal.SIGHUP)
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck docs bench bench-quota bench-supervisors bench-field readme clean
+.PHONY: demo test test-fast lint typecheck docs bench bench-quota bench-supervisors bench-field readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ docs: $(STAMP)
 
 test: lint typecheck docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tier: pure code, no worker process, service or cgroup; under a minute.
+UNIT_TESTS := $(addprefix tests/test_,$(addsuffix .py,units config policy events \
+	cgroup_parsing cli_help fast_job journal_reader diagnose report metrics brake layers))
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q $(UNIT_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/check_overhead.py

@@ -153,3 +153,54 @@ def test_the_rule_catches_what_it_should(
     importer: str, imported: str, lazy: bool, broken: bool
 ) -> None:
     assert (problem(Import(importer, imported, 1, lazy)) is not None) is broken
+
+
+#: What an integration may not touch on its warden: it reads ``warden.state`` and calls the
+#: warden's methods (memwarden.hooks); the policy and the counters are the warden's own.
+WARDEN_PRIVATE = {"policy", "counts", "last_sample", "limits", "overrun", "hooks", "last_culprit"}
+
+
+def warden_misuse(source: str) -> list[str]:
+    """Each write to an attribute of a warden, and each read of its private parts."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        for target in targets:
+            while isinstance(target, ast.Subscript):
+                target = target.value
+            if isinstance(target, ast.Attribute) and "warden" in ast.unparse(target.value):
+                found.append(f"line {node.lineno}: writes {ast.unparse(target)}")
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in WARDEN_PRIVATE
+            and ast.unparse(node.value).split(".")[-1] in {"warden", "_warden"}
+        ):
+            found.append(f"line {node.lineno}: reads {ast.unparse(node)}")
+    return found
+
+
+def test_no_integration_writes_warden_state() -> None:
+    problems = {
+        str(path.relative_to(SRC)): found
+        for path in sorted((PACKAGE / "integrations").rglob("*.py"))
+        if (found := warden_misuse(path.read_text()))
+    }
+    assert problems == {}
+
+
+@pytest.mark.parametrize(
+    "source, caught",
+    [
+        ("self.warden.policy.restarting = True", True),
+        ('self.warden.counts["jobs"] += 1', True),
+        ("self.warden.hooks = hooks", True),
+        ("x = warden.limits.soft", True),
+        ("x = self.warden.state.limits.soft", False),
+        ("self.warden.attach(hooks)", False),
+        ("self.warden = Warden()", False),
+    ],
+)
+def test_the_warden_rule_catches_what_it_should(source: str, caught: bool) -> None:
+    assert bool(warden_misuse(source)) is caught

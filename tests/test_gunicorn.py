@@ -91,11 +91,11 @@ def test_workers_recycled_on_memory_without_a_failed_request(
 
 
 def test_bench_tiny() -> None:
-    """``bench/gunicorn.py --tiny``: every contender runs and its last line adds up."""
+    """``bench/gunicorn_recycling.py --tiny``: every contender runs and its last line adds up."""
     with memory_cgroup(64 * 2**20):
         pass  # cgroups writable here (else skipped)
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gunicorn.py"), "--tiny"],
+        [sys.executable, str(ROOT / "bench" / "gunicorn_recycling.py"), "--tiny"],
         capture_output=True,
         text=True,
         timeout=240,

@@ -1,5 +1,5 @@
 """A real Gunicorn in a memory cgroup under load from real HTTP clients, measured: the
-harness of ``bench/gunicorn.py`` and ``tests/test_gunicorn.py``.
+harness of ``bench/gunicorn_recycling.py`` and ``tests/test_gunicorn.py``.
 
 Each client thread opens a new connection per request (``Connection: close``); a request
 fails on any error, reset or non-200 answer. A sampler reads the cgroup's working set and

@@ -14,14 +14,14 @@ Figures: requests served and failed (refused, reset, cut short, non-200), worker
 (new worker pids), OOM kills, peak working set, p99 latency overall and of the requests that
 started within 1 s of a change of workers. Run::
 
-    .venv/bin/python bench/gunicorn.py --out docs
+    .venv/bin/python bench/gunicorn_recycling.py --out docs
 
 ``--out docs`` writes ``docs/bench-gunicorn.md`` and ``.png`` and the tables of
 ``docs/benchmarks.md`` and ``docs/gunicorn.md``; ``--tiny`` runs a few seconds per contender
 (the test's mode). A leak that changed since ``max_requests`` was tuned (the second table of
 ``docs/gunicorn.md``)::
 
-    .venv/bin/python bench/gunicorn.py --leak 2MiB --tuned-for 1MiB \
+    .venv/bin/python bench/gunicorn_recycling.py --leak 2MiB --tuned-for 1MiB \
         --contenders max-requests,memwarden --out docs
 """
 

@@ -31,6 +31,9 @@ def fragment(mb: int = 32, threads: int = 4, keep_every: int = 20, seed: int = 0
     per_thread = mb * MB // max(1, threads)  # threads=0: one share, here
     kept_total = [0]
     lock = threading.Lock()
+    # Every thread holds its share until all have allocated: on a busy machine a thread can
+    # otherwise finish before the next starts, and the next reuses its arena (less RSS).
+    all_allocated = threading.Barrier(max(1, threads))
 
     def work(i: int) -> None:
         rnd = random.Random(seed * 1000 + i)
@@ -45,6 +48,7 @@ def fragment(mb: int = 32, threads: int = 4, keep_every: int = 20, seed: int = 0
                 mine.append(buf)
             else:
                 live.append(buf)
+        all_allocated.wait(60)
         del live
         with lock:
             KEPT.extend(mine)

@@ -329,6 +329,31 @@ class Warden:
             self.last_culprit = record.get("job")
         self.journal.write("job", **record)
 
+    def quarantined(
+        self,
+        job: str,
+        job_id: str,
+        kills: int,
+        *,
+        where: str | None = None,
+        reason: str | None = None,
+        queue: str | None = None,
+    ) -> None:
+        """The integration set ``job`` aside as poison (running at ``kills`` hard kills, in
+        ``where``): one ``quarantine`` record, one error line. Not guarded: it is called
+        from inside the integration's own hook boundary."""
+        optional = {"framework": self.framework, "queue": queue, "reason": reason, "where": where}
+        given = {k: v for k, v in optional.items() if v is not None}
+        self.journal.write("quarantine", job=job, job_id=job_id, kills=kills, **given)
+        log.error(
+            "memwarden: %s job %s[%s] was running at %d hard kills: quarantined%s",
+            self.framework or "a",
+            job,
+            job_id,
+            kills,
+            f" in {where}" if where else "",
+        )
+
     # ----------------------------------------------------------------- job hooks
     @swallow
     def job_started(self, job: str, job_id: Any = None, **extra: Any) -> None:

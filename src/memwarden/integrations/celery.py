@@ -995,15 +995,7 @@ class CeleryGuard:
         request._already_revoked = True
         self._quarantined.append(request)
         if self.warden is not None:
-            self.warden.journal.write(
-                "quarantine",
-                job=request.name,
-                job_id=request.id,
-                kills=kills,
-                framework="celery",
-                reason=str(exc),
-            )
-        log.error("%s", exc)
+            self.warden.quarantined(request.name, request.id, kills, reason=str(exc))
 
     # ------------------------------------------------------------ pool children
     @_hook_guard

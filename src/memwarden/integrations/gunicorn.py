@@ -19,11 +19,13 @@ copy-on-write pages are not counted once per worker). Over the soft limit it cli
    the grace although every worker has been recycled in it;
 4. at the hard limit, SIGKILL to the worker with the most private memory.
 
-Sync, gthread and ``uvicorn_worker.UvicornWorker`` workers.
+Sync, gthread and ``uvicorn_worker.UvicornWorker`` workers. A Uvicorn worker on its way out
+first serves the connections it accepted just before (Uvicorn alone closes them unread).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import mmap
@@ -58,6 +60,37 @@ SECOND_RECYCLE_AFTER = 1.0
 ASK_POLL = 0.1
 #: Worker classes that call ``post_request`` (the others' workers poll for asks).
 HOOKED_WORKERS = ("gunicorn.workers.sync", "gunicorn.workers.gthread")
+#: Seconds a Uvicorn worker on its way out waits for the request of a connection it accepted
+#: just before (most come within a millisecond of the connect).
+NEW_CONNECTION_WAIT = 2.0
+
+
+def serve_accepted_connections() -> None:
+    """Mend Uvicorn's graceful stop in this process: it closes every connection with no
+    request parsed yet in the same step as it stops listening, so a connection accepted a
+    moment before — its request in the socket, unread — is reset (uvicorn discussion #2315,
+    issue #2757). Stop listening first, let those requests arrive (up to
+    ``NEW_CONNECTION_WAIT``), then Uvicorn's own stop serves them with keep-alive off."""
+    try:
+        from uvicorn.server import Server
+    except ImportError:
+        return
+    original = Server.shutdown
+    if getattr(original, "memwarden", False):
+        return
+
+    async def shutdown(self: Any, sockets: Any = None) -> None:
+        for server in self.servers:
+            server.close()
+        deadline = time.monotonic() + NEW_CONNECTION_WAIT
+        while time.monotonic() < deadline and any(
+            getattr(c, "cycle", True) is None for c in self.server_state.connections
+        ):
+            await asyncio.sleep(0.01)
+        await original(self, sockets)
+
+    shutdown.memwarden = True  # type: ignore[attr-defined]
+    Server.shutdown = shutdown  # type: ignore[method-assign]
 
 
 class Asks:
@@ -170,6 +203,8 @@ class GunicornGuard:
             )
         if not any(c.__module__ in HOOKED_WORKERS for c in type(worker).__mro__):
             threading.Thread(target=self._poll_asks, name="memwarden", daemon=True).start()
+        if any(c.__module__.startswith("uvicorn") for c in type(worker).__mro__):
+            serve_accepted_connections()
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()

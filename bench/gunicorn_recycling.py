@@ -23,6 +23,11 @@ started within 1 s of a change of workers. Run::
 
     .venv/bin/python bench/gunicorn_recycling.py --leak 2MiB --tuned-for 1MiB \
         --contenders max-requests,memwarden --out docs
+
+Uvicorn's worker class (its own table in ``docs/gunicorn.md``)::
+
+    .venv/bin/python bench/gunicorn_recycling.py --worker-class uvicorn_worker.UvicornWorker \
+        --out docs
 """
 
 from __future__ import annotations
@@ -166,10 +171,13 @@ def main() -> None:
     )
     hard = int(limit * 0.95)
     title = f"Gunicorn, leaking endpoint, cgroup limit {format_size(limit)}"
-    if args.tuned_for:  # a second table, beside the first: printed, and in the page with --out
+    block = "gunicorn-changed" if args.tuned_for else None
+    if args.worker_class != "sync":  # another worker class: its own table in the page
+        block = f"gunicorn-{args.worker_class.rsplit('.', 1)[-1].lower()}"
+    if block:  # a second table, beside the first: printed, and in the page with --out
         print(text)
         if args.out:
-            replace_block(os.path.join(args.out, "gunicorn.md"), "gunicorn-changed", text)
+            replace_block(os.path.join(args.out, "gunicorn.md"), block, text)
         print()
         for r in results:
             print(r.line())

@@ -256,3 +256,43 @@ def test_a_uvicorn_worker_recycled_serves_the_connection_it_had_just_accepted() 
         assert reply.startswith(b"HTTP/1.1 200"), reply or "closed with no response"
         worker.wait(60)  # it left as asked (psutil raises TimeoutExpired else)
         wait_serving(port, arbiter)  # and a fresh worker serves
+
+
+def test_a_dry_run_journals_the_ladder_and_touches_no_worker(tmp_path: Path) -> None:
+    """``MEMWARDEN_DRY_RUN=1``, as a careful first week starts: the reclaim and the recycle
+    of each worker are decided, journaled (``dry_run: true``) and logged ("DRY RUN: would"),
+    and not one worker is signalled — the same workers serve throughout."""
+    path, log = tmp_path / "journal.jsonl", tmp_path / "gunicorn.log"
+    env = {
+        "MEMWARDEN_JOURNAL": str(path),
+        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
+        "MEMWARDEN_DRY_RUN": "1",
+        "MEMWARDEN_SOFT_LIMIT": "40%",
+        "LEAK_BYTES": str(2**20),
+    }
+    port = free_port()
+    with (
+        memory_cgroup(LIMIT) as cg,
+        gunicorn(cg.join, port, env=env, log=str(log)) as arbiter,
+    ):
+        deadline = time.monotonic() + 90
+        while len(children_of(arbiter.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first = set(children_of(arbiter.pid))
+        load = Load(port, clients=4, pause=0.05).start()
+        while time.monotonic() < deadline and len(
+            {r["child_pid"] for r in journal(path) if r.get("action") == "recycle"}
+        ) < len(first):
+            time.sleep(0.2)
+        load.stop()
+        still = set(children_of(arbiter.pid))
+        oom_kills = cg.oom_kills()
+    records = journal(path)
+    recycled = {r["child_pid"] for r in records if r.get("action") == "recycle"}
+    assert recycled == first, records[-10:]  # each worker, as a real run would
+    assert [r for r in records if r["event"] == "reclaim"], "no reclaim decided first"
+    assert all(r.get("dry_run") is True for r in records if r["event"] != "oom_kill"), records
+    assert still == first  # nobody was signalled
+    assert oom_kills == 0 and load.failed == []
+    assert "DRY RUN: would recycle worker" in log.read_text()
+    assert [p for r in records for p in problems(r)] == []

@@ -60,6 +60,8 @@ SECOND_RECYCLE_AFTER = 1.0
 ASK_POLL = 0.1
 #: Worker classes that call ``post_request`` (the others' workers poll for asks).
 HOOKED_WORKERS = ("gunicorn.workers.sync", "gunicorn.workers.gthread")
+#: Seconds after which a worker a dry run would have stopped counts as gone (none is).
+DRY_RUN_EXIT = 1.0
 #: Seconds a Uvicorn worker on its way out waits for the request of a connection it accepted
 #: just before (most come within a millisecond of the connect).
 NEW_CONNECTION_WAIT = 2.0
@@ -274,10 +276,12 @@ class GunicornGuard:
             with contextlib.suppress(RuntimeError):
                 pids = list(self.server.WORKERS)
                 break
+        now = time.monotonic()
         with self._lock:  # reaped (also without our child_exit hook): no longer under way
             for under_way in (self.recycling, self.killing):
-                for pid in [p for p in under_way if p not in pids]:
-                    del under_way[pid]
+                for pid, since in list(under_way.items()):
+                    if pid not in pids or (self.dry_run and now - since >= DRY_RUN_EXIT):
+                        del under_way[pid]
         uss = {}
         for pid in pids:
             mem = smaps_rollup(pid)
@@ -317,8 +321,7 @@ class GunicornGuard:
         if not workers:
             return
         pid = max(workers, key=workers.__getitem__)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+        if self._signal(pid, signal.SIGKILL):
             self.killing[pid] = now
             self.counts["kills"] += 1
         reason = f"{format_size(total)} over hard limit {format_size(self.limits.hard)}"
@@ -351,8 +354,7 @@ class GunicornGuard:
         fresh = {p: u for p, u in workers.items() if p in due}
         if fresh and self._may_recycle(total, now):
             pid = max(fresh, key=fresh.__getitem__)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)  # gunicorn's graceful worker exit
+            if self._signal(pid, signal.SIGTERM):  # gunicorn's graceful worker exit
                 self.recycling[pid] = now
                 ep.recycled.add(pid)
                 self.counts["recycles"] += 1
@@ -387,10 +389,18 @@ class GunicornGuard:
         return demands and now - latest >= SECOND_RECYCLE_AFTER
 
     def _reclaim(self, ep: Episode, total: int, over: str, now: float) -> None:
-        self.asks.bump()
-        got = reclaim_mod.reclaim(self_rss)
         ep.reclaimed_at = now
         self.counts["reclaims"] += 1
+        if self.dry_run:
+            rss = self_rss()
+            self.journal.write(
+                "reclaim", reason=over, cause=Cause.OVER_SOFT.value, freed=0, rss_before=rss,
+                rss_after=rss, total_before=total, dry_run=True,
+            )  # fmt: skip
+            log.warning("memwarden: DRY RUN: would reclaim: %s", over)
+            return
+        self.asks.bump()
+        got = reclaim_mod.reclaim(self_rss)
         self.journal.write(
             "reclaim",
             reason=over,
@@ -423,7 +433,22 @@ class GunicornGuard:
         self.hups.append(now)
         self.counts["server_restarts"] += 1
         self._say("restart", over, total, lim.soft, Cause.GRACE_OVER, action="signal", signal="HUP")
-        os.kill(os.getpid(), signal.SIGHUP)
+        self._signal(os.getpid(), signal.SIGHUP)
+
+    @property
+    def dry_run(self) -> bool:
+        """``dry_run``: decide, journal and log as ever, never signal nor reclaim."""
+        return self.config is not None and self.config.dry_run
+
+    def _signal(self, pid: int, sig: signal.Signals) -> bool:
+        """Send ``sig`` to ``pid`` (in a dry run, pretend to); False when it is gone."""
+        if self.dry_run:
+            return True
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            return False
+        return True
 
     def _say(
         self, event: str, reason: str, total: int, limit: int | None, cause: Cause, **fields: Any
@@ -437,11 +462,16 @@ class GunicornGuard:
             gauge=self.gauge.source if self.gauge else "cgroup",
             in_flight=[],
             **fields,
+            **({"dry_run": True} if self.dry_run else {}),
         )
         what = fields.get("action") or event
         whom = fields.get("child_pid")
         log.warning(
-            "memwarden: %s%s: %s", what, f" worker {whom}" if whom else " the server", reason
+            "memwarden: %s%s%s: %s",
+            "DRY RUN: would " if self.dry_run else "",
+            what,
+            f" worker {whom}" if whom else " the server",
+            reason,
         )
 
 

@@ -296,3 +296,50 @@ def test_a_dry_run_journals_the_ladder_and_touches_no_worker(tmp_path: Path) -> 
     assert oom_kills == 0 and load.failed == []
     assert "DRY RUN: would recycle worker" in log.read_text()
     assert [p for r in records for p in problems(r)] == []
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single-process", "uvicorn-workers-2"])
+def test_uvicorn_alone_under_memwarden_run_is_stopped_gracefully_and_started_again(
+    workers: int, tmp_path: Path
+) -> None:
+    """``memwarden run -- uvicorn app --workers N`` (docs/gunicorn.md, "Uvicorn alone"): past
+    the soft limit the whole server gets SIGTERM, Uvicorn's graceful stop (status 0, no
+    SIGKILL), and is started again and serves; the kernel kills nothing."""
+    pytest.importorskip("uvicorn")
+    path = tmp_path / "journal.jsonl"
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "gunicorn_app:asgi", "--port", str(port)]
+    cmd += ["--app-dir", str(ROOT / "bench" / "apps"), "--workers", str(workers)]
+    run = [sys.executable, "-m", "memwarden.cli", "run", "--journal", str(path)]
+    run += ["--soft-limit", "50%", "--grace", "0", "--min-uptime", "2", "--", *cmd]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")}
+    env.update(MEMWARDEN_STATE_DIR=str(tmp_path / "state"), LEAK_BYTES=str(2**20))
+    with memory_cgroup(256 * 2**20) as cg, open(tmp_path / "run.log", "wb") as out:
+        proc = subprocess.Popen(run, preexec_fn=cg.join, env=env, stdout=out, stderr=out)
+        try:
+            wait_serving(port, proc)
+            load = Load(port, clients=2, pause=0.05).start()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and len(
+                [r for r in journal(path) if r["event"] == "start"]
+            ) < 2:
+                time.sleep(0.2)
+            load.stop()
+            wait_serving(port, proc)  # the new server serves
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            status = proc.wait(60)
+        oom_kills = cg.oom_kills()
+    records = journal(path)
+    log = (tmp_path / "run.log").read_text(errors="replace")
+    restarts = [r for r in records if r["event"] == "restart"]
+    # over the soft limit, or rising toward it fast: the soft rungs, never the hard one
+    assert restarts and restarts[0]["cause"] in ("over_soft_limit", "growth"), log[-2000:]
+    exits = [r for r in records if r["event"] == "exit"]
+    # Uvicorn's own graceful stop: its server finished, then (single process) it re-raises
+    # the SIGTERM it caught, status 143; its supervisor (--workers) exits 0
+    assert exits[0]["status"] in (0, 128 + signal.SIGTERM), exits
+    assert "Finished server process" in log
+    assert not [r for r in records if r["event"] == "kill"] and oom_kills == 0
+    assert status == exits[-1]["status"] and len(load.done) > 20  # run exits as Uvicorn did
+    assert [p for r in records for p in problems(r)] == []

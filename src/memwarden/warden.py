@@ -331,7 +331,7 @@ class Warden:
 
     def quarantined(
         self,
-        job: str,
+        job: str | None,
         job_id: str,
         kills: int,
         *,

@@ -396,16 +396,7 @@ class ArqGuard:
         pipe.delete(in_progress_key_prefix + job_id)
         pipe.execute()
         if self.warden is not None:
-            self.warden.journal.write(
-                "quarantine",
-                job=name,
-                job_id=job_id,
-                kills=kills,
-                reason=reason,
-                framework="arq",
-                where=self.quarantine_key,
-            )
-        log.error("memwarden: arq job %s[%s] %s (%s)", name, job_id, reason, self.quarantine_key)
+            self.warden.quarantined(name, job_id, kills, where=self.quarantine_key, reason=reason)
 
 
 def _quietly(done: asyncio.Future[Any]) -> None:

@@ -301,7 +301,7 @@ class Guard:
         kills = kills_of(ids)
         fields = {"job": row.task_path, "job_id": str(row.id), "framework": "django"}
         if killed and kills >= self.config.poison_kills:
-            self._quarantine(row, ids, kills, fields)
+            self._quarantine(row, ids, kills)
             return
         self.model.objects.filter(id=row.id).update(
             status=self.status.READY, worker_ids=ids, started_at=None
@@ -312,7 +312,7 @@ class Guard:
             self.warden.journal.write("requeue", by=by, kills=kills, **fields)
         log.warning("memwarden: task %s[%s] back to READY (%s)", row.task_path, row.id, by)
 
-    def _quarantine(self, row: Any, ids: list[str], kills: int, fields: dict[str, Any]) -> None:
+    def _quarantine(self, row: Any, ids: list[str], kills: int) -> None:
         reason = f"running at {kills} hard kills: quarantined, not retried"
         from django.utils import timezone
 
@@ -324,8 +324,7 @@ class Guard:
             traceback=f"{Quarantined.__module__}.Quarantined: {reason}\n",
         )
         where = f"{self.model._meta.db_table} (status FAILED)"
-        self.warden.journal.write("quarantine", kills=kills, reason=reason, where=where, **fields)
-        log.error("memwarden: task %s[%s] %s", row.task_path, row.id, reason)
+        self.warden.quarantined(row.task_path, str(row.id), kills, where=where, reason=reason)
 
     @_hook_guard
     def sweep(self) -> None:

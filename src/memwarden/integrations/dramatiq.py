@@ -380,21 +380,10 @@ class MemoryWarden(dramatiq.Middleware):
         kills = self.poison.count(message.message_id)
         if kills < self.poison.kills:
             return 0
-        log.error(
-            "memwarden: message %s (%s) was running at %d hard kills: dead-lettered",
-            message.message_id,
-            message.actor_name,
-            kills,
-        )
         if self.warden is not None:
-            self.warden.journal.write(
-                "quarantine",
-                job=message.actor_name,
-                job_id=message.message_id,
-                queue=message.queue_name,
-                kills=kills,
-                where=f"{message.queue_name}.XQ",  # dead-lettered
-                framework="dramatiq",
+            where = f"{message.queue_name}.XQ"  # dead-lettered
+            self.warden.quarantined(
+                message.actor_name, message.message_id, kills, where=where, queue=message.queue_name
             )
         return kills
 

@@ -608,18 +608,9 @@ class HueyGuard:
         if self.ledger is not None:
             self.ledger.release(task.id)
         if self.warden is not None:
-            self.warden.journal.write(
-                "quarantine",
-                job=task.name,
-                job_id=task.id,
-                kills=kills,
-                reason=reason,
-                framework="huey",
-                where=self.quarantine_key,
+            self.warden.quarantined(
+                task.name, task.id, kills, where=self.quarantine_key, reason=reason
             )
-        log.error(
-            "memwarden: huey task %s[%s] %s (%s)", task.name, task.id, reason, self.quarantine_key
-        )
 
     @_hook_guard
     def interrupted(self, signal: str, task: Task) -> None:

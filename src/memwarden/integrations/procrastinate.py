@@ -299,16 +299,7 @@ class ProcrastinateGuard:
         if self.warden is None:
             return
         if reason is not None:
-            self.warden.journal.write(
-                "quarantine",
-                job=name,
-                job_id=str(job_id),
-                kills=kills,
-                reason=reason,
-                framework="procrastinate",
-                where=KILLS_TABLE,
-            )
-            log.error("memwarden: procrastinate job %s[%s] %s", name, job_id, reason)
+            self.warden.quarantined(name, str(job_id), kills, where=KILLS_TABLE, reason=reason)
             return
         if by != "watchdog":  # the kill record names the watchdog's own
             self.warden.journal.write(

@@ -482,12 +482,8 @@ class WardenMixin(_MixinBase):
                 self._enqueue_dependents_safely(queue, job)
             with contextlib.suppress(Exception):
                 self._release_slot_safely(job)
-            self.warden.journal.write("quarantine", reason=poison_reason(kills, limit), **fields)
-            log.error(
-                "memwarden: RQ job %s [%s] quarantined in the failed registry after %d hard kills",
-                job.func_name,
-                job.id,
-                kills,
+            self.warden.quarantined(
+                job.func_name, job.id, kills, reason=poison_reason(kills, limit), queue=queue.name
             )
         else:
             self.warden.journal.write("requeue", by=by, **fields)

@@ -308,16 +308,9 @@ class MemoryWarden(TaskiqMiddleware):
             )
             await self.broker.result_backend.set_result(task.task_id, result)
         if self.warden is not None:
-            self.warden.journal.write(
-                "quarantine",
-                job=task.task_name,
-                job_id=task.task_id,
-                kills=kills,
-                reason=reason,
-                framework="taskiq",
-                where=self.quarantine_key,
+            self.warden.quarantined(
+                task.task_name, task.task_id, kills, where=self.quarantine_key, reason=reason
             )
-        log.error("memwarden: taskiq task %s[%s] %s", task.task_name, task.task_id, reason)
 
     # ----------------------------------------------------------------- records
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:

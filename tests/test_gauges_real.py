@@ -158,7 +158,7 @@ def test_reclaim_frees_a_really_fragmented_heap():
             from memwarden.gauges.proc import self_rss
             from memwarden.reclaim import reclaim, mallinfo2
             start = self_rss()
-            kept = workload.fragment(mb=200, threads=4, keep_every=20)
+            kept = workload.fragment(mb=200, threads=4, keep_every=20, together=True)
             frag = mallinfo2()
             got = reclaim(self_rss)
             print(json.dumps({"start": start, "before": got.before, "after": got.after,

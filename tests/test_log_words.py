@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     w = Warden(soft_limit=kib(base + 80 * 2**20), hard_limit=kib(base + 2000 * 2**20),
                measure="tree", grace=3600, min_uptime=0, restart="none", state_dir=state)
     with w.job("fragmenting", "j1"):
-        workload.fragment(mb=200, threads=4, keep_every=20)
+        workload.fragment(mb=200, threads=4, keep_every=20, together=True)
     w.close()
     workload.forget()
 

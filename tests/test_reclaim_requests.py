@@ -26,7 +26,7 @@ def test_a_busy_process_asked_to_reclaim_gives_its_free_heap_back(tmp_path: Path
         from memwarden.reclaim import ReclaimRequests, reclaim
 
         done = []
-        workload.fragment(mb=150, threads=4, keep_every=100, seed=3)
+        workload.fragment(mb=150, threads=4, keep_every=100, seed=3, together=True)
         ReclaimRequests({fifo!r}, lambda: done.append(reclaim(self_rss))).listen()
         print("ready", self_rss(), flush=True)
         spins, t0 = 0, time.monotonic()

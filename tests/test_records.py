@@ -199,7 +199,7 @@ def wait(what, timeout=30):
 w = Warden(soft_limit=at(80), hard_limit=at(2000), measure="tree", grace=3600, min_uptime=0,
            restart="none", journal=J, state_dir=".", trace="fragmenting", trace_runs=1)
 with w.job("fragmenting", "j1", queue="default"):
-    workload.fragment(mb=200, threads=4, keep_every=20)
+    workload.fragment(mb=200, threads=4, keep_every=20, together=True)
 workload.forget()
 with w.job("light", 2):
     pass

@@ -57,7 +57,7 @@ def test_reclaim_first_then_restart_by_own_signal(tmp_path):
                    grace=0, min_uptime=0, restart="signal", journal="j.jsonl", state_dir=".")
         w.soft_limit_bytes = None
         with w.job("fragmenting", "j1"):
-            workload.fragment(mb=200, threads=4, keep_every=20)
+            workload.fragment(mb=200, threads=4, keep_every=20, together=True)
         print("after job 1", flush=True)
         with w.job("leaking", "j2"):
             workload.leak(mb=150)

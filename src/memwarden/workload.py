@@ -21,19 +21,23 @@ LEAKED: list[bytes] = []
 CACHE: dict[int, bytes] = {}
 
 
-def fragment(mb: int = 32, threads: int = 4, keep_every: int = 20, seed: int = 0) -> int:
+def fragment(
+    mb: int = 32, threads: int = 4, keep_every: int = 20, seed: int = 0, together: bool = False
+) -> int:
     """Allocate about ``mb`` MiB across ``threads`` threads, keep 1 in ``keep_every``.
 
     Returns the bytes kept. The rest is freed but mostly stays in the process's RSS (under
     glibc; jemalloc gives a thread's memory back as the thread exits: ``threads=0``
     fragments the calling thread's heap, as a job running in a worker's main thread does).
+    ``together``: every thread holds its share until all have allocated, so each has an
+    arena of its own (the whole stair-step, whatever the machine's load; a higher peak).
     """
     per_thread = mb * MB // max(1, threads)  # threads=0: one share, here
     kept_total = [0]
     lock = threading.Lock()
-    # Every thread holds its share until all have allocated: on a busy machine a thread can
-    # otherwise finish before the next starts, and the next reuses its arena (less RSS).
-    all_allocated = threading.Barrier(max(1, threads))
+    # Without it, on a busy machine a thread can finish before the next starts, and the next
+    # reuses its arena: less RSS stays.
+    all_allocated = threading.Barrier(max(1, threads) if together else 1)
 
     def work(i: int) -> None:
         rnd = random.Random(seed * 1000 + i)

@@ -10,7 +10,6 @@ pauses over the soft limit.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -22,6 +21,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from apps import harness
+from apps.harness import journal
 from apps.rq_harness import WorkerLoop
 from cgroups import memory_cgroup
 from conftest import need_service, wait_for
@@ -67,17 +68,13 @@ def dsn() -> Iterator[str]:
 
 
 def worker_env(tmp_path: Path, dsn: str, **settings: str) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")},
-        "PYTHONPATH": os.pathsep.join([str(APPS.parent.parent / "src"), str(APPS)]),
+    defaults = {
         "MWT_PG_DSN": dsn,
         "MEMWARDEN_MEASURE": "tree",
         "MEMWARDEN_INTERVAL": "0.1",
-        "MEMWARDEN_JOURNAL": str(tmp_path / "journal.jsonl"),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
         "MEMWARDEN_POISON_KILLS": str(POISON_KILLS),
-        **settings,
     }
+    return harness.worker_env(tmp_path, [APPS], **{**defaults, **settings})
 
 
 def defer(dsn: str, task: str, **kwargs: Any) -> int:
@@ -96,14 +93,6 @@ def rows(dsn: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 def counts(dsn: str, n: int) -> tuple[int, int]:
     found = rows(dsn, "SELECT runs, done FROM mwt_jobs WHERE n = %s", n)
     return (found[0][0], found[0][1]) if found else (0, 0)
-
-
-def journal(env: dict[str, str], event: str | None = None) -> list[dict[str, Any]]:
-    path = Path(env["MEMWARDEN_JOURNAL"])
-    if not path.exists():
-        return []
-    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in out if event is None or r.get("event") == event]
 
 
 def status(dsn: str, job_id: int) -> str:

@@ -4,8 +4,6 @@ journal and the counts the jobs keep in Redis."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -22,6 +20,9 @@ from arq.constants import (
     retry_key_prefix,
 )
 
+from apps.harness import delete_keys, redis_counts, worker_env
+from apps.harness import journal as journal  # the tests' import
+
 APPS = Path(__file__).resolve().parent
 DB = 6  # arq's Redis DB in this project's tests
 URL = f"redis://127.0.0.1:6379/{DB}"
@@ -36,19 +37,10 @@ def arq_env(tmp_path: Path, **settings: str) -> Iterator[dict[str, str]]:
     dir) on a fresh queue; every key naming it or one of its jobs is deleted afterwards."""
     queue = f"mw-arq-{uuid.uuid4().hex[:10]}"
     try:
-        yield {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")},
-            "PYTHONPATH": os.pathsep.join([str(APPS.parent.parent / "src"), str(APPS)]),
-            "ARQ_TEST_QUEUE": queue,
-            "ARQ_TEST_DB": str(DB),
-            "MEMWARDEN_JOURNAL": str(tmp_path / "journal.jsonl"),
-            "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-            **settings,
-        }
+        yield worker_env(tmp_path, [APPS], ARQ_TEST_QUEUE=queue, ARQ_TEST_DB=str(DB), **settings)
     finally:
+        delete_keys(URL, f"*{queue}*")
         r = redis.Redis.from_url(URL)
-        for key in r.scan_iter(f"*{queue}*"):
-            r.delete(key)
         kinds = (job_key_prefix, retry_key_prefix, result_key_prefix, in_progress_key_prefix)
         for job_id in ENQUEUED.pop(queue, []):
             r.delete(*(prefix + job_id for prefix in kinds))
@@ -76,15 +68,6 @@ def enqueue(env: dict[str, str], *jobs: tuple[Any, ...]) -> list[str]:
     return asyncio.run(go())
 
 
-def journal(env: dict[str, str], event: str | None = None) -> list[dict[str, Any]]:
-    path = Path(env["MEMWARDEN_JOURNAL"])
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if event is None or r["event"] == event]
-
-
 def counts(env: dict[str, str], what: str) -> dict[int, float]:
     """The hash ``{queue}:{what}`` the jobs keep (done, attempts, started, …), by job."""
-    raw = redis.Redis.from_url(URL).hgetall(f"{env['ARQ_TEST_QUEUE']}:{what}")
-    return {int(k): float(v) for k, v in raw.items()}
+    return redis_counts(URL, f"{env['ARQ_TEST_QUEUE']}:{what}")

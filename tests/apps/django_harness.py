@@ -5,7 +5,6 @@ the test tasks keep."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -15,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from apps.harness import journal as journal  # the tests' import
+from apps.harness import worker_env
 
 SITE = Path(__file__).resolve().parent / "django_site"
 SRC = SITE.parent.parent.parent / "src"
@@ -30,15 +32,13 @@ def django_env(tmp_path: Path, **settings: str) -> Iterator[dict[str, str]]:
     name = f"mw_django_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(SERVER, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")},
-        "PYTHONPATH": os.pathsep.join([str(SRC), str(SITE)]),
-        "DJANGO_SETTINGS_MODULE": "django_site_settings",
-        "DJANGO_TEST_DB": name,
-        "MEMWARDEN_JOURNAL": str(tmp_path / "journal.jsonl"),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
+    env = worker_env(
+        tmp_path,
+        [SITE],
+        DJANGO_SETTINGS_MODULE="django_site_settings",
+        DJANGO_TEST_DB=name,
         **settings,
-    }
+    )
     try:
         subprocess.run(
             [sys.executable, str(SITE / "manage.py"), "migrate", "-v0"], env=env, check=True
@@ -101,11 +101,3 @@ def row(env: dict[str, str], task_id: str) -> dict[str, Any]:
         )
         status, worker_ids, error, started_at = cur.fetchone() or (None, [], "", None)
     return {"status": status, "worker_ids": worker_ids, "error": error, "started_at": started_at}
-
-
-def journal(env: dict[str, str], event: str | None = None) -> list[dict[str, Any]]:
-    path = Path(env["MEMWARDEN_JOURNAL"])
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if event is None or r["event"] == event]

@@ -4,7 +4,6 @@ test app, the journal and the counts the tasks keep in Redis."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 import uuid
@@ -12,9 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
-import redis
+from apps.harness import delete_keys, redis_counts, worker_env
+from apps.harness import journal as journal  # the tests' import
 
 APPS = Path(__file__).resolve().parent
 URL = "redis://127.0.0.1:6379/5"  # Huey's Redis DB in this project's tests
@@ -27,20 +26,9 @@ def huey_env(tmp_path: Path, **settings: str) -> Iterator[dict[str, str]]:
     dir) on a fresh queue name; every key of that name is deleted afterwards."""
     name = f"mw-huey-{uuid.uuid4().hex[:10]}"
     try:
-        yield {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")},
-            "PYTHONPATH": os.pathsep.join([str(APPS.parent.parent / "src"), str(APPS)]),
-            "HUEY_TEST_NAME": name,
-            "HUEY_TEST_REDIS": URL,
-            "MEMWARDEN_JOURNAL": str(tmp_path / "journal.jsonl"),
-            "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-            **settings,
-        }
+        yield worker_env(tmp_path, [APPS], HUEY_TEST_NAME=name, HUEY_TEST_REDIS=URL, **settings)
     finally:
-        r = redis.Redis.from_url(URL)
-        for pattern in (f"*{name}*", f"huey.*{name.replace('-', '')}*"):  # huey drops dashes
-            for key in r.scan_iter(pattern):
-                r.delete(key)
+        delete_keys(URL, f"*{name}*", f"huey.*{name.replace('-', '')}*")  # huey drops dashes
 
 
 def producer(env: dict[str, str]) -> ModuleType:
@@ -64,15 +52,6 @@ def consumer_argv(worker_type: str, workers: int) -> list[str]:
     return [CONSUMER, "huey_app.huey", "-k", worker_type, "-w", str(workers), "-c", "0.5"]
 
 
-def journal(env: dict[str, str], event: str | None = None) -> list[dict[str, Any]]:
-    path = Path(env["MEMWARDEN_JOURNAL"])
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if event is None or r["event"] == event]
-
-
 def counts(env: dict[str, str], what: str) -> dict[int, float]:
     """The hash ``{name}:{what}`` the tasks keep (done, attempts, started, …), by task."""
-    raw = redis.Redis.from_url(URL).hgetall(f"{env['HUEY_TEST_NAME']}:{what}")
-    return {int(k): float(v) for k, v in raw.items()}
+    return redis_counts(URL, f"{env['HUEY_TEST_NAME']}:{what}")

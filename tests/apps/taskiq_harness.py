@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import ListQueueBroker, RedisStreamBroker
+
+from apps.harness import delete_keys, redis_counts, worker_env
+from apps.harness import journal as journal  # the tests' import
 
 APPS = Path(__file__).resolve().parent
 URL = "redis://127.0.0.1:6379/12"  # taskiq's Redis DB in this project's tests
@@ -31,20 +31,16 @@ def taskiq_env(tmp_path: Path, broker: str = "stream", **settings: str) -> Itera
     dir) on a fresh queue; every key naming the queue is deleted afterwards."""
     queue = f"mw-taskiq-{uuid.uuid4().hex[:10]}"
     try:
-        yield {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")},
-            "PYTHONPATH": os.pathsep.join([str(APPS.parent.parent / "src"), str(APPS)]),
-            "TASKIQ_TEST_QUEUE": queue,
-            "TASKIQ_TEST_BROKER": broker,
-            "TASKIQ_TEST_URL": URL,
-            "MEMWARDEN_JOURNAL": str(tmp_path / "journal.jsonl"),
-            "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
+        yield worker_env(
+            tmp_path,
+            [APPS],
+            TASKIQ_TEST_QUEUE=queue,
+            TASKIQ_TEST_BROKER=broker,
+            TASKIQ_TEST_URL=URL,
             **settings,
-        }
+        )
     finally:
-        r = redis.Redis.from_url(URL)
-        for key in r.scan_iter(f"*{queue}*"):
-            r.delete(key)
+        delete_keys(URL, f"*{queue}*")
 
 
 @contextlib.contextmanager
@@ -96,15 +92,6 @@ def send(env: dict[str, str], *tasks: tuple[Any, ...]) -> list[str]:
     return asyncio.run(go())
 
 
-def journal(env: dict[str, str], event: str | None = None) -> list[dict[str, Any]]:
-    path = Path(env["MEMWARDEN_JOURNAL"])
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if event is None or r["event"] == event]
-
-
 def counts(env: dict[str, str], what: str) -> dict[int, float]:
     """The hash ``{queue}:{what}`` the tasks keep (done, attempts, started, …), by task."""
-    raw = redis.Redis.from_url(URL).hgetall(f"{env['TASKIQ_TEST_QUEUE']}:{what}")
-    return {int(k): float(v) for k, v in raw.items()}
+    return redis_counts(URL, f"{env['TASKIQ_TEST_QUEUE']}:{what}")

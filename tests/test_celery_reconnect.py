@@ -25,13 +25,20 @@ import pytest
 from tests.conftest import wait_for
 from tests.test_celery_e2e import AMQP, RESULTS, Run
 from tests.test_celery_e2e import run_factory as _run_factory
-from tests.test_celery_ladder import HOLD_300_MIB, pause_run
+from tests.test_celery_ladder import HOLD_300_MIB, MiB, pause_run, started_at
 
 run_factory = _run_factory  # the harness's fixture, here too
 
 #: How long a paused worker is watched for a fetch once it has reconnected (a broken gate
 #: fetches within milliseconds of the new consumer's start).
 WATCH = 3.0
+#: Reconnects while paused, each in a worker lifetime of its own (a second pause within
+#: 30 s of a restart called off drains the worker instead), and the tasks then waiting.
+LIFETIMES, BACKLOG = 6, 40
+#: How long a resumed worker may take for its backlog: a second or two on a busy two-core
+#: machine. A worker whose broker connection is wedged takes until the broker drops it
+#: (30 s and more).
+DELIVER = 20.0
 
 
 def local_ports(pid: int) -> set[int]:
@@ -180,3 +187,80 @@ def test_pause_holds_across_broker_reconnects(run_factory: Any, broker_url: str,
     for task in ticks:
         assert all(t >= resumed for t in receipts(run, task)), "fetched before the resume"
     assert run.records("kill") == []
+
+
+def runs(run: Run, task_id: str) -> int:
+    """How many times ``mwt.tick`` ran ``task_id`` (its own count)."""
+    return int(run.marks.hget(f"{run.name}:runs", task_id) or 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_reconnect_while_paused_stalls_nothing(run_factory: Any, pool: str) -> None:
+    """RabbitMQ drops the connection of a paused worker running a task, with a backlog
+    waiting. Celery reconnects with a lower prefetch count (tasks are running) and raises it
+    back as tasks are acknowledged; memwarden resumes intake. The backlog then runs at once,
+    each task once, on the connection the worker made — no second loss of it, no stall.
+
+    (Under the threads pool Celery raised it from the task's thread: an AMQP call whose
+    reply that thread read from the socket the event loop reads too; one took the other's
+    reply or half a frame and the worker fetched nothing until the broker dropped the
+    connection. :meth:`Intake._restore_on_loop` hands it to the loop's thread.) The race
+    is lost in about half the reconnects: one per worker lifetime, ``LIFETIMES`` of them."""
+    for lifetime in range(LIFETIMES):
+        reconnect_while_paused(pause_run(run_factory, AMQP, pool), lifetime)
+
+
+def reconnect_while_paused(run: Run, lifetime: int) -> None:
+    """One worker lifetime of :func:`test_a_reconnect_while_paused_stalls_nothing`."""
+    with run.worker() as (sup, cg):
+        pid = sup.starts[0]
+        waiter = run.send("mwt.wait_key", "go")
+        run.wait(lambda: receipts(run, waiter), 60, "the waiter to start")
+        hog = subprocess.Popen([sys.executable, "-c", HOLD_300_MIB], preexec_fn=cg.join)
+        try:
+            run.wait(lambda: run.records("pause"), 60, "the pause")
+            run.wait(lambda: fetching_stopped(run, pid), 60, "the fetching to stop")
+            ticks = [run.send("mwt.tick", 1) for _ in range(BACKLOG)]
+            drop_connections(run, pid)  # a task running: a lower prefetch count
+        finally:
+            hog.kill()
+            hog.wait()
+        # The restart the hog's rise called for is called off once the waiter is done with
+        # memory back under the soft limit (250 MB): intake resumes.
+        under = lambda: cg.cgroup.read().working_set < 150 * MiB  # noqa: E731
+        run.wait(under, 60, "the hog's memory to go")
+        run.marks.set(f"{run.name}:go", 1)
+        run.wait(lambda: run.records("resume"), 60, "the resume")
+        run.wait(lambda: set(ticks) <= run.done(), DELIVER, f"the backlog (lifetime {lifetime})")
+        run.wait(lambda: waiter in run.done(), 60, "the waiter")
+        assert len(sup.starts) == 1
+        assert connected(run) == 2, "the connection was lost again"
+        for task in ticks:
+            assert (len(receipts(run, task)), runs(run, task)) == (1, 1), task
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_reconnect_runs_each_waiting_task_once(run_factory: Any, pool: str) -> None:
+    """Intake open again (after a pause), every slot busy and tasks fetched behind them,
+    waiting for a slot: RabbitMQ drops the connection. It puts back every message the
+    worker held; what was waiting for a slot runs once — from the new connection, not also
+    from the old one (its acknowledgement would fail, "Couldn't ack")."""
+    run = pause_run(run_factory, AMQP, pool)
+    with run.worker() as (sup, _):
+        pid = sup.starts[0]
+        holders = [run.send("mwt.wait_key", "go") for _ in range(run.concurrency)]
+        run.wait(lambda: all(started_at(run, h) for h in holders), 60, "the slots to be busy")
+        ticks = [run.send("mwt.tick", 1) for _ in range(4)]
+        fetched = lambda: all(receipts(run, t) for t in ticks)  # noqa: E731
+        run.wait(fetched, 60, "the ticks to be fetched, waiting for a slot")
+        drop_connections(run, pid)
+        run.marks.set(f"{run.name}:go", 1)
+        run.wait(lambda: {*holders, *ticks} <= run.done(), DELIVER, "every task")
+        # The pool takes its tasks in order: once one sent after them has run, every copy
+        # of theirs that the worker held has started (and counted its run).
+        last = run.send("mwt.tick", 1)
+        run.wait(lambda: last in run.done(), DELIVER, "a task sent after them")
+        assert connected(run) == 2, "the connection was lost again"
+        assert [runs(run, t) for t in ticks] == [1] * len(ticks)

@@ -145,8 +145,9 @@ def wait_key(self, name: str) -> str:
 
 @app.task(name="mwt.tick", bind=True)
 def tick(self, ms: float = 2.0) -> str:
-    """A short task: records its start, sleeps ``ms``, done."""
+    """A short task: records its start (and counts its runs), sleeps ``ms``, done."""
     marks.hset(f"{RUN}:started", self.request.id, f"{_where()}:{time.time():.6f}")
+    marks.hincrby(f"{RUN}:runs", self.request.id)
     time.sleep(ms / 1000)
     marks.sadd(f"{RUN}:done", self.request.id)
     return _where()

@@ -187,6 +187,7 @@ class Intake:
         self._redis: Any = None  # Redis broker: a client of our own, for CLIENT UNBLOCK
         self.channel: Any = None  # Redis broker: the consumer's channel
         self._fetcher: tuple[Any, int | None] | None = None  # fetching connection, client id
+        self._loop_thread: int | None = None  # ident of the event loop's (consumer's) thread
 
     # ------------------------------------------------------------ wiring
     def attach(self, consumer: Any, pool: str, redis_client: Any = None) -> None:
@@ -194,6 +195,8 @@ class Intake:
         (``redis_client``) between the channel and its fetch (at ``worker_ready``)."""
         self.consumer = consumer
         self._redis = redis_client
+        self._loop_thread = threading.get_ident()
+        self._restore_on_loop(consumer)
         self._gate_task_consumer(consumer.task_consumer)
         tasks_pool = consumer.pool
         if pool == "threads":
@@ -210,10 +213,48 @@ class Intake:
         if self.consumer is None:
             return
         self.consumer = consumer
+        self._loop_thread = threading.get_ident()
+        self._restore_on_loop(consumer)
         self._stopped = None  # the old task consumer is gone
         self._fetcher = None
+        with self._mutex:
+            # Handed to the pool before the loss, waiting for a slot: from the old channel,
+            # which can acknowledge nothing; the broker delivers them again (it put back all
+            # the old connection held). Run now, each would run twice.
+            stale, self._waiting = len(self._waiting), {}
         self._gate_task_consumer(consumer.task_consumer)
         log.info("memwarden: broker reconnected; intake %s", self.state)
+        if stale:
+            log.info(
+                "memwarden: %d task(s) from the lost connection not started: the "
+                "broker delivers them again",
+                stale,
+            )
+
+    def _restore_on_loop(self, consumer: Any) -> None:
+        """Celery's prefetch restore after a reconnect runs on the event loop's thread.
+
+        A consumer that reconnects while tasks run lowers its prefetch count, and raises it
+        back as tasks are acknowledged: chained on each acknowledgement, so it runs in the
+        thread that acknowledges, which under the threads pool is the task's own. The raise
+        is an AMQP ``basic.qos`` call that waits for its reply by reading the connection's
+        socket, which the event loop reads too: one reads the other's reply (the pool thread
+        then blocks in ``recv``; the loop's next call, our pause's ``basic.cancel`` or
+        resume's ``basic.consume``, waits for a reply already read) or half a frame (the
+        reader left with the other half takes its bytes for a frame size and waits for
+        them), and the worker fetches nothing until the broker drops the connection (30 s
+        and more). Called off the loop's thread, the restore is handed to it."""
+        name = "_restore_prefetch_count_after_connection_restart"
+        restore = getattr(consumer, name, None)
+        if restore is None or name in vars(consumer):
+            return  # not this Celery, or handed over already
+
+        def on_loop(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == self._loop_thread:
+                return restore(*args, **kwargs)
+            return consumer.call_soon(restore, *args, **kwargs)
+
+        setattr(consumer, name, on_loop)
 
     def _gate_task_consumer(self, task_consumer: Any) -> None:
         """Gate a task consumer (and on Redis its channel's fetch)."""

@@ -54,7 +54,7 @@ from arq.worker import JobExecutionFailed, Worker
 
 from memwarden.config import Config, Options
 from memwarden.gauges.proc import alive
-from memwarden.hooks import Hooks
+from memwarden.integrations.shared import IntakeGuard, lease_loop
 from memwarden.poison import PoisonJobs
 from memwarden.warden import Warden, swallow_but
 
@@ -88,7 +88,7 @@ return 0
 """
 
 
-class ArqGuard:
+class ArqGuard(IntakeGuard):
     """The glue between one arq worker process and its warden."""
 
     def __init__(self, settings: Any, poison: PoisonJobs | None = None, **options: Any) -> None:
@@ -102,8 +102,6 @@ class ArqGuard:
         self.quarantine_key = f"memwarden:arq:{self.queue}:quarantine"
         self._lock = threading.Lock()
         self._running: dict[str, dict[str, Any]] = {}  # job id -> name, try, most in flight
-        self.paused = False  # over the soft limit: start no job for now
-        self.draining = False
         #: This worker, as its running jobs are noted in Redis, and its lease.
         self.owner = ""
         self.running_key = f"memwarden:arq:{self.queue}:running"
@@ -158,14 +156,7 @@ class ArqGuard:
             self.poison = PoisonJobs(
                 self.redis, kills=self.config.poison_kills, prefix=f"memwarden:arq:{self.queue}"
             )
-        hooks = Hooks(
-            drain=self.drain,
-            pause=self.pause,
-            resume=self.resume,
-            in_flight=self.in_flight,
-            before_kill=self.before_kill,
-        )
-        self.warden = Warden(self.config, hooks=hooks, framework="arq").start()
+        self.warden = Warden(self.config, hooks=self.hooks(), framework="arq").start()
         log.info("memwarden: guarding arq queue %s: %r", self.queue, self.warden)
         if self.redis is not None:
             self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -182,15 +173,9 @@ class ArqGuard:
         self.redis.set(self._lease_key(self.owner), 1, px=int(LEASE * 1000))
 
     def _lease_loop(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(LEASE / 3):
-            try:
-                self._renew()
-                if time.monotonic() - last >= RESCUE_EVERY:
-                    last = time.monotonic()
-                    self.rescue()
-            except Exception:
-                log.exception("memwarden: arq lease or rescue failed (retried)")
+        lease_loop(
+            self._stop, self._renew, self.rescue, lease=LEASE, rescue_every=RESCUE_EVERY, what="arq"
+        )
 
     def _hold_start_jobs(self, worker: Worker) -> None:
         """Wrap the worker's ``start_jobs`` so that each job of a poll's batch starts only
@@ -270,12 +255,6 @@ class ArqGuard:
         return "<unknown>"
 
     # ------------------------------------------------------------ the warden's hooks
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-
     def drain(self) -> None:
         self.draining = True
         if self.worker is not None:

@@ -42,7 +42,7 @@ from django.db import close_old_connections, connections, transaction
 
 from memwarden.config import Config
 from memwarden.gauges.proc import alive
-from memwarden.hooks import Hooks
+from memwarden.integrations.shared import IntakeGuard
 from memwarden.warden import Warden, kill_tree_and_self, swallow_but
 
 log = logging.getLogger("memwarden")
@@ -116,7 +116,7 @@ def guarded_id(worker_id: str) -> str:
     return f"{PREFIX}{os.getpid()}@{socket.gethostname()[:16]}:{worker_id}"[:64]
 
 
-class Guard:
+class Guard(IntakeGuard):
     """The warden of one ``db_worker`` process and what it needs from the worker."""
 
     def __init__(self, worker: Any, config: Config) -> None:
@@ -124,8 +124,6 @@ class Guard:
         self.config = config
         self.model, self.status = _models()
         self.alias = self.model.objects.db
-        self.paused = False
-        self.draining = False
         self.killing = False
         self.in_hand: Any = None  # the DBTaskResult claimed, not ended
         self.started = False  # its run began (task_started)
@@ -134,17 +132,7 @@ class Guard:
         self._stop = threading.Event()
         self._life: Any = None  # the connection holding our advisory lock
         self.postgres = connections[self.alias].vendor == "postgresql"
-        self.warden = Warden(
-            config,
-            hooks=Hooks(
-                drain=self.drain,
-                pause=self.pause,
-                resume=self.resume,
-                in_flight=self.in_flight,
-                before_kill=self.before_kill,
-            ),
-            framework="django",
-        )
+        self.warden = Warden(config, hooks=self.hooks(), framework="django")
 
     # ------------------------------------------------------------ life
     def start(self) -> None:
@@ -241,12 +229,6 @@ class Guard:
         self.warden.job_finished(str(task_result.id), **({"error": "failed"} if failed else {}))
 
     # ------------------------------------------------------------ the warden's hooks
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-
     def drain(self) -> None:
         self.draining = True
         log.warning("memwarden: db_worker %s draining: no new tasks", self.worker.worker_id)

@@ -58,7 +58,7 @@ from huey.utils import normalize_time
 from memwarden.config import Config, Options
 from memwarden.gauges import Gauge, Sample
 from memwarden.gauges.proc import alive, children_of, rss
-from memwarden.hooks import Hooks
+from memwarden.integrations.shared import IntakeGuard, lease_loop
 from memwarden.poison import PoisonJobs
 from memwarden.setup import set_up
 from memwarden.warden import Warden, kill_tree_and_self, swallow_but
@@ -186,22 +186,18 @@ class TaskLedger:
     def start(self, rescue: Callable[[], None]) -> None:
         """Renew the lease now and every third of it; call ``rescue`` now and every
         :data:`RESCUE_EVERY` seconds (a daemon thread of this process)."""
-        self.conn.set(self.lease_key, 1, px=int(LEASE * 1000))
+        self._renew()
         rescue()
         threading.Thread(
-            target=self._run, args=(rescue,), name="memwarden-lease", daemon=True
+            target=lease_loop,
+            args=(self._stop, self._renew, rescue),
+            kwargs={"lease": LEASE, "rescue_every": RESCUE_EVERY, "what": "huey"},
+            name="memwarden-lease",
+            daemon=True,
         ).start()
 
-    def _run(self, rescue: Callable[[], None]) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(LEASE / 3):
-            try:
-                self.conn.set(self.lease_key, 1, px=int(LEASE * 1000))
-                if time.monotonic() - last >= RESCUE_EVERY:
-                    last = time.monotonic()
-                    rescue()
-            except Exception:
-                log.exception("memwarden: huey lease or rescue failed (retried)")
+    def _renew(self) -> None:
+        self.conn.set(self.lease_key, 1, px=int(LEASE * 1000))
 
     def stop(self) -> None:
         self._stop.set()
@@ -260,7 +256,7 @@ class _Leave:
         self.guard.leaving = True
 
 
-class HueyGuard:
+class HueyGuard(IntakeGuard):
     """The glue between one Huey instance and the warden of each process running its tasks."""
 
     def __init__(self, huey: Huey, poison: PoisonJobs | None = None, **options: Any) -> None:
@@ -271,8 +267,6 @@ class HueyGuard:
         self.quarantine_key = f"memwarden:huey:{huey.name}:quarantine"
         self.warden: Warden | None = None
         self.process_worker = False
-        self.draining = False
-        self.paused = False  # over the soft limit: no new task for now
         self.leaving = False
         self._pid = -1
         self._lock = threading.Lock()
@@ -313,14 +307,7 @@ class HueyGuard:
             self._started, self._done = set(), set()
             self.draining = self.leaving = self.paused = self.killing = False
             self.process_worker = multiprocessing.current_process().name != "MainProcess"
-            hooks = Hooks(
-                drain=self.drain,
-                pause=self.pause,
-                resume=self.resume,
-                in_flight=self.in_flight,
-                before_kill=self.before_kill,
-                recycle=self.recycle if self.process_worker else None,
-            )
+            hooks = self.hooks(recycle=self.recycle if self.process_worker else None)
             extra: dict[str, Any] = {}
             if self.process_worker:
                 # Forked from the consumer, this child shares its pages until it writes
@@ -489,12 +476,6 @@ class HueyGuard:
     def drain(self) -> None:
         self.draining = True
         log.warning("memwarden: huey worker %d draining: no new tasks", os.getpid())
-
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
 
     def recycle(self, reason: str) -> bool:
         self.draining = self.leaving = True

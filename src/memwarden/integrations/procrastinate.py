@@ -43,7 +43,7 @@ from procrastinate import App, JobContext
 from procrastinate.worker import Worker
 
 from memwarden.config import Config, Options
-from memwarden.hooks import Hooks
+from memwarden.integrations.shared import IntakeGuard
 from memwarden.warden import Warden, swallow_but
 
 #: Procrastinate's control flow (asyncio's CancelledError) derives from BaseException: no
@@ -78,7 +78,7 @@ SELECT j.id, j.task_name FROM procrastinate_jobs j
 """
 
 
-class ProcrastinateGuard:
+class ProcrastinateGuard(IntakeGuard):
     """The glue between one Procrastinate worker process and its warden."""
 
     def __init__(self, app: App, dsn: str | None = None, **options: Any) -> None:
@@ -90,8 +90,6 @@ class ProcrastinateGuard:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._running: dict[int, dict[str, Any]] = {}  # job id -> task name, most in flight
-        self.paused = False
-        self.draining = False
         self._stop = threading.Event()
         self._db_lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
@@ -152,14 +150,7 @@ class ProcrastinateGuard:
         with self.connect() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (KILLS_TABLE,))
             conn.execute(CREATE_TABLE)
-        hooks = Hooks(
-            drain=self.drain,
-            pause=self.pause,
-            resume=self.resume,
-            in_flight=self.in_flight,
-            before_kill=self.before_kill,
-        )
-        self.warden = Warden(self.config, hooks=hooks, framework="procrastinate").start()
+        self.warden = Warden(self.config, hooks=self.hooks(), framework="procrastinate").start()
         log.info("memwarden: guarding a procrastinate worker: %r", self.warden)
         for problem in no_loss_problems(self.app, _settings(self.worker)):
             log.warning("memwarden: procrastinate: JOBS CAN BE LOST: %s", problem)
@@ -225,11 +216,8 @@ class ProcrastinateGuard:
         self.warden.job_finished(str(job_id), concurrent=concurrent)
 
     # ------------------------------------------------------------ the warden's hooks
-    def pause(self) -> None:
-        self.paused = True
-
     def resume(self) -> None:
-        self.paused = False
+        super().resume()
         self._wake()
 
     def _wake(self) -> None:

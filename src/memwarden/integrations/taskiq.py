@@ -35,7 +35,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Unpack, cast
 
@@ -43,7 +42,7 @@ import redis
 from taskiq import AckableMessage, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 
 from memwarden.config import Config, Options
-from memwarden.hooks import Hooks
+from memwarden.integrations.shared import IntakeGuard, lease_loop
 from memwarden.integrations.taskiq_redis import (
     LEASE,
     RESCUE_EVERY,
@@ -104,7 +103,7 @@ def check_app(spec: str) -> Callable[[Config, Any], list[str]]:
     return taskiq_checks
 
 
-class MemoryWarden(TaskiqMiddleware):
+class MemoryWarden(IntakeGuard, TaskiqMiddleware):
     """Taskiq middleware keeping each ``taskiq worker`` process inside its memory quota.
 
     Options are memwarden's settings (``soft_limit="400MB"``, …; each also a ``MEMWARDEN_*``
@@ -123,8 +122,6 @@ class MemoryWarden(TaskiqMiddleware):
         self.queue = "taskiq"
         self.quarantine_key = "memwarden:taskiq:taskiq:quarantine"
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.paused = False
-        self.draining = False
         self.killing = False
         #: Our RedisStreamBroker consumer's lease, notes and rescues (stream broker only).
         self.consumers: StreamConsumers | None = None
@@ -161,14 +158,7 @@ class MemoryWarden(TaskiqMiddleware):
         elif self.config.poison_kills:
             log.warning("memwarden: poison-task quarantine is off: pass poison_url='redis://…'")
         broker.listen = self._wrap_listen(broker.listen)  # type: ignore[method-assign]
-        hooks = Hooks(
-            drain=self.drain,
-            pause=self.pause,
-            resume=self.resume,
-            in_flight=self.in_flight,
-            before_kill=self.before_kill,
-        )
-        self.warden = Warden(self.config, hooks=hooks, framework="taskiq").start()
+        self.warden = Warden(self.config, hooks=self.hooks(), framework="taskiq").start()
         self._note_stop_signals()
         if self.redis is not None and self.kind == "list":
             self._push_back_killed()
@@ -339,12 +329,6 @@ class MemoryWarden(TaskiqMiddleware):
         self.warden.job_finished(message.task_id)
 
     # ----------------------------------------------------------------- the warden's hooks
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-
     def drain(self) -> None:
         self.draining = True
         log.warning("memwarden: taskiq worker %d draining: no new tasks", os.getpid())
@@ -404,16 +388,11 @@ class MemoryWarden(TaskiqMiddleware):
 
     # ----------------------------------------------------------------- dead consumers
     def _lease_loop(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(LEASE / 3):
-            try:
-                assert self.consumers is not None
-                self.consumers.renew()
-                if time.monotonic() - last >= RESCUE_EVERY:
-                    last = time.monotonic()
-                    self.rescue()
-            except Exception:
-                log.exception("memwarden: taskiq lease or rescue failed (retried)")
+        assert self.consumers is not None
+        renew = self.consumers.renew
+        lease_loop(
+            self._stop, renew, self.rescue, lease=LEASE, rescue_every=RESCUE_EVERY, what="taskiq"
+        )
 
     @_hook_guard
     def rescue(self) -> None:

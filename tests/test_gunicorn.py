@@ -320,9 +320,10 @@ def test_uvicorn_alone_under_memwarden_run_is_stopped_gracefully_and_started_aga
             wait_serving(port, proc)
             load = Load(port, clients=2, pause=0.05).start()
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and len(
-                [r for r in journal(path) if r["event"] == "start"]
-            ) < 2:
+            while (
+                time.monotonic() < deadline
+                and len([r for r in journal(path) if r["event"] == "start"]) < 2
+            ):
                 time.sleep(0.2)
             load.stop()
             wait_serving(port, proc)  # the new server serves
@@ -343,3 +344,90 @@ def test_uvicorn_alone_under_memwarden_run_is_stopped_gracefully_and_started_aga
     assert not [r for r in records if r["event"] == "kill"] and oom_kills == 0
     assert status == exits[-1]["status"] and len(load.done) > 20  # run exits as Uvicorn did
     assert [p for r in records for p in problems(r)] == []
+
+
+def test_a_conf_with_its_own_when_ready_keeps_the_guard_and_gunicorns_log(
+    tmp_path: Path,
+) -> None:
+    """The docs' snippet, then the user's own ``when_ready`` (it replaces ours): the watchdog
+    starts anyway (from ``pre_fork``) and recycles; memwarden's lines go to gunicorn's
+    ``--error-logfile`` (not bare on stderr), the start line included."""
+    conf, errors = tmp_path / "gunicorn.conf.py", tmp_path / "error.log"
+    conf.write_text(
+        "from memwarden.gunicorn import hooks\n\nglobals().update(hooks())\n\n\n"
+        'def when_ready(server):\n    server.log.info("the user\'s own when_ready")\n'
+    )
+    path = tmp_path / "journal.jsonl"
+    env = {
+        "MEMWARDEN_JOURNAL": str(path),
+        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
+        "LEAK_BYTES": str(2**20),
+    }
+    port = free_port()
+    extra = ["-c", str(conf), "--error-logfile", str(errors)]
+    with (
+        memory_cgroup(LIMIT) as cg,
+        gunicorn(cg.join, port, guard=False, extra=extra, env=env, log=str(tmp_path / "out")),
+    ):
+        load = Load(port, clients=4, pause=0.05).start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not [
+            r for r in journal(path) if r.get("action") == "recycle"
+        ]:
+            time.sleep(0.2)
+        load.stop()
+        oom_kills = cg.oom_kills()
+    text = errors.read_text()
+    assert "the user's own when_ready" in text  # theirs ran
+    assert [r for r in journal(path) if r.get("action") == "recycle"], text[-2000:]
+    assert "memwarden: gunicorn workers recycled over" in text  # the start line, in their log
+    assert "memwarden: recycle worker" in text
+    assert "memwarden" not in (tmp_path / "out").read_text()  # nothing bare on stderr
+    assert oom_kills == 0 and load.failed == []
+
+
+def test_a_bad_setting_stops_gunicorn_at_start_naming_it_without_a_traceback() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "bench/apps/gunicorn_conf.py"),
+         "--chdir", str(ROOT / "bench/apps"), "--bind", f"127.0.0.1:{free_port()}",
+         "gunicorn_app:app"],
+        env={**os.environ, "MEMWARDEN_SOFT_LIMIT": "lots"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "MEMWARDEN_SOFT_LIMIT" in out.stderr and "512MB" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_preloaded_big_app_is_recycled_without_copying_its_shared_pages(
+    tmp_path: Path,
+) -> None:
+    """``--preload`` with a million small objects made at import, shared copy-on-write by
+    the arbiter and its workers: a collection that walks them copies them (about 130 MiB a
+    process). The arbiter freezes its objects before each fork, so neither its reclaim nor
+    the workers' copies them: recycles, and no hard kill, no OOM kill, no failed request
+    (before: the first reclaim took memory past the cgroup's limit, 19 OOM kills in 30 s)."""
+    path = tmp_path / "journal.jsonl"
+    env = {
+        "MEMWARDEN_JOURNAL": str(path),
+        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
+        "LEAK_BYTES": str(2**20),
+        "BIG_OBJECTS": str(10**6),
+    }
+    port = free_port()
+    with (
+        memory_cgroup(512 * 2**20) as cg,
+        gunicorn(cg.join, port, extra=["--preload"], env=env),
+    ):
+        load = Load(port, clients=4, pause=0.05).start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (
+            len([r for r in journal(path) if r.get("action") == "recycle"]) < 4
+        ):
+            time.sleep(0.2)
+        load.stop()
+        oom_kills = cg.oom_kills()
+    records = journal(path)
+    assert len([r for r in records if r.get("action") == "recycle"]) >= 4, records[-10:]
+    assert not [r for r in records if r["event"] == "kill"], records[-10:]
+    assert oom_kills == 0 and load.failed == [], load.failed[:5]

@@ -1,7 +1,8 @@
 """A web app for the Gunicorn bench and tests: ``/leak`` keeps ``LEAK_BYTES`` per request
 (written, so resident), ``/`` does not, ``/hog?<bytes>`` holds that much for 30 s (one
 worker past the hard limit at once). ``app`` is WSGI (sync, gthread), ``asgi`` is ASGI
-(``uvicorn_worker.UvicornWorker``)."""
+(``uvicorn_worker.UvicornWorker``). ``BIG_OBJECTS=n``: n small lists made at import, the
+module state of a big app (``--preload``: shared by the workers, copy-on-write)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 LEAK_BYTES = int(os.environ.get("LEAK_BYTES", str(1 << 20)))
 KEPT: list[bytearray] = []
+BIG = [[i, str(i)] for i in range(int(os.environ.get("BIG_OBJECTS", "0")))]
 
 
 def _serve(path: str, query: str = "") -> bytes:

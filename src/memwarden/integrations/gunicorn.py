@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import mmap
 import os
@@ -46,7 +47,7 @@ from memwarden.journal import Journal
 from memwarden.oom import OomWatch
 from memwarden.policy import Limits
 from memwarden.setup import set_up
-from memwarden.units import format_size
+from memwarden.units import SettingError, format_size
 
 log = logging.getLogger("memwarden")
 
@@ -149,6 +150,8 @@ class GunicornGuard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._said_off = False
+        self._log_handlers: list[logging.Handler] = []
         os.register_at_fork(after_in_child=self._after_fork)
 
     # ----------------------------------------------------------------- server hooks
@@ -156,45 +159,106 @@ class GunicornGuard:
         """The server hooks for ``gunicorn.conf.py`` (``globals().update(...)``)."""
         return {
             "when_ready": self.when_ready,
+            "pre_fork": self.pre_fork,
             "post_fork": self.post_fork,
             "post_request": self.post_request,
             "child_exit": self.child_exit,
             "on_exit": self.on_exit,
         }
 
-    def when_ready(self, server: Any) -> None:
-        """In the arbiter, before the first workers: set up and start the watchdog."""
-        self.server = server
-        if self.config is None:
-            options: dict[str, Any] = dict(self.options)
-            self.config = Config.from_env(os.environ, **options)
-            where = set_up(self.config, can_recycle=True)
-            self.limits, self.gauge = where.limits, where.gauge(self.config)
-            self.quota = where.quota.limit
-            self.journal = Journal(
-                self.config.journal,
-                max_bytes=self.config.size("journal_max_bytes") or 20 * 10**6,
-            )
-            if where.cgroup is not None:
-                self.oom = OomWatch(where.cgroup, self.config.state_path)
-                self.oom.new_kills()
-        if not self.limits or not self.limits.enabled:
-            log.warning("memwarden: no quota and no limit found: the gunicorn guard is off")
+    def configure(self, options: Options) -> None:
+        """Settings → quota, gauge, limits, journal: when gunicorn reads its config (at start,
+        and again on SIGHUP when they changed). A bad setting stops gunicorn there, with the
+        setting named and no traceback."""
+        if self.config is not None and options == self.options:
             return
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._watch, name="memwarden", daemon=True)
-            self._thread.start()
+        again, self.options = self.config is not None, options
+        try:
+            config = Config.from_env(os.environ, **dict(options))
+            where = set_up(config, can_recycle=True)
+        except SettingError as exc:
+            raise SystemExit(f"memwarden: {exc}") from None
+        self.config, self.limits, self.gauge = config, where.limits, where.gauge(config)
+        self.quota = where.quota.limit
+        if self.journal.path != config.journal:
+            self.journal = Journal(
+                config.journal, max_bytes=config.size("journal_max_bytes") or 20 * 10**6
+            )
+        if where.cgroup is not None:
+            self.oom = OomWatch(where.cgroup, config.state_path)
+            self.oom.new_kills()
+        if again and self.limits.enabled:
+            log.warning(
+                "memwarden: settings changed: workers recycled over %s, one killed at %s",
+                format_size(self.limits.soft),
+                format_size(self.limits.hard),
+            )
+
+    def when_ready(self, server: Any) -> None:
+        """In the arbiter, before the first workers: start the watchdog."""
+        self.start(server)
+
+    def pre_fork(self, server: Any, worker: Any) -> None:
+        """In the arbiter, before each fork: its objects out of every later collection
+        (``gc.freeze``), so that no collection — the arbiter's reclaim, a worker's — copies
+        the pages the workers share with it; and the watchdog started if a ``when_ready`` of
+        the user's own took the place of ours."""
+        gc.collect()
+        gc.freeze()
+        self.start(server)
+
+    def start(self, server: Any) -> None:
+        """Start the watchdog (once); memwarden's log lines go where gunicorn's go."""
+        self.server = server
+        self._log_with(server)
+        if self._thread is not None and self._thread.is_alive():
+            return
+        if self.config is None:
+            self.configure(self.options)
+        if not self.limits or not self.limits.enabled:
+            if not self._said_off:
+                self._said_off = True
+                log.warning(
+                    "memwarden: no quota and no limit found: the gunicorn guard is off "
+                    "(set MEMWARDEN_SOFT_LIMIT, e.g. 400MB, or run in a memory cgroup)"
+                )
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="memwarden", daemon=True)
+        self._thread.start()
         log.info(
-            "memwarden: gunicorn workers recycled over %s, one killed at %s (%s gauge)",
+            "memwarden: gunicorn workers recycled over %s, one killed at %s (%s gauge)%s",
             format_size(self.limits.soft),
             format_size(self.limits.hard),
             self.gauge.source if self.gauge else "-",
+            " — DRY RUN" if self.dry_run else "",
         )
+
+    def _log_with(self, server: Any) -> None:
+        """No logging set up for memwarden (nor a root handler): gunicorn's error log's
+        handlers and level, so ``--error-logfile`` and ``--log-level`` hold for ours too
+        (its new ones after a SIGHUP)."""
+        error_log = getattr(getattr(server, "log", None), "error_log", None)
+        if error_log is None or list(error_log.handlers) == self._log_handlers:
+            return
+        if not self._log_handlers and (log.handlers or logging.getLogger().handlers):
+            return  # the user's own logging
+        for handler in self._log_handlers:
+            log.removeHandler(handler)
+        self._log_handlers = list(error_log.handlers)
+        for handler in self._log_handlers:
+            log.addHandler(handler)
+        log.setLevel(error_log.level)
+        log.propagate = False
 
     def post_fork(self, server: Any, worker: Any) -> None:
         """In a new worker: stop the arbiter's watchdog here (it did not survive the fork
         anyway); a worker class that runs no request hooks looks for asks in a thread."""
+        if self._thread is None and self.limits is not None and self.limits.enabled:
+            log.warning(
+                "memwarden: the gunicorn watchdog is not running: gunicorn.conf.py has its "
+                "own when_ready and pre_fork; call memwarden's from them (docs/gunicorn.md)"
+            )
         self._thread = None
         self.seen_asks = self.asks.value()
         # Our own journal (and lock): the arbiter's watchdog may have held its lock as it forked.
@@ -290,8 +354,12 @@ class GunicornGuard:
         return uss
 
     def watch_once(self) -> None:
-        """One reading and what it calls for."""
+        """One reading and what it calls for; nothing while gunicorn stops (its workers are
+        all on their way out: a recycle or a kill then only cuts their requests short)."""
         assert self.gauge is not None and self.limits is not None
+        if self.server is not None and not getattr(self.server, "LISTENERS", True):
+            self.episode = None
+            return
         sample = self.gauge.read()
         now, total, lim = time.monotonic(), sample.total, self.limits
         if self.last_sample is not None and now > self.read_at:
@@ -481,9 +549,10 @@ _guard: GunicornGuard | None = None
 def hooks(**options: Unpack[Options]) -> dict[str, Callable[..., None]]:
     """The server hooks for ``gunicorn.conf.py``: ``globals().update(hooks(...))``.
 
-    One guard per arbiter: gunicorn reads its config again on SIGHUP, and the watchdog
-    started at the first read goes on."""
+    One guard per arbiter: gunicorn reads its config again on SIGHUP; settings changed there
+    apply from then on, and the watchdog started at the first read goes on."""
     global _guard
     if _guard is None:
         _guard = GunicornGuard(**options)
+    _guard.configure(options)
     return _guard.hooks()

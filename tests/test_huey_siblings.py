@@ -13,8 +13,11 @@ there with a warden — takes the kill: memory comes back under the limit, no ta
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,24 @@ def test_the_hard_kill_is_not_left_to_a_process_without_a_warden(
     assert len(kills) == 1 and kills[0]["in_flight"] == [], kills
     assert kills[0]["total"] >= 190 * 2**20, kills  # the cgroup's figure, judged whole
     assert done == {n: 1 for n in range(6)}
+
+
+@pytest.mark.parametrize("hog", ["zombie", "reaped"])
+def test_an_idle_worker_does_not_take_the_figure_of_a_sibling_killed_as_it_read(
+    hog: str,
+) -> None:
+    """The failure of ``test_200_growing_jobs_none_lost[process-…]`` on a busy machine: the
+    hog's warden kills its process between the idle worker's reading of the consumer's
+    figure (the hog's memory in it) and its look at the siblings (the hog no longer runs a
+    warden, nor holds RSS). The idle worker took itself for the largest and judged a total
+    that was the dead hog's: a hard kill with nothing in flight. Real processes, a real tree
+    reading, a real SIGKILL; the kill is made to land in that gap every time."""
+    script = Path(__file__).parent / "apps" / "largest_worker.py"
+    out = subprocess.run(
+        [sys.executable, str(script), hog], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    reading = json.loads(out.stdout)
+    assert reading["whole"] > 200 * 2**20, reading  # the reading did count the hog
+    assert reading["source"] == "tree/own", reading  # and the idle worker judged only its own
+    assert reading["total"] == reading["mine"], reading

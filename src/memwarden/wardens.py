@@ -62,3 +62,9 @@ def being_killed(pid: int) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return bool(shared & SIGKILL_BIT or flags & PF_EXITING)
+
+
+def zombie(pid: int) -> bool:
+    """True when process ``pid`` has ended and waits to be reaped (it holds no memory)."""
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] == b"Z"

@@ -62,7 +62,7 @@ from memwarden.integrations.shared import IntakeGuard, lease_loop
 from memwarden.poison import PoisonJobs
 from memwarden.setup import set_up
 from memwarden.warden import Warden, kill_tree_and_self, swallow_but
-from memwarden.wardens import runs_warden
+from memwarden.wardens import being_killed, runs_warden, zombie
 
 #: Huey's control flow from its signal handler (a task's timeout): it passes through.
 HOST_CONTROL_FLOW: tuple[type[BaseException], ...] = (TaskTimeout,)
@@ -106,7 +106,9 @@ class LargestWorkerGauge:
     """For a process-worker child: the consumer's total if this child is the largest worker,
     else only its own RSS. Exactly one child then acts on the total, and it is the one whose
     recycling frees the most. Only worker children count (those that run a warden): the
-    scheduler, larger, would otherwise leave the total to nobody."""
+    scheduler, larger, would otherwise leave the total to nobody. A reading during which a
+    sibling ended (its warden's hard kill) is judged by its own RSS only: the total still
+    counts the dead one's memory, which no longer makes it larger than us."""
 
     def __init__(self, inner: Gauge, parent: int) -> None:
         self.inner = inner
@@ -116,14 +118,33 @@ class LargestWorkerGauge:
         self.whole: int | None = None
 
     def read(self) -> Sample:
+        me = os.getpid()
+        # Which siblings were whole (not zombies) as the figure was read: one of them that
+        # ends while it is read (a warden's kill of its own process, on a busy machine
+        # anywhere between the two looks) is in the figure, and no longer larger than us.
+        before = {pid: zombie(pid) for pid in children_of(self.parent) if pid != me}
         sample = self.inner.read()
         self.whole = sample.total
-        me = os.getpid()
         mine = rss(me)
-        others = (pid for pid in children_of(self.parent) if pid != me)
-        if all(rss(pid) <= mine or not runs_warden(pid) for pid in others):
+        others = [pid for pid in children_of(self.parent) if pid != me]
+        if not self._ending(before, others) and all(
+            rss(pid) <= mine or not runs_warden(pid) for pid in others
+        ):
             return Sample(sample.t, sample.total, mine, sample.source)
         return Sample(sample.t, mine, mine, f"{sample.source}/own")
+
+    @staticmethod
+    def _ending(before: dict[int, bool], others: list[int]) -> bool:
+        """A sibling was ending as the figure was read (gone since, or being killed now, and
+        not a zombie already before): the figure still counts memory it is giving back.
+        Judged whole, it would have an idle worker killed for a dead one's memory; the next
+        reading, without it, is judged whole again."""
+        for pid in {*before, *others}:
+            if before[pid] if pid in before else zombie(pid):
+                continue  # a zombie holds no memory: nothing of it was in the figure
+            if pid not in others or being_killed(pid):
+                return True
+        return False
 
 
 class TaskLedger:

@@ -800,7 +800,26 @@ class Warden:
                 format_size(rss(larger[0])),
                 format_size(own),
             )
-        return bool(larger)
+        return bool(larger) or self._fell_as_it_looked(decision)
+
+    def _fell_as_it_looked(self, decision: Decision) -> bool:
+        """No larger sibling now — but one may have been at the reading: killed by its own
+        warden, gone and its memory given back between that reading and our look (a busy
+        machine puts any time between the two). Killing ourselves, no job in hand, would
+        free nothing of what crossed the limit. A fresh reading judges: back under the
+        limit and lower than the decided one, the kill is not ours (the next reading decides
+        afresh); still over, or rising, it is taken now."""
+        limit = decision.limit
+        fresh = self.read().total
+        if limit is None or fresh >= limit or fresh >= decision.total:
+            return False
+        log.info(
+            "memwarden: %s; no job in hand here, and memory fell to %s as we looked (a "
+            "sibling's given back): not killed",
+            decision.reason,
+            format_size(fresh),
+        )
+        return True
 
     # ----------------------------------------------------------------- watchdog
     def start(self) -> Warden:

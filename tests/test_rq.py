@@ -9,6 +9,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -179,3 +180,42 @@ def _is_rq(pid: int) -> bool:
     with contextlib.suppress(psutil.Error):
         return "rq" in " ".join(psutil.Process(pid).cmdline())
     return False
+
+
+@pytest.mark.parametrize("phase", ["freed", "zombie"])
+def test_a_horse_letting_go_does_not_make_its_memory_the_parents(tmp_path, phase):
+    """A tree reading counted the horse's 200 MiB; a moment later the horse has let them go
+    (``freed``: alive and small; ``zombie``: exited, not yet reaped, its ``smaps_rollup``
+    reads 0). The parent, small, is not judged over the soft limit for what the horse held:
+    no restart (CI: ``test_forking_worker_is_not_restarted_for_what_its_horse_holds``
+    restarted at 118 MiB as the 200 MiB horse let go)."""
+    import os
+    import types
+
+    from memwarden import Warden
+    from memwarden.gauges.proc import smaps_rollup
+
+    own = smaps_rollup(os.getpid())
+    assert own is not None
+    soft = own.pss + 64 * 2**20
+    warden = Warden(soft_limit=str(soft // 1024) + "KiB", hard_limit=str(soft // 512) + "KiB",
+                    restart="none", state_dir=str(tmp_path))  # fmt: skip
+    horse = os.fork()
+    if horse == 0:
+        if phase == "freed":
+            time.sleep(60)
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 30
+        while phase == "zombie" and psutil.Process(horse).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        worker = types.SimpleNamespace(horse_pid=horse, warden=warden)
+        total = soft + 200 * 2**20  # the reading that still counted the horse's 200 MiB
+        Worker = memwarden.rq.Worker
+        assert Worker._mw_horse_holds_it(worker, total)  # type: ignore[arg-type]
+    finally:
+        if phase == "freed":
+            os.kill(horse, signal.SIGKILL)
+        os.waitpid(horse, 0)
+        warden.close()

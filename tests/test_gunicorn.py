@@ -36,6 +36,11 @@ SECONDS = 25.0
 RECYCLES = 5
 
 
+def settings(path: Path, tmp: Path, **more: str) -> dict[str, str]:
+    """The guard's journal at ``path``, its state under ``tmp``, and ``more``."""
+    return {"MEMWARDEN_JOURNAL": str(path), "MEMWARDEN_STATE_DIR": str(tmp / "state"), **more}
+
+
 def kills(path: Path) -> list[dict[str, Any]]:
     return [r for r in journal(path) if r["event"] == "kill"]
 
@@ -55,11 +60,11 @@ def test_workers_recycled_on_memory_without_a_failed_request(
     if "Uvicorn" in worker_class:
         pytest.importorskip("uvicorn_worker")
     path = tmp_path / "journal.jsonl"
-    env = {
-        "MEMWARDEN_JOURNAL": str(path),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-        "LEAK_BYTES": str(2**20),
-    }
+    env = settings(
+        path,
+        tmp_path,
+        LEAK_BYTES=str(2**20),
+    )
     port = free_port()
     extra = ["--threads", "2"] if worker_class == "gthread" else []
     with (
@@ -123,13 +128,13 @@ def test_one_worker_past_the_hard_limit_is_killed_before_the_kernel_does() -> No
     the most private memory) is SIGKILLed, the kernel kills nothing, the others serve on."""
     with tempfile.TemporaryDirectory(prefix="memwarden-test-") as tmp:
         path = Path(tmp) / "journal.jsonl"
-        env = {
-            "MEMWARDEN_JOURNAL": str(path),
-            "MEMWARDEN_STATE_DIR": str(Path(tmp) / "state"),
+        env = settings(
+            path,
+            Path(tmp),
             # 48 MiB between the hard limit and the cgroup's: room on both sides of the hog
-            "MEMWARDEN_SOFT_LIMIT": "75%",
-            "MEMWARDEN_HARD_LIMIT": "85%",
-        }
+            MEMWARDEN_SOFT_LIMIT="75%",
+            MEMWARDEN_HARD_LIMIT="85%",
+        )
         port = free_port()
         with memory_cgroup(LIMIT) as cg, gunicorn(cg.join, port, env=env) as arbiter:
             deadline = time.monotonic() + 60
@@ -169,13 +174,13 @@ def test_the_whole_server_only_when_recycling_cannot_help() -> None:
     with tempfile.TemporaryDirectory(prefix="memwarden-test-") as tmp:
         path = Path(tmp) / "journal.jsonl"
         shm = Path("/dev/shm") / f"memwarden-test-{os.getpid()}"
-        env = {
-            "MEMWARDEN_JOURNAL": str(path),
-            "MEMWARDEN_STATE_DIR": str(Path(tmp) / "state"),
-            "MEMWARDEN_SOFT_LIMIT": "50%",
-            "MEMWARDEN_HARD_LIMIT": "95%",
-            "MEMWARDEN_GRACE": "3s",
-        }
+        env = settings(
+            path,
+            Path(tmp),
+            MEMWARDEN_SOFT_LIMIT="50%",
+            MEMWARDEN_HARD_LIMIT="95%",
+            MEMWARDEN_GRACE="3s",
+        )
         port = free_port()
         try:
             with memory_cgroup(LIMIT) as cg, gunicorn(cg.join, port, env=env) as arbiter:
@@ -263,13 +268,13 @@ def test_a_dry_run_journals_the_ladder_and_touches_no_worker(tmp_path: Path) -> 
     of each worker are decided, journaled (``dry_run: true``) and logged ("DRY RUN: would"),
     and not one worker is signalled — the same workers serve throughout."""
     path, log = tmp_path / "journal.jsonl", tmp_path / "gunicorn.log"
-    env = {
-        "MEMWARDEN_JOURNAL": str(path),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-        "MEMWARDEN_DRY_RUN": "1",
-        "MEMWARDEN_SOFT_LIMIT": "40%",
-        "LEAK_BYTES": str(2**20),
-    }
+    env = settings(
+        path,
+        tmp_path,
+        MEMWARDEN_DRY_RUN="1",
+        MEMWARDEN_SOFT_LIMIT="40%",
+        LEAK_BYTES=str(2**20),
+    )
     port = free_port()
     with (
         memory_cgroup(LIMIT) as cg,
@@ -358,11 +363,11 @@ def test_a_conf_with_its_own_when_ready_keeps_the_guard_and_gunicorns_log(
         'def when_ready(server):\n    server.log.info("the user\'s own when_ready")\n'
     )
     path = tmp_path / "journal.jsonl"
-    env = {
-        "MEMWARDEN_JOURNAL": str(path),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-        "LEAK_BYTES": str(2**20),
-    }
+    env = settings(
+        path,
+        tmp_path,
+        LEAK_BYTES=str(2**20),
+    )
     port = free_port()
     extra = ["-c", str(conf), "--error-logfile", str(errors)]
     with (
@@ -408,12 +413,12 @@ def test_a_preloaded_big_app_is_recycled_without_copying_its_shared_pages(
     the workers' copies them: recycles, and no hard kill, no OOM kill, no failed request
     (before: the first reclaim took memory past the cgroup's limit, 19 OOM kills in 30 s)."""
     path = tmp_path / "journal.jsonl"
-    env = {
-        "MEMWARDEN_JOURNAL": str(path),
-        "MEMWARDEN_STATE_DIR": str(tmp_path / "state"),
-        "LEAK_BYTES": str(2**20),
-        "BIG_OBJECTS": str(10**6),
-    }
+    env = settings(
+        path,
+        tmp_path,
+        LEAK_BYTES=str(2**20),
+        BIG_OBJECTS=str(10**6),
+    )
     port = free_port()
     with (
         memory_cgroup(512 * 2**20) as cg,

@@ -60,11 +60,7 @@ def test_workers_recycled_on_memory_without_a_failed_request(
     if "Uvicorn" in worker_class:
         pytest.importorskip("uvicorn_worker")
     path = tmp_path / "journal.jsonl"
-    env = settings(
-        path,
-        tmp_path,
-        LEAK_BYTES=str(2**20),
-    )
+    env = settings(path, tmp_path, LEAK_BYTES=str(2**20))
     port = free_port()
     extra = ["--threads", "2"] if worker_class == "gthread" else []
     with (
@@ -363,11 +359,7 @@ def test_a_conf_with_its_own_when_ready_keeps_the_guard_and_gunicorns_log(
         'def when_ready(server):\n    server.log.info("the user\'s own when_ready")\n'
     )
     path = tmp_path / "journal.jsonl"
-    env = settings(
-        path,
-        tmp_path,
-        LEAK_BYTES=str(2**20),
-    )
+    env = settings(path, tmp_path, LEAK_BYTES=str(2**20))
     port = free_port()
     extra = ["-c", str(conf), "--error-logfile", str(errors)]
     with (

@@ -27,7 +27,10 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from memwarden.config import Config
 
 from memwarden.state import SAY_AGAIN_AFTER, Said
 
@@ -85,6 +88,13 @@ class Journal:
         self.lock_wait = 2.0
         self._held_elsewhere_until = 0.0
         self._failing = Said()
+
+    @classmethod
+    def of(cls, config: Config) -> Journal:
+        """The journal ``config`` names: its ``journal`` path, rotated past
+        ``journal_max_bytes`` (unset: the default size)."""
+        max_bytes = config.size("journal_max_bytes")
+        return cls(config.journal, max_bytes=max_bytes) if max_bytes else cls(config.journal)
 
     def __repr__(self) -> str:
         return f"Journal({self.path!r})"

@@ -190,9 +190,7 @@ class Warden:
         cgroup, self.quota, self.limits = where.cgroup, where.quota, where.limits
         self.gauge = gauge or where.gauge(self.config)
         self.restarter = restarter or make_restarter(self.config)
-        self.journal = journal or Journal(
-            self.config.journal, max_bytes=self.config.size("journal_max_bytes") or 20 * 10**6
-        )
+        self.journal = journal or Journal.of(self.config)
         home = self.config.state_path
         self.history = RestartHistory(os.path.join(home, "restarts.json"))
         #: Redis restart lock and heartbeats, when MEMWARDEN_REDIS_URL is set.

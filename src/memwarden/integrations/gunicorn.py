@@ -181,9 +181,7 @@ class GunicornGuard:
         self.config, self.limits, self.gauge = config, where.limits, where.gauge(config)
         self.quota = where.quota.limit
         if self.journal.path != config.journal:
-            self.journal = Journal(
-                config.journal, max_bytes=config.size("journal_max_bytes") or 20 * 10**6
-            )
+            self.journal = Journal.of(config)
         if where.cgroup is not None:
             self.oom = OomWatch(where.cgroup, config.state_path)
             self.oom.new_kills()
@@ -263,10 +261,7 @@ class GunicornGuard:
         self.seen_asks = self.asks.value()
         # Our own journal (and lock): the arbiter's watchdog may have held its lock as it forked.
         if self.config is not None:
-            self.journal = Journal(
-                self.config.journal,
-                max_bytes=self.config.size("journal_max_bytes") or 20 * 10**6,
-            )
+            self.journal = Journal.of(self.config)
         if not any(c.__module__ in HOOKED_WORKERS for c in type(worker).__mro__):
             threading.Thread(target=self._poll_asks, name="memwarden", daemon=True).start()
         if any(c.__module__.startswith("uvicorn") for c in type(worker).__mro__):

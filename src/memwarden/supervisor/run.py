@@ -522,9 +522,7 @@ class Supervisor:
         self.settings = run
         self.config = run.config
         self.limits = run.limits
-        self.journal = journal or Journal(
-            self.config.journal, max_bytes=self.config.size("journal_max_bytes") or 20 * 10**6
-        )
+        self.journal = journal or Journal.of(self.config)
         self.journal_samples = journal_samples
         self.until = until
         self.env = dict(env) if env is not None else None
